@@ -1,0 +1,123 @@
+"""Model registry: names -> builders, and where weights come from.
+
+>>> from stagevar.models import list_models
+>>> "infinity-tiny" in list_models()
+True
+
+A builder is a function ``build(weights=None, device="cpu", dtype=torch.float32, random_weights=False)
+-> Adapter`` registered with :func:`register_model`. ``weights`` is a file or directory (or
+``None``: look in ``$STAGEVAR_WEIGHTS``, or use the weights shipped in the package where a model
+has them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stagevar.errors import StageVarError
+
+_REGISTRY: dict[str, "ModelEntry"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., "object"]
+    description: str
+    family: str
+    needs_weights: bool
+
+
+class UnknownModelError(StageVarError):
+    pass
+
+
+class WeightsError(StageVarError):
+    pass
+
+
+def register_model(name: str, *, description: str, family: str, needs_weights: bool = True):
+    """Decorator registering a builder under ``name``. Raises on duplicates."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered (by {_REGISTRY[name].builder.__module__})")
+        _REGISTRY[name] = ModelEntry(name, fn, description, family, needs_weights)
+        return fn
+
+    return deco
+
+
+def _ensure_builtin() -> None:
+    # Importing the modules registers their models (kept lazy: importing stagevar stays cheap).
+    from stagevar.models import infinity  # noqa: F401
+    try:
+        from stagevar.models import var  # noqa: F401
+    except ImportError:  # pragma: no cover - the VAR family is optional while it is being built
+        pass
+    try:
+        from stagevar.toy import model as _toy  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def list_models() -> list[str]:
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def model_entry(name: str) -> ModelEntry:
+    _ensure_builtin()
+    if name not in _REGISTRY:
+        raise UnknownModelError(
+            f"unknown model {name!r}. Registered models: {', '.join(sorted(_REGISTRY))}. "
+            "Run `stagevar list-models` to see them with descriptions."
+        )
+    return _REGISTRY[name]
+
+
+def weights_root(weights: str | os.PathLike | None) -> Path | None:
+    """The weights location: the argument, else ``$STAGEVAR_WEIGHTS``, else None."""
+    if weights is not None:
+        return Path(weights).expanduser()
+    env = os.environ.get("STAGEVAR_WEIGHTS")
+    return Path(env).expanduser() if env else None
+
+
+def load_model(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    random_weights: bool = False,
+):
+    """Build a registered model and load its weights.
+
+    >>> m = load_model("infinity-tiny")           # tiny seeded random model, for tests
+    >>> m.scale_schedule[-1]
+    (1, 16, 16)
+    """
+    entry = model_entry(name)
+    device = resolve_device(device)
+    return entry.builder(weights=weights_root(weights), device=device, dtype=dtype, random_weights=random_weights)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Parse a device string, with a clear error when it is not available here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise StageVarError(f"invalid device {device!r}: {exc}. Use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StageVarError(
+            f"device {device!r} was requested but this machine has no CUDA device available "
+            "(torch.cuda.is_available() is False). Use --device cpu."
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise StageVarError(f"device {device!r} does not exist: only {torch.cuda.device_count()} CUDA device(s).")
+    return dev

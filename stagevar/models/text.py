@@ -1,0 +1,39 @@
+"""Text encoders producing Infinity's compact condition ``(kv_compact, lens)``.
+
+:class:`T5TextEncoder` reproduces upstream ``encode_prompt`` (tools/run_infinity.py): flan-t5-xl
+tokenizer with ``max_length=512``, padding to the longest prompt, the encoder's
+``last_hidden_state`` in float32, and only the real tokens of each prompt kept (attention mask
+sum, EOS included), concatenated. It needs the optional ``transformers`` extra and a local copy
+of ``google/flan-t5-xl`` (no download is attempted).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from stagevar.errors import StageVarError
+
+
+class T5TextEncoder(nn.Module):
+    def __init__(self, path: str | Path, device="cpu"):
+        super().__init__()
+        try:
+            from transformers import AutoTokenizer, T5EncoderModel
+        except ImportError:
+            raise StageVarError("the flan-t5-xl text encoder needs the 'transformers' package: pip install 'stagevar[text]'") from None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32).to(device).eval()
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str]):
+        from stagevar.models.infinity import TextCondition
+        tok = self.tokenizer(list(prompts), max_length=512, padding="longest", truncation=True, return_tensors="pt")
+        ids = tok.input_ids.to(self.encoder.device)
+        mask = tok.attention_mask.to(self.encoder.device)
+        feats = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        lens = mask.sum(dim=-1).tolist()
+        kv = torch.cat([feats[i, :n] for i, n in enumerate(lens)], dim=0)
+        return TextCondition(kv, [int(n) for n in lens])

@@ -1,0 +1,178 @@
+"""The accelerated sampler: one explicit per-scale loop that applies a policy through an adapter.
+
+For every scale ``k`` the runtime asks the operating point for its :class:`~stagevar.policy.ScalePlan`:
+
+1. ``guidance: cond_only`` -> ``adapter.drop_unconditional``: from here on the batch has ``B``
+   rows instead of ``2B`` (the KV caches are sliced too), and the adapter's ``guide`` passes the
+   conditional logits through.
+2. ``keep < 1`` -> the layers before the plan's layer range run on all tokens; at its first layer
+   a subset is chosen (:func:`stagevar.ops.tokens.select_tokens`), run through the range with
+   its true positions (only those tokens enter the KV cache), and the full grid is restored
+   at the end of the range from the previous scale's cached hidden states
+   (:func:`stagevar.ops.tokens.restore_tokens`); the remaining layers run on all tokens.
+3. ``skip`` -> stop; the image is decoded from the latent accumulated so far.
+
+The runtime keeps, for each scale, the full-grid hidden states at the layer boundaries that any
+plan restores from ("the previous scale's cached output"). With the identity policy the loop
+calls exactly what the adapter's reference sampler calls, in the same order, so the result is
+identical (tested for every adapter).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from stagevar.ops.tokens import restore_tokens, select_tokens, upsample_hidden
+from stagevar.policy import OperatingPoint, Policy, ScalePlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ScaleRecord:
+    """What happened at one scale (for calibration and inspection)."""
+
+    scale: int
+    rows: int
+    tokens: int
+    computed_tokens: int
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    images: torch.Tensor                    # (B, 3, H, W) in [0, 1]
+    records: list[ScaleRecord]
+    seconds: float
+
+
+Observer = Callable[[int, ScalePlan, torch.Tensor, Any], None]
+
+
+def identity_plans(n: int) -> list[ScalePlan]:
+    return [ScalePlan(k) for k in range(n)]
+
+
+class Runtime:
+    """Applies one operating point of a policy to an adapter.
+
+    >>> from stagevar import load_model                                   # doctest: +SKIP
+    >>> model = load_model("infinity-tiny")                               # doctest: +SKIP
+    >>> rt = Runtime(model)                    # identity: the unaccelerated sampler   # doctest: +SKIP
+    >>> images = rt.generate(["a red circle"], seed=0).images             # doctest: +SKIP
+    """
+
+    def __init__(self, adapter, policy: Policy | OperatingPoint | None = None, operating_point: str | None = None,
+                 *, synchronize: bool = False):
+        self.adapter = adapter
+        n = len(adapter.scale_schedule)
+        if policy is None:
+            self.plans = identity_plans(n)
+        elif isinstance(policy, Policy):
+            policy.check_compatible(adapter)
+            self.plans = list(policy.operating_point(operating_point).plans)
+        else:
+            if len(policy.plans) != n:
+                raise ValueError(f"operating point has {len(policy.plans)} plans, model has {n} scales")
+            self.plans = list(policy.plans)
+        self.synchronize = synchronize
+        depth = adapter.num_layers
+        for p in self.plans:
+            if p.layers is not None and p.layers[1] > depth:
+                raise ValueError(f"plan for scale {p.scale} uses layers {p.layers}, model has {depth}")
+        # layer boundaries whose full-grid hidden states later scales restore from
+        self.boundaries = sorted({b for p in self.plans if p.is_subset for b in (p.layer_range(depth).start, p.layer_range(depth).stop)})
+
+    def _sync(self) -> None:
+        if self.synchronize and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str] | None = None, *, condition: Any = None, guidance: float | None = None,
+                 seed: int = 0, observer: Observer | None = None, **sampling) -> GenerationResult:
+        """Generate one image per prompt (or per item of a pre-encoded ``condition``)."""
+        ad = self.adapter
+        if condition is None:
+            condition = ad.encode_prompts(list(prompts))
+        guidance = ad.default_guidance if guidance is None else float(guidance)
+        t0 = time.perf_counter()
+        state = ad.prepare(condition, guidance=guidance, seed=seed, **sampling)
+        records: list[ScaleRecord] = []
+        try:
+            self._loop(state, seed, records, observer)
+            images = ad.decode(state)
+        finally:
+            ad.finish(state)
+        self._sync()
+        return GenerationResult(images, records, time.perf_counter() - t0)
+
+    def _segments(self, layers: range) -> list[range]:
+        """Split a layer range at the recorded boundaries."""
+        cuts = [layers.start] + [b for b in self.boundaries if layers.start < b < layers.stop] + [layers.stop]
+        return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+    def _loop(self, state, seed: int, records: list[ScaleRecord], observer: Observer | None) -> None:
+        ad = self.adapter
+        depth = ad.num_layers
+        schedule = ad.scale_schedule
+        prev: dict[int, torch.Tensor] = {}
+        prev_hw: tuple[int, int] | None = None
+        for k, (t, h, w) in enumerate(schedule):
+            plan = self.plans[k]
+            if plan.skip:
+                break
+            t_start = time.perf_counter()
+            if plan.guidance == "cond_only" and state.guided:
+                ad.drop_unconditional(state)
+                prev = {b: v[: state.rows] for b, v in prev.items()}
+            x = ad.scale_input(state, k)
+            cur: dict[int, torch.Tensor] = {}
+            m = t * h * w
+            computed = m
+            if not plan.is_subset:
+                x = self._run(state, k, x, range(0, depth), cur)
+            else:
+                lay = plan.layer_range(depth)
+                x = self._run(state, k, x, range(0, lay.start), cur)
+                x_start = x
+                n = plan.num_kept(m)
+                gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
+                sel = select_tokens(plan.selection, x, (h, w), n, state.batch_size, gen)
+                computed = sel.count
+                x_sub = sel.apply(x)
+                up = {b: upsample_hidden(v, prev_hw, (h, w)) for b, v in prev.items()}
+                a_up = up[lay.start]
+                for seg in self._segments(lay):
+                    x_sub = ad.forward_layers(state, k, x_sub, seg, positions=sel.positions)
+                    if seg.stop in self.boundaries:
+                        cur[seg.stop] = restore_tokens(plan.restore, sel, x_sub, x_start, a_up, up[seg.stop])
+                x = cur[lay.stop]
+                x = self._run(state, k, x, range(lay.stop, depth), cur)
+            logits = ad.head(state, k, x)
+            guided = ad.guide(state, k, logits)
+            codes = ad.sample(state, k, guided)
+            if observer is not None:
+                observer(k, plan, x, guided)
+            ad.update(state, k, codes)
+            self._sync()
+            records.append(ScaleRecord(k, state.rows, m, computed, time.perf_counter() - t_start))
+            prev, prev_hw = cur, (h, w)
+
+    def _run(self, state, k: int, x: torch.Tensor, layers: range, cur: dict[int, torch.Tensor]) -> torch.Tensor:
+        if layers.start in self.boundaries:
+            cur[layers.start] = x
+        for seg in self._segments(layers):
+            x = self.adapter.forward_layers(state, k, x, seg)
+            if seg.stop in self.boundaries:
+                cur[seg.stop] = x
+        return x
+
+
+def generate(adapter, prompts: Sequence[str], policy: Policy | None = None, operating_point: str | None = None,
+             *, seed: int = 0, guidance: float | None = None, **sampling) -> torch.Tensor:
+    """One-call generation: images (B, 3, H, W) in [0, 1]."""
+    return Runtime(adapter, policy, operating_point).generate(prompts, seed=seed, guidance=guidance, **sampling).images
