@@ -42,7 +42,7 @@ GUIDANCE = ("cfg", "cond_only")
 SELECTIONS = ("random_projection", "deviation", "uniform")
 RESTORES = ("cached_update", "cached_output")
 STAGES = ("semantic", "structure", "refinement")
-_POINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class PolicyError(StageVarError):
@@ -324,7 +324,7 @@ class Policy:
             raise _fail(src, "operating_points", f"must be a non-empty mapping of name -> operating point, got {points_raw!r:.80}")
         points = {}
         for name, pd in points_raw.items():
-            if not isinstance(name, str) or not _POINT_NAME.match(name):
+            if not isinstance(name, str) or not _POINT_NAME.fullmatch(name):
                 raise _fail(src, f"operating_points.{name}", "has an invalid name: use letters, digits, '.', '_' or '-' (e.g. 3x, 700ms)")
             points[name] = _point_from_dict(pd, n, depth, src, f"operating_points.{name}")
         default = d.get("default")
@@ -332,6 +332,8 @@ class Policy:
             if len(points) != 1:
                 raise _fail(src, "default", f"is missing; with several operating points ({', '.join(points)}) name the default one")
             default = next(iter(points))
+        if not isinstance(default, str):
+            raise _fail(src, "default", f"must be the name of an operating point ({', '.join(points)}), got {default!r:.60}")
         if default not in points:
             raise _fail(src, "default", f"is {default!r}, which is not one of the operating points ({', '.join(points)})")
         prov = d.get("provenance", {}) or {}
@@ -450,7 +452,11 @@ def load_policy(path: str | os.PathLike) -> Policy:
     except UnicodeDecodeError:
         raise PolicyError(f"{src}: not a text file (not UTF-8). A policy is a YAML file written by stagevar-calibrate.") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise PolicyError(f"{src}: invalid YAML at line {line}: {exc.reason} (character {exc.character!r}). "
+                          "A policy is a plain-text YAML file.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -458,6 +464,23 @@ def load_policy(path: str | os.PathLike) -> Policy:
     if data is None:
         raise PolicyError(f"{src}: the file is empty. A policy needs schema_version, model and operating_points.")
     return Policy.from_dict(data, src)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -470,6 +493,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (path.stat().st_mode & 0o777) if path.exists() else (0o666 & ~umask))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

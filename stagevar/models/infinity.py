@@ -716,6 +716,8 @@ def _official(name: str, cfg: InfinityConfig, vae_cfg_name: str, ckpt_names: dic
     with torch.device("meta"):
         adapter = InfinityAdapter(name, cfg, bsq_vae.BSQVAE(vae_cfg))
     if random_weights:
+        if torch.device(device).type == "meta":   # shapes only (manifests, FLOP counts)
+            return adapter.eval()
         adapter = adapter.to_empty(device=device)
         randomize_(adapter.transformer, seed=0)
         randomize_(adapter.vae, seed=1)
@@ -741,7 +743,6 @@ def _official(name: str, cfg: InfinityConfig, vae_cfg_name: str, ckpt_names: dic
     text_dir = checkpoints.find(weights, text_dir_name, name, is_dir=True)
     from stagevar.models.text import T5TextEncoder
     adapter.text_encoder = T5TextEncoder(text_dir, device=device)
-    adapter.transformer.to_empty_buffers = None
     return _finish(adapter, device, dtype)
 
 

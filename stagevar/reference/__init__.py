@@ -50,16 +50,16 @@ def compare_exact(family: str, stage: str, name: str, ours: torch.Tensor, ref: t
     return CheckRow(family, stage, name, float(n), n / max(1, ref.numel()), 0.0, n == 0, note or "mismatching elements")
 
 
-def check_directory(root: str | Path) -> list[CheckRow]:
-    """Run every family present under ``root`` (``infinity/golden``, ``var/golden``)."""
+def check_directory(root: str | Path, family: str | None = None) -> list[CheckRow]:
+    """Run every family present under ``root`` (``infinity/golden``, ``var/golden``), or only ``family``."""
     root = Path(root)
     rows: list[CheckRow] = []
     found = False
-    if (root / "infinity" / "golden" / "golden_meta.json").is_file():
+    if family in (None, "infinity") and (root / "infinity" / "golden" / "golden_meta.json").is_file():
         from stagevar.reference.infinity import check_infinity_golden
         rows += check_infinity_golden(root / "infinity" / "golden")
         found = True
-    if (root / "var" / "golden" / "golden_meta.json").is_file():
+    if family in (None, "var") and (root / "var" / "golden" / "golden_meta.json").is_file():
         from stagevar.reference.var import check_var_golden
         rows += check_var_golden(root / "var" / "golden")
         found = True
@@ -67,6 +67,7 @@ def check_directory(root: str | Path) -> list[CheckRow]:
         from stagevar.errors import StageVarError
         raise StageVarError(
             f"{root} is not a reference directory: neither {root}/infinity/golden/golden_meta.json nor "
-            f"{root}/var/golden/golden_meta.json exists. Point at the folder that holds infinity/ and var/."
+            f"{root}/var/golden/golden_meta.json exists{' for family ' + family if family else ''}. "
+            "Point at the folder that holds infinity/ and var/."
         )
     return rows

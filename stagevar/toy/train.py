@@ -1,0 +1,397 @@
+"""Train ``infinity-mini`` on the procedural toy scenes: phase 1 the BSQ VAE, phase 2 the transformer.
+
+Examples::
+
+    # the shipped model (about 75 minutes on 2 CPU cores; re-running resumes from runs/mini/ckpt.pt)
+    python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/mini
+
+    # a 3-minute smoke run on a GPU
+    python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/smoke --max-minutes 3 --device cuda
+
+Data are drawn on the fly (never stored): prompts of the ``train`` split grammar
+(:func:`stagevar.toy.prompts.make_split`, so no held-out combination is ever seen) and their
+ground-truth scenes rendered at ``image_size``.
+
+Phase 1 (``vae_minutes``): encoder -> multi-scale residual BSQ over the schedule (straight-through)
+-> decoder, loss MSE + L1 in [-1, 1].
+
+Phase 2 (the rest of ``max_minutes``): teacher forcing as upstream Infinity (README section E):
+the frozen VAE gives the features, the bit labels of every scale come from the residual
+quantisation, the inputs are the accumulated codes resized to the next scale, and the transformer
+predicts all scales at once under the block-causal mask; loss = cross-entropy per bit (logit pairs).
+With bitwise self-correction (upstream ``BitwiseSelfCorrection``): a random fraction of each
+scale's bits is flipped before accumulating, and later scales' labels are re-quantised from the
+corrupted sum, so the model learns to correct its own sampling errors. Prompts are replaced by the
+learned null text with probability ``cond_drop`` (classifier-free guidance). Half of the steps
+(``short_prob``) train only the first ``short_scales`` scales (cheap, and those scales decide
+layout, colour and count). An EMA of the transformer is kept and exported.
+
+Outputs in ``--out``: ``ckpt.pt`` (atomic, every ``ckpt_minutes``; resumed automatically),
+``log.jsonl`` (metrics), ``final/`` (``config.json`` + ``*.safetensors``, the EMA transformer) and
+``final_raw/`` (the same with the raw transformer weights).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stagevar.models.bsq_vae import accumulate_step, bits_to_codes
+from stagevar.models.infinity import TextKV
+from stagevar.toy.model import MiniTextEncoder, build_parts, init_transformer_
+
+
+# ------------------------------------------------------------------------------------------ data
+class SceneStream:
+    """Endless deterministic stream of (prompt, image) pairs from the ``train`` split grammar."""
+
+    CHUNK = 4096
+
+    def __init__(self, seed: int, image_size: int):
+        self.seed, self.size = int(seed), int(image_size)
+        self.chunk, self.pos, self.items = 0, 0, None
+
+    def state(self) -> dict[str, int]:
+        return {"chunk": self.chunk, "pos": self.pos}
+
+    def load_state(self, st: dict[str, int]) -> None:
+        self.chunk, self.pos, self.items = int(st["chunk"]), int(st["pos"]), None
+
+    def _next_item(self) -> dict[str, Any]:
+        from stagevar.toy.prompts import make_split
+        if self.items is None:
+            self.items = make_split("train", self.CHUNK, self.seed * 100_003 + self.chunk)
+        it = self.items[self.pos]
+        self.pos += 1
+        if self.pos == self.CHUNK:
+            self.chunk, self.pos, self.items = self.chunk + 1, 0, None
+        return it
+
+    def batch(self, n: int) -> tuple[list[str], torch.Tensor]:
+        from stagevar.toy.prompts import scene_for_item
+        from stagevar.toy.scenes import render
+        prompts, imgs = [], []
+        for _ in range(n):
+            it = self._next_item()
+            prompts.append(it["prompt"])
+            imgs.append(render(scene_for_item(it), self.size))
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        return prompts, x
+
+
+# ------------------------------------------------------------------------------------------ teacher forcing
+def teacher_forcing_targets(vae, feats_BdHW: torch.Tensor, vae_sched, n_scales: int, flip_p: float,
+                            gen: torch.Generator | None):
+    """Bit labels per scale and the teacher-forcing input (B, L-1, d), with bitwise self-correction.
+
+    Upstream ``BitwiseSelfCorrection.flip_requant``: residual = features - sum of the (possibly
+    corrupted) codes so far, area-downsampled to the scale, quantised -> labels; a fraction
+    ``flip_p`` of the labels is flipped before the codes are accumulated (not on the last scale)."""
+    feats = feats_BdHW.float().unsqueeze(2)
+    full = tuple(vae_sched[-1])
+    summed = None
+    labels, inputs = [], []
+    for si in range(n_scales):
+        size = tuple(vae_sched[si])
+        resid = feats if summed is None else feats - summed
+        r = F.interpolate(resid, size=size, mode="area") if size != full else resid
+        _, bits = vae.quantizer.lfq(r)
+        labels.append(bits.reshape(bits.shape[0], -1, bits.shape[-1]))             # (B, hw, d)
+        if si == n_scales - 1:
+            break
+        if flip_p > 0:
+            m = torch.rand(bits.shape, generator=gen, device="cpu").to(bits.device) < flip_p
+            bits = torch.where(m, 1 - bits, bits)
+        summed, nxt = accumulate_step(summed, bits_to_codes(bits), si, vae_sched)
+        inputs.append(nxt)
+    return torch.cat(labels, 1), torch.cat(inputs, 1)
+
+
+def teacher_forced_logits(tr, kv_compact, lens, x_BLC_wo_prefix, n_scales: int):
+    """``InfinityTransformer.forward`` restricted to the first ``n_scales`` scales (same maths)."""
+    cfg = tr.cfg
+    sched = list(cfg.scale_schedule)[:n_scales]
+    B = x_BLC_wo_prefix.shape[0]
+    cond_BD, gss, text = tr.encode_text(kv_compact, lens)
+    text_kv = [blk.ca.text_kv(text) for blk in tr.layers]
+    sos = cond_BD.unsqueeze(1) + tr.pos_start.expand(B, 1, -1)
+    x = torch.cat((sos, tr.word_embed(x_BLC_wo_prefix.float())), dim=1)
+    sizes = [t * h * w for (t, h, w) in sched]
+    level = torch.cat([torch.full((n,), i, dtype=torch.long, device=x.device) for i, n in enumerate(sizes)])
+    x = x + tr.lvl_embed(level).unsqueeze(0)
+    mask = torch.where(level[:, None] >= level[None, :], 0.0, float("-inf")).to(x.dtype)
+    rope = torch.cat(tr.rope_tables(x.device)[:n_scales], dim=1)[:, None, None]
+    for blk, kv in zip(tr.layers, text_kv):
+        x = blk(x, gss, text, kv, rope, None, mask)
+    return tr.logits(x, cond_BD), level
+
+
+def bit_ce(logits_BLV: torch.Tensor, labels_BLd: torch.Tensor) -> torch.Tensor:
+    """Per-token mean cross-entropy over the bits (logit pair (2j, 2j+1) for bit j): (B, L)."""
+    B, L, V = logits_BLV.shape
+    lp = F.log_softmax(logits_BLV.float().view(B, L, V // 2, 2), dim=-1)
+    return -lp.gather(-1, labels_BLd.unsqueeze(-1)).squeeze(-1).mean(-1)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export(out_dir: Path, arch: dict[str, Any], adapter, transformer_sd: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write ``config.json`` and the three safetensors files (atomic per file)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def clean(sd):
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items() if not k.endswith(".lfq.mask")}
+
+    for fname, sd in (("transformer.safetensors", transformer_sd), ("vae.safetensors", adapter.vae.state_dict()),
+                      ("text.safetensors", adapter.text_encoder.state_dict())):
+        tmp = out_dir / (fname + ".tmp")
+        save_file(clean(sd), str(tmp), metadata={"model": "infinity-mini"})
+        os.replace(tmp, out_dir / fname)
+    cfg = {k: arch[k] for k in ("image_size", "schedule", "vae", "text", "transformer", "sampling")}
+    cfg["training"] = meta
+    tmp = out_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, out_dir / "config.json")
+
+
+def _param_groups(model, wd: float):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed" not in n and "cfg_uncond" not in n and "pos" not in n else no_decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------ main
+def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: float | None = None,
+          threads: int = 2, quiet: bool = False) -> Path:
+    from tqdm import tqdm
+
+    tc = dict(arch["train"])
+    if max_minutes is not None:
+        tc["max_minutes"] = float(max_minutes)
+    budget_s = float(tc["max_minutes"]) * 60
+    vae_budget_s = min(float(tc["vae_minutes"]) * 60, 0.25 * budget_s) if max_minutes is not None and \
+        max_minutes < float(arch["train"]["max_minutes"]) else float(tc["vae_minutes"]) * 60
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(arch.get("seed", 0))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+    cfg, adapter = build_parts(arch)
+    init_transformer_(adapter.transformer, seed)
+    adapter.to(dev)
+    vae, tr, text = adapter.vae, adapter.transformer, adapter.text_encoder
+    vae_sched = [tuple(s) for s in cfg.scale_schedule]
+    n_all = len(vae_sched)
+    amp = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=bool(tc.get("bf16", True)))
+
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=float(tc["vae_lr"]), betas=(0.9, 0.99), weight_decay=0.0)
+    tr_params = list(tr.parameters()) + list(text.parameters())
+    tr_opt = torch.optim.AdamW(_param_groups(tr, float(tc["weight_decay"])) + _param_groups(text, float(tc["weight_decay"])),
+                               lr=float(tc["lr"]), betas=(0.9, 0.97))
+    ema_tr = copy.deepcopy(tr).requires_grad_(False)
+    stream = SceneStream(seed, int(arch["image_size"]))
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {"phase": "vae", "vae_step": 0, "tr_step": 0, "elapsed": 0.0, "vae_elapsed": 0.0}
+
+    ckpt_path = out / "ckpt.pt"
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        vae.load_state_dict(ck["vae"]); tr.load_state_dict(ck["tr"]); text.load_state_dict(ck["text"])
+        ema_tr.load_state_dict(ck["ema_tr"])
+        vae_opt.load_state_dict(ck["vae_opt"]); tr_opt.load_state_dict(ck["tr_opt"])
+        stream.load_state(ck["stream"]); gen.set_state(ck["gen"]); torch.set_rng_state(ck["torch_rng"])
+        random.setstate(ck["py_rng"])
+        state = ck["state"]
+        print(f"resumed from {ckpt_path}: phase {state['phase']}, vae step {state['vae_step']}, "
+              f"transformer step {state['tr_step']}, {state['elapsed'] / 60:.1f} min done", flush=True)
+    (out / "config.resolved.json").write_text(json.dumps({**arch, "train": tc}, indent=2))
+    log_f = open(out / "log.jsonl", "a")
+
+    def save_ckpt():
+        atomic_save({"vae": vae.state_dict(), "tr": tr.state_dict(), "text": text.state_dict(),
+                     "ema_tr": ema_tr.state_dict(), "vae_opt": vae_opt.state_dict(), "tr_opt": tr_opt.state_dict(),
+                     "stream": stream.state(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                     "py_rng": random.getstate(), "state": state, "arch": arch}, ckpt_path)
+
+    def log(rec):
+        rec = {"time_min": round(state["elapsed"] / 60, 3), **rec}
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+
+    bar = tqdm(total=int(budget_s), initial=int(state["elapsed"]), unit="s", desc=state["phase"],
+               disable=quiet, mininterval=5, dynamic_ncols=True)
+    last_ckpt = time.time()
+    t_prev = time.time()
+
+    def tick():
+        nonlocal t_prev, last_ckpt
+        now = time.time()
+        dt = now - t_prev
+        t_prev = now
+        state["elapsed"] += dt
+        if state["phase"] == "vae":
+            state["vae_elapsed"] += dt
+        bar.update(int(state["elapsed"]) - bar.n)
+        if now - last_ckpt > float(tc["ckpt_minutes"]) * 60:
+            save_ckpt()
+            last_ckpt = time.time()
+
+    # ---------------- phase 1: VAE
+    vae.train()
+    ema_loss = None
+    while state["phase"] == "vae":
+        if state["vae_elapsed"] >= vae_budget_s:
+            state["phase"] = "transformer"
+            save_ckpt()
+            break
+        step = state["vae_step"]
+        lr = float(tc["vae_lr"]) * min(1.0, (step + 1) / 50)
+        for g in vae_opt.param_groups:
+            g["lr"] = lr
+        _, img = stream.batch(int(tc["vae_batch"]))
+        img = img.to(dev)
+        with torch.autocast(**amp):
+            feats = vae.encode(img)
+        q = vae.quantize_multiscale(feats.float(), vae_sched)
+        with torch.autocast(**amp):
+            rec = vae.decoder(q.summed_codes_BdHW.contiguous(memory_format=torch.channels_last)).float()
+        mse = F.mse_loss(rec, img)
+        l1 = F.l1_loss(rec, img)
+        loss = mse + float(tc["vae_l1"]) * l1
+        vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        vae_opt.step()
+        state["vae_step"] += 1
+        ema_loss = mse.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * mse.item()
+        with torch.no_grad():
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+        bar.set_postfix_str(f"vae step {step} mse {ema_loss:.4f} psnr {psnr:.1f}")
+        if step % int(tc["log_every"]) == 0:
+            log({"phase": "vae", "step": step, "mse": mse.item(), "l1": l1.item(), "psnr": psnr, "lr": lr})
+        tick()
+
+    # ---------------- phase 2: transformer
+    vae.eval().requires_grad_(False)
+    tr.train(); text.train()
+    bar.set_description("transformer")
+    sizes = [h * w for (_, h, w) in vae_sched]
+    tok_w_full = torch.cat([torch.full((n,), float(n) ** -float(tc["scale_weight_power"])) for n in sizes]).to(dev)
+    tr_budget = max(budget_s - state["vae_elapsed"], 1.0)
+    base_lr, min_frac = float(tc["lr"]), float(tc["min_lr_frac"])
+    hist = {"loss": None, "acc": None}
+    while state["elapsed"] < budget_s:
+        step = state["tr_step"]
+        frac = min(1.0, (state["elapsed"] - state["vae_elapsed"]) / tr_budget)
+        lr = base_lr * min(1.0, (step + 1) / int(tc["warmup_steps"])) * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in tr_opt.param_groups:
+            g["lr"] = lr
+        short = random.random() < float(tc["short_prob"])
+        n_sc = int(tc["short_scales"]) if short else n_all
+        B = int(tc["short_batch"]) if short else int(tc["batch"])
+        prompts, img = stream.batch(B)
+        img = img.to(dev)
+        with torch.no_grad():
+            with torch.autocast(**amp):
+                feats = vae.encode(img)
+            flip_p = float(torch.rand((), generator=gen)) * float(tc["flip_max"])
+            labels, x_in = teacher_forcing_targets(vae, feats.float(), vae_sched, n_sc, flip_p, gen)
+        ids, nw = MiniTextEncoder.tokenize(prompts)
+        cond = text.encode_ids(ids, nw)
+        kv, lens = cond.kv_compact, cond.lens
+        drop = (torch.rand(B, generator=gen) < float(tc["cond_drop"])).tolist()
+        if any(drop):
+            parts, start = [], 0
+            for r, n in enumerate(lens):
+                parts.append(tr.cfg_uncond[:n] if drop[r] else kv[start:start + n])
+                start += n
+            kv = torch.cat(parts, 0)
+        with torch.autocast(**amp):
+            logits, level = teacher_forced_logits(tr, kv, lens, x_in, n_sc)
+        ce = bit_ce(logits, labels)                                        # (B, L)
+        w = tok_w_full[: ce.shape[1]]
+        loss = (ce * w).sum(1).mean() / w.sum()
+        tr_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(tr_params, float(tc["grad_clip"]))
+        tr_opt.step()
+        with torch.no_grad():
+            d = min(float(tc["ema"]), (1 + step) / (10 + step))
+            for pe, p in zip(ema_tr.parameters(), tr.parameters()):
+                pe.lerp_(p, 1 - d)
+        state["tr_step"] += 1
+        with torch.no_grad():
+            acc = (logits.detach().float().view(*labels.shape, 2).argmax(-1) == labels).float().mean().item()
+            per_scale = [ce[:, level == s].mean().item() for s in range(n_sc)]
+        for k, v in (("loss", loss.item()), ("acc", acc)):
+            hist[k] = v if hist[k] is None else 0.97 * hist[k] + 0.03 * v
+        bar.set_postfix_str(f"step {step} {'S' if short else 'F'} loss {hist['loss']:.4f} acc {hist['acc']:.3f} lr {lr:.2e}")
+        if step % int(tc["log_every"]) == 0 or step < 5:
+            log({"phase": "transformer", "step": step, "short": short, "loss": loss.item(), "acc": acc,
+                 "ce_per_scale": [round(v, 4) for v in per_scale], "lr": lr, "flip_p": flip_p,
+                 "grad_norm": float(gn)})
+        tick()
+
+    bar.close()
+    state["phase"] = "done"
+    save_ckpt()
+    meta = {"vae_steps": state["vae_step"], "transformer_steps": state["tr_step"],
+            "minutes": round(state["elapsed"] / 60, 1), "device": str(dev), "threads": threads,
+            "seed": seed}
+    export(out / "final", arch, adapter, ema_tr.state_dict(), {**meta, "transformer_weights": "ema"})
+    export(out / "final_raw", arch, adapter, tr.state_dict(), {**meta, "transformer_weights": "raw"})
+    print(f"done: {meta}; weights in {out / 'final'}", flush=True)
+    return out / "final"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m stagevar.toy.train",
+        description="Train infinity-mini (BSQ VAE, then the Infinity transformer) on the toy scenes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/mini\n"
+               "  nohup python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/mini "
+               "> runs/mini.log 2>&1 &\n"
+               "  python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/smoke --max-minutes 2\n"
+               "Re-running with the same --out resumes from OUT/ckpt.pt; the final weights are in OUT/final/.")
+    p.add_argument("--config", required=True, help="YAML config (e.g. stagevar/toy/configs/mini.yaml)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, log.jsonl, final/)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run (overrides the YAML)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    import yaml
+    arch = yaml.safe_load(Path(a.config).read_text())
+    train(arch, Path(a.out), device=a.device, max_minutes=a.max_minutes, threads=a.threads, quiet=a.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Infinity fidelity: state-dict manifests of the official models, reference tensors, checkpoint loading."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from stagevar.models.infinity import InfinityAdapter, upstream_schedule
+from stagevar.models.registry import WeightsError, load_model
+
+SHARED = Path(os.environ.get("STAGEVAR_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+MANIFESTS = SHARED / "reference" / "infinity" / "manifests"
+GOLDEN = SHARED / "reference" / "infinity" / "golden"
+needs_shared = pytest.mark.skipif(not MANIFESTS.is_dir(), reason=f"reference data not found at {SHARED}")
+
+
+def _manifest(name):
+    return json.loads((MANIFESTS / f"{name}.json").read_text())
+
+
+@needs_shared
+@pytest.mark.parametrize("model,manifest", [("infinity-2b", "infinity_2b"), ("infinity-8b", "infinity_8b")])
+def test_transformer_state_dict_matches_manifest(model, manifest):
+    m = load_model(model, device="meta", random_weights=True)
+    sd = m.transformer.state_dict()
+    ref = _manifest(manifest)
+    assert [e["key"] for e in ref["state_dict"]] == list(sd)
+    for e in ref["state_dict"]:
+        assert list(sd[e["key"]].shape) == e["shape"], e["key"]
+        assert str(sd[e["key"]].dtype).replace("torch.", "") == e["dtype"].replace("torch.", ""), e["key"]
+    params = dict(m.transformer.named_parameters())
+    assert {e["key"] for e in ref["state_dict"] if e["is_parameter"]} == set(params)
+    assert sum(p.numel() for p in params.values()) == ref["num_parameters"]
+
+
+@needs_shared
+def test_schedules_match_upstream_table():
+    ref = json.loads((MANIFESTS / "scale_schedules_h_div_w_1.0.json").read_text())
+    sched, grid = upstream_schedule(1.0, "1M")
+    text = json.dumps(ref)
+    assert sched[-1] == (1, 64, 64) and grid == (64, 64) and len(sched) == 13
+    assert sum(h * w for _, h, w in sched) == 10521
+    assert "64" in text
+
+
+@needs_shared
+def test_reference_tensors_pass():
+    from stagevar.reference.infinity import check_infinity_golden
+    torch.set_num_threads(2)
+    rows = check_infinity_golden(GOLDEN)
+    assert len(rows) >= 10
+    bad = [r for r in rows if not r.passed]
+    assert not bad, bad
+    assert all(r.max_abs == 0 for r in rows if r.tensor.startswith("bits"))
+
+
+def _meta_state_dict(module):
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in module.state_dict().items()}
+
+
+@needs_shared
+def test_load_model_accepts_exactly_the_manifest_keys(tmp_path, monkeypatch):
+    """infinity-2b on the meta device: a checkpoint with the manifest's keys loads; a wrong one is refused."""
+    from stagevar.models import checkpoints, text
+    ref_keys = {e["key"]: e["shape"] for e in _manifest("infinity_2b")["state_dict"]}
+    vae_ref = {e["key"]: e["shape"] for e in _manifest("infinity_vae_d32_reg")["state_dict"]}
+    for f in ("infinity_2b_reg.pth", "infinity_vae_d32_reg.pth"):
+        (tmp_path / f).write_bytes(b"placeholder")
+    (tmp_path / "flan-t5-xl").mkdir()
+
+    def fake_load(path):
+        src = ref_keys if "2b" in Path(path).name else vae_ref
+        return {k: torch.empty(s, device="meta") for k, s in src.items()}
+
+    monkeypatch.setattr(checkpoints, "load_state_dict_file", fake_load)
+    monkeypatch.setattr(text, "T5TextEncoder", lambda path, device="cpu": torch.nn.Identity())
+    m = load_model("infinity-2b", weights=tmp_path, device="meta")
+    assert isinstance(m, InfinityAdapter)
+    assert list(m.transformer.state_dict()) == list(ref_keys)
+
+    def wrong_load(path):
+        sd = fake_load(path)
+        if "2b" in Path(path).name:
+            sd["block_chunks.0.module.0.sa.mat_qkv.weigth"] = sd.pop("block_chunks.0.module.0.sa.mat_qkv.weight")
+        return sd
+
+    monkeypatch.setattr(checkpoints, "load_state_dict_file", wrong_load)
+    with pytest.raises(WeightsError) as e:
+        load_model("infinity-2b", weights=tmp_path, device="meta")
+    msg = str(e.value)
+    assert "mat_qkv.weight" in msg and "mat_qkv.weigth" in msg and "infinity_2b_reg.pth" in msg
+
+
+def test_missing_weights_are_a_clear_error(tmp_path):
+    with pytest.raises(WeightsError) as e:
+        load_model("infinity-2b", weights=tmp_path / "nowhere")
+    assert "does not exist" in str(e.value)
+    (tmp_path / "w").mkdir()
+    with pytest.raises(WeightsError) as e:
+        load_model("infinity-2b", weights=tmp_path / "w")
+    assert "infinity_2b_reg.pth" in str(e.value)
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    import pickle
+    from stagevar.models.checkpoints import load_state_dict_file
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    p = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "x": Evil()}, p, pickle_protocol=2) if False else p.write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(WeightsError):
+        load_state_dict_file(p)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_non_square_schedule_rope_rounds_half_to_even():
+    from stagevar.models.infinity import rope2d_table
+    sched, grid = upstream_schedule(0.5, "1M")     # h < w
+    tables = rope2d_table(64, sched, grid)
+    assert len(tables) == len(sched) and tables[-1].shape == (2, sched[-1][1] * sched[-1][2], 32)
+    # row index of token i at scale (h, w) is round(i * H / h) with ties to even
+    h = sched[3][1]
+    rows = (torch.arange(h) * (grid[0] / h)).round()
+    assert all(float(r) == round(i * grid[0] / h) for i, r in enumerate(rows))

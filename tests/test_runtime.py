@@ -1,0 +1,139 @@
+"""Runtime contract tests, run on every adapter that needs no downloaded weights."""
+import pytest
+import torch
+
+from stagevar.models.registry import list_models, load_model, model_entry
+from stagevar.policy import OperatingPoint, ScalePlan, default_stages
+from stagevar.runtime import Runtime
+
+TINY = [n for n in list_models() if not model_entry(n).needs_weights and n.endswith("-tiny")]
+PROMPTS = {"infinity": ["a red circle", "two blue squares"], "var": ["207", "971"]}
+
+
+@pytest.fixture(scope="module", params=TINY)
+def model(request):
+    torch.manual_seed(0)
+    return load_model(request.param)
+
+
+def _cond(model):
+    return model.encode_prompts(PROMPTS[model.family])
+
+
+def _point(model, plans_tail):
+    n = len(model.scale_schedule)
+    plans = [ScalePlan(k) for k in range(n - len(plans_tail))] + plans_tail
+    return OperatingPoint(default_stages(n, n - len(plans_tail)), tuple(plans))
+
+
+def test_tiny_models_registered():
+    assert "infinity-tiny" in TINY
+
+
+def test_identity_policy_reproduces_reference_sampler_exactly(model):
+    cond = _cond(model)
+    for guidance in (model.default_guidance, 1.0):
+        ref = model.reference_generate(cond, guidance=guidance, seed=3)
+        out = Runtime(model).generate(condition=cond, guidance=guidance, seed=3)
+        assert torch.equal(ref, out.images)
+
+
+def test_cond_only_halves_the_batch_the_adapter_receives(model, monkeypatch):
+    cond = _cond(model)
+    B = 2
+    n = len(model.scale_schedule)
+    seen = []
+    orig = type(model).forward_layers
+
+    def spy(self, state, k, x, layers, positions=None):
+        seen.append((k, x.shape[0]))
+        return orig(self, state, k, x, layers, positions)
+
+    monkeypatch.setattr(type(model), "forward_layers", spy)
+    pt = _point(model, [ScalePlan(n - 2, guidance="cond_only"), ScalePlan(n - 1, guidance="cond_only")])
+    Runtime(model, pt).generate(condition=cond, guidance=3.0, seed=0)
+    rows = dict(seen)
+    assert rows[0] == 2 * B and rows[n - 3] == 2 * B
+    assert rows[n - 2] == B and rows[n - 1] == B
+
+
+def test_subset_keeps_true_positions_and_defines_kv_cache(model, monkeypatch):
+    cond = _cond(model)
+    n = len(model.scale_schedule)
+    _, h, w = model.scale_schedule[-1]
+    calls = []
+    orig = type(model).forward_layers
+
+    def spy(self, state, k, x, layers, positions=None):
+        calls.append((k, list(layers), None if positions is None else positions.clone(), x.shape[1]))
+        return orig(self, state, k, x, layers, positions)
+
+    monkeypatch.setattr(type(model), "forward_layers", spy)
+    depth = model.num_layers
+    plan = ScalePlan(n - 1, guidance="cond_only", keep=0.25, selection="deviation", layers=(0, depth))
+    res = Runtime(model, _point(model, [plan])).generate(condition=cond, guidance=3.0, seed=0)
+    last = [c for c in calls if c[0] == n - 1]
+    assert len(last) == 1
+    _, layers, pos, ntok = last[0]
+    assert layers == list(range(depth))
+    kept = plan.num_kept(h * w)
+    assert pos.shape == (2, kept) and ntok == kept
+    assert int(pos.max()) < h * w and torch.all(pos[:, 1:] > pos[:, :-1])   # distinct, sorted, in range
+    assert res.records[-1].computed_tokens == kept
+
+
+def test_kv_cache_receives_only_computed_tokens():
+    model = load_model("infinity-tiny")
+    cond = _cond(model)
+    n = len(model.scale_schedule)
+    total = sum(model.tokens_per_scale())
+    plan = ScalePlan(n - 1, guidance="cond_only", keep=0.5, selection="uniform", layers=(1, 2))
+    rt = Runtime(model, _point(model, [plan]))
+    caches = {}
+    orig_finish = type(model).finish
+
+    def keep_caches(self, state):
+        caches["sizes"] = [c[0].shape[2] for c in state.caches]
+        orig_finish(self, state)
+
+    type(model).finish = keep_caches
+    try:
+        res = rt.generate(condition=cond, guidance=3.0, seed=0)
+    finally:
+        type(model).finish = orig_finish
+    kept = res.records[-1].computed_tokens
+    last = model.tokens_per_scale()[-1]
+    assert caches["sizes"][0] == total                 # layer 0 ran on every token
+    assert caches["sizes"][1] == total - last + kept   # layer 1 ran on the subset only
+
+
+@pytest.mark.parametrize("selection", ["random_projection", "deviation", "uniform"])
+@pytest.mark.parametrize("restore", ["cached_update", "cached_output"])
+def test_accelerated_policies_run_and_change_only_late_output(selection, restore):
+    model = load_model("infinity-tiny")
+    cond = _cond(model)
+    n = len(model.scale_schedule)
+    plans = [ScalePlan(n - 2, guidance="cond_only", keep=0.5, selection=selection, restore=restore),
+             ScalePlan(n - 1, guidance="cond_only", keep=0.3, selection=selection, restore=restore, layers=(1, 2))]
+    out = Runtime(model, _point(model, plans)).generate(condition=cond, guidance=3.0, seed=0)
+    ref = Runtime(model).generate(condition=cond, guidance=3.0, seed=0)
+    assert out.images.shape == ref.images.shape
+    assert torch.isfinite(out.images).all()
+    assert [r.computed_tokens for r in out.records[:-2]] == [r.computed_tokens for r in ref.records[:-2]]
+    assert all(r.computed_tokens < t for r, t in zip(out.records[-2:], model.tokens_per_scale()[-2:]))
+
+
+def test_skip_stops_before_the_last_scale():
+    model = load_model("infinity-tiny")
+    n = len(model.scale_schedule)
+    out = Runtime(model, _point(model, [ScalePlan(n - 1, skip=True)])).generate(["a red circle"], seed=0)
+    assert len(out.records) == n - 1 and out.images.shape[0] == 1
+
+
+def test_generation_is_deterministic_for_a_seed():
+    model = load_model("infinity-tiny")
+    n = len(model.scale_schedule)
+    pt = _point(model, [ScalePlan(n - 1, guidance="cond_only", keep=0.5)])
+    a = Runtime(model, pt).generate(["a red circle"], seed=5).images
+    b = Runtime(model, pt).generate(["a red circle"], seed=5).images
+    assert torch.equal(a, b)
