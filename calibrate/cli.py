@@ -1,12 +1,287 @@
-"""`stagevar-calibrate`: measure a model, search a policy under a latency budget, write it."""
+"""``stagevar-calibrate``: measure a model, search a policy under a latency budget, verify it on
+held-out prompts and write the policy YAML.
+
+    stagevar-calibrate --budget 3x                      # the embedded model, measure + search + verify
+    stagevar-calibrate --model infinity-2b --weights W --budget 2x,3x,4x --device cuda --dtype bfloat16
+    stagevar-calibrate measure --model infinity-mini    # only the calibration pass + report
+
+Exit codes: 0 ok; 1 error; 2 usage (including a malformed budget); 3 a budget could not be met
+(a best-effort policy marked infeasible is still written, and the best speedup reached is named).
+"""
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import logging
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from stagevar.errors import StageVarError
+
+log = logging.getLogger("stagevar.calibrate")
+
+EPILOG = """\
+examples:
+  stagevar-calibrate --budget 3x
+  stagevar-calibrate --model infinity-mini --budget 2x,3x,4x --out runs/cal
+  stagevar-calibrate --budget 700ms --trials 80
+  stagevar-calibrate --model infinity-2b --weights ~/weights --budget 3x --device cuda --dtype bfloat16
+  stagevar-calibrate --budget 3x --storage sqlite:///study.db           # any Optuna storage URL
+  stagevar-calibrate measure --model infinity-mini --out runs/cal       # calibration pass only
+A budget is a speedup over the full model (3x) or a latency per batch of --batch-size images
+(700ms, 1.5s); several budgets (2x,3x,4x) give one policy file with one operating point each,
+the first being the default. Killing the command and re-running it resumes: the calibration
+record and the Optuna study live in --out.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from stagevar import DEFAULT_MODEL
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL})")
+    p.add_argument("--weights", type=Path, help="weights directory (default $STAGEVAR_WEIGHTS)")
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights (latency only; quality is meaningless)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
+    p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: a bundled set for the model)")
+    p.add_argument("--num-prompts", type=int, default=8, help="bundled calibration prompts used (default 8)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generated batch; latency budgets refer to it (default 8)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--out", type=Path, default=Path("runs/calibration"), help="working directory: record, study, report (default runs/calibration)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="stagevar-calibrate", description="Measure a VAR model and search a stage-aware acceleration policy under a latency budget.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    _common(p)
+    p.add_argument("--budget", required=True, help="speedup (3x) or latency per batch (700ms); comma-separated for several")
+    p.add_argument("--trials", type=int, default=60, help="Optuna trials per budget, in total across resumes and workers (default 60)")
+    p.add_argument("--storage", help="Optuna storage URL (default: a journal file in --out)")
+    p.add_argument("--study", help="study name (default: derived from model, budget and calibration record)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--heldout-prompts", type=Path, help="verification prompts (default: a bundled held-out set)")
+    p.add_argument("--num-heldout", type=int, default=24, help="bundled held-out prompts for verification (default 24)")
+    p.add_argument("--verify-candidates", type=int, default=3, help="best feasible trials re-measured end to end (default 3)")
+    p.add_argument("--frontier", action="store_true", help="also report the quality / latency Pareto front of all trials")
+    p.add_argument("--policy-out", type=Path, help="policy file (default policies/<model>.<resolution>.<budgets>.yaml)")
+    p.add_argument("--json", action="store_true", help="print one machine-readable summary on stdout")
+    return p
+
+
+def build_measure_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="stagevar-calibrate measure", description="Run only the calibration pass and write its record and report.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="examples:\n  stagevar-calibrate measure\n  stagevar-calibrate measure --model infinity-mini --prompts my_prompts.txt --out runs/cal\n")
+    _common(p)
+    return p
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _setup(args):
+    import torch
+    from stagevar.models.registry import load_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1:
+        raise StageVarError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise StageVarError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
+    if not seeds:
+        raise StageVarError("--seeds is empty.")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    from calibrate.prompts import bundled, read_prompt_file
+    prompts = read_prompt_file(args.prompts) if args.prompts else bundled(args.model, "calibration", args.num_prompts)
+    model = load_model(args.model, args.weights, device=args.device, dtype=dtype, random_weights=args.random_weights)
+    model.encode_prompts(prompts)            # validate every prompt up front (clear error naming the bad one)
+    return model, prompts, seeds
+
+
+def _weights_hash(model) -> str:
+    h = getattr(model, "weights_sha256", None)
+    if h:
+        return h
+    n = sum(p.numel() for p in model.parameters())
+    if n > 200_000_000:
+        return "unknown (large model; not hashed)"
+    d = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        d.update(k.encode())
+        d.update(v.detach().float().cpu().numpy().tobytes())
+    return "state_dict:" + d.hexdigest()[:16]
+
+
+def _redact(url: str | None) -> str | None:
+    import re
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url) if url else url
+
+
+def cmd_measure(args) -> int:
+    from calibrate.calibration import measure, record_dir
+    from calibrate.report import write_report
+    model, prompts, seeds = _setup(args)
+    t0 = time.time()
+    rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance, progress=not args.quiet)
+    d = record_dir(args.out, rec.key)
+    report = write_report(rec, d)
+    st = rec.stages
+    print(f"calibration record: {d / 'record.json'}")
+    print(f"report:             {report}")
+    print(f"stages: semantic {st['semantic']}, structure {st['structure']}, refinement {st['refinement']}  ({time.time() - t0:.0f}s)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import numpy as np
+    import optuna
+
+    from calibrate.calibration import measure, record_dir
+    from calibrate.measure.common import Subject, variant_grid
+    from calibrate.measure.latency import LatencyModel
+    from calibrate.metrics import scorer_for
+    from calibrate.prompts import bundled, read_prompt_file
+    from calibrate.report import write_report
+    from calibrate.search import (Objective, enqueue_seeds, feasible_ranked, open_study, pareto_front, parse_budgets,
+                                  point_from_params, summarize_trial)
+    from calibrate.verify import verify_candidates
+    from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
+
+    budgets = parse_budgets(args.budget)
+    if args.trials < 1:
+        raise StageVarError(f"--trials must be >= 1, got {args.trials}.")
+    model, prompts, seeds = _setup(args)
+    heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "heldout", args.num_heldout)
+    model.encode_prompts(heldout)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.time()
+    rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance, progress=not args.quiet)
+    rdir = record_dir(args.out, rec.key)
+    subject = Subject(model, prompts, seeds, args.batch_size, args.guidance)
+    scorer = scorer_for(model.name)
+    reference = subject.run(None)
+    ref_sem = scorer.score(reference.images, subject.item_prompts, reference.images) if scorer.name == "evaluator" else None
+    lat_model = LatencyModel(rec.latency, variant_grid(), model.num_layers)
+    tokens = model.tokens_per_scale()
+    baseline_pred = lat_model.baseline(tokens)
+    storage = args.storage or _journal(args.out / "study.journal")
+    points: dict[str, Any] = {}
+    all_trials, chosen_trials, infeasible = [], {}, []
+    held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance)
+    held_cache: dict[str, Any] = {}
+    for budget in budgets:
+        budget_s = budget.target_seconds(baseline_pred)
+        name = args.study or f"{model.name}.{model.resolution}.{budget.name}.{rec.key}"
+        if args.study and len(budgets) > 1:
+            name = f"{args.study}.{budget.name}"
+        study = open_study(name, storage, direction_multi=False, seed=args.seed)
+        enqueue_seeds(study, rec)
+        done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                                           optuna.trial.TrialState.FAIL)])
+        remaining = max(0, args.trials - done)
+        objective = Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem)
+        if remaining:
+            log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
+            study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
+        ranked = feasible_ranked(study)
+        candidates = ranked[: args.verify_candidates]
+        if not candidates:
+            # best effort: the measured trials with the lowest predicted latency
+            done_trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+            candidates = sorted(done_trials, key=lambda t: t.user_attrs.get("predicted_latency_s", float("inf")))[:1]
+        cand_points = [(t, point_from_params(rec, t.params)) for t in candidates]
+        best = verify_candidates(model, held_subject, cand_points, budget, scorer, held_cache, progress=not args.quiet)
+        trial, point, measured = best
+        measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),
+                         "calibration_quality": trial.value, "trial": trial.number, "study": name})
+        if not measured["feasible"]:
+            infeasible.append((budget.name, measured["speedup"]))
+        points[budget.name] = OperatingPoint(point.stages, point.plans, measured)
+        chosen_trials[budget.name] = trial.number
+        all_trials += [summarize_trial(t) for t in study.get_trials(deepcopy=False) if t.values is not None]
+    policy = Policy(model=binding_for(model), operating_points=points, default=budgets[0].name, provenance=base_provenance(
+        model=model.name, device=rec.inputs["device"], device_type=rec.inputs["device_type"], dtype=rec.inputs["dtype"],
+        batch_size=args.batch_size, weights_sha256=_weights_hash(model), calibrated=True,
+        calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
+        verification_prompts=len(heldout), seeds=seeds, optuna_storage=_redact(args.storage) or "journal file in --out",
+        optuna_sampler_seed=args.seed, trials_per_budget=args.trials))
+    out_path = args.policy_out or Path("policies") / f"{model.name}.{model.resolution}.{'-'.join(b.name for b in budgets)}.yaml"
+    policy.save(out_path)
+    search_info = {"points": {k: v.to_dict() for k, v in points.items()}, "trials": all_trials, "chosen_trials": chosen_trials}
+    report = write_report(rec, rdir, search_info)
+    summary = {"policy": str(out_path), "report": str(report), "record": str(rdir / "record.json"),
+               "seconds": round(time.time() - t0, 1),
+               "operating_points": {k: {kk: v.measured.get(kk) for kk in ("feasible", "speedup", "latency_s", "baseline_latency_s",
+                                                                          "quality", "score_full", "score", "score_drop", "trial")}
+                                    for k, v in points.items()}}
+    if args.frontier:
+        front = pareto_front([(t["quality"], t["predicted_latency_s"], t["number"]) for t in all_trials
+                              if "predicted_latency_s" in t and not t.get("quality_estimated")])
+        summary["frontier"] = [{"quality": q, "predicted_latency_s": lat, "trial": n} for q, lat, n in front]
+    if args.json:
+        print(json.dumps(summary, default=float))
+    else:
+        print(f"policy: {out_path}")
+        print(f"report: {report}")
+        for k, v in summary["operating_points"].items():
+            print(f"  {k}: {'met' if v['feasible'] else 'NOT met'}; verified speedup {v['speedup']:.2f}x, quality {v['quality']:.3f}"
+                  + (f", evaluator {v['score_full']:.3f} -> {v['score']:.3f}" if v.get("score") is not None else ""))
+        if args.frontier:
+            print("frontier (quality, predicted latency):")
+            for f in summary["frontier"]:
+                print(f"  {f['quality']:.3f}  {f['predicted_latency_s'] * 1000:.0f} ms  (trial {f['trial']})")
+    if infeasible:
+        msg = "; ".join(f"{b}: best verified speedup {s:.2f}x" for b, s in infeasible)
+        print(f"budget not met ({msg}). The best-effort operating point is written and marked feasible: false.", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _journal(path: Path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("stagevar-calibrate: calibration is not built yet in this version; no policy was written.", file=sys.stderr)
-    return 1
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sub = argv[0] if argv and not argv[0].startswith("-") else None
+    if sub == "measure":
+        parser, fn, rest = build_measure_parser(), cmd_measure, argv[1:]
+    elif sub == "worker":
+        from calibrate.worker import build_worker_parser, cmd_worker
+        parser, fn, rest = build_worker_parser(), cmd_worker, argv[1:]
+    elif sub is not None:
+        build_parser().error(f"unknown command {sub!r} (commands: measure, worker; or no command for the full calibration)")
+    else:
+        parser, fn, rest = build_parser(), cmd_calibrate, argv
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return fn(args)
+    except StageVarError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -50,7 +50,25 @@ class GenerationResult:
     seconds: float
 
 
-Observer = Callable[[int, ScalePlan, torch.Tensor, Any], None]
+Observer = Callable[["ScaleObservation"], None]
+
+
+@dataclasses.dataclass
+class ScaleObservation:
+    """Handed to an observer after each scale (calibration uses it; generation ignores it).
+
+    ``hidden`` maps each observed layer boundary (``observe_layers``, plus the boundaries the
+    policy restores from) to the full-grid hidden states (rows, h*w, C) after that many layers;
+    ``guided_logits`` is the sampler's input; ``state`` lets the observer call
+    ``adapter.decode(state)`` to see the latent accumulated so far.
+    """
+
+    scale: int
+    plan: ScalePlan
+    hidden: dict[int, torch.Tensor]
+    guided_logits: torch.Tensor
+    codes: torch.Tensor
+    state: Any
 
 
 def identity_plans(n: int) -> list[ScalePlan]:
@@ -67,7 +85,7 @@ class Runtime:
     """
 
     def __init__(self, adapter, policy: Policy | OperatingPoint | None = None, operating_point: str | None = None,
-                 *, synchronize: bool = False):
+                 *, synchronize: bool = False, observe_layers: Sequence[int] = ()):
         self.adapter = adapter
         n = len(adapter.scale_schedule)
         if policy is None:
@@ -85,7 +103,12 @@ class Runtime:
             if p.layers is not None and p.layers[1] > depth:
                 raise ValueError(f"plan for scale {p.scale} uses layers {p.layers}, model has {depth}")
         # layer boundaries whose full-grid hidden states later scales restore from
-        self.boundaries = sorted({b for p in self.plans if p.is_subset for b in (p.layer_range(depth).start, p.layer_range(depth).stop)})
+        restore_points = {b for p in self.plans if p.is_subset for b in (p.layer_range(depth).start, p.layer_range(depth).stop)}
+        for b in observe_layers:
+            if not 0 <= b <= depth:
+                raise ValueError(f"observe_layers: {b} is not a layer boundary of a {depth}-layer model")
+        self.observed = sorted(set(observe_layers))
+        self.boundaries = sorted(restore_points | set(self.observed))
 
     def _sync(self) -> None:
         if self.synchronize and torch.cuda.is_available():
@@ -155,9 +178,9 @@ class Runtime:
             logits = ad.head(state, k, x)
             guided = ad.guide(state, k, logits)
             codes = ad.sample(state, k, guided)
-            if observer is not None:
-                observer(k, plan, x, guided)
             ad.update(state, k, codes)
+            if observer is not None:
+                observer(ScaleObservation(k, plan, cur, guided, codes, state))
             self._sync()
             records.append(ScaleRecord(k, state.rows, m, computed, time.perf_counter() - t_start))
             prev, prev_hw = cur, (h, w)

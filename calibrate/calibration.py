@@ -1,0 +1,191 @@
+"""The calibration pass: measure a model on a small prompt set, resumably, into a record.
+
+Every measurement runs through the runtime (:class:`calibrate.measure.common.Subject`), so what
+is measured is what ships. See :mod:`calibrate.record` for caching and resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibrate.measure.common import Subject, Variant, point_from_plans, variant_grid
+from calibrate.measure.convergence import measure_convergence
+from calibrate.measure.latency import LatencyModel, device_info, summarize, variant_point
+from calibrate.measure.sensitivity import measure_variant
+from calibrate.measure.spectra import spectra_rows
+from calibrate.measure.stages import detect_stages
+from calibrate.metrics import scorer_for
+from calibrate.record import CalibrationRecord, UnitStore, content_key
+from stagevar.policy import ScalePlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureSettings:
+    keeps: tuple[float, ...] = (0.75, 0.5, 0.25, 0.1)
+    selections: tuple[str, ...] = ("random_projection", "deviation")
+    sensitivity_from: int | None = None        # first scale measured (default: half the scales)
+    latency_repeats: int = 3
+    latency_check_policies: int = 3
+    spectra_layers: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, disable=not enabled, unit="run", leave=False)
+    except ImportError:  # pragma: no cover
+        class _Null:
+            def update(self, n=1): ...
+            def close(self): ...
+            def set_postfix_str(self, s): ...
+        return _Null()
+
+
+def record_inputs(adapter, prompts, seeds, batch_size, guidance, settings: MeasureSettings) -> dict[str, Any]:
+    info = device_info(adapter)
+    return {"model": adapter.fingerprint().to_dict(), "num_layers": adapter.num_layers, "prompts": list(prompts),
+            "seeds": list(seeds), "batch_size": batch_size, "guidance": guidance,
+            "device": info["device_name"], "device_type": adapter.device.type, "dtype": info["dtype"],
+            "settings": settings.to_dict()}
+
+
+def record_dir(out: str | Path, key: str) -> Path:
+    return Path(out) / f"calibration-{key}"
+
+
+def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, batch_size: int = 8,
+            guidance: float | None = None, settings: MeasureSettings = MeasureSettings(),
+            progress: bool = True, interrupt_after: int | None = None) -> CalibrationRecord:
+    """Run (or resume, or reuse) the calibration pass. ``interrupt_after`` stops after that many
+    new units (tests use it to simulate an interruption)."""
+    guidance = adapter.default_guidance if guidance is None else float(guidance)
+    inputs = record_inputs(adapter, prompts, seeds, batch_size, guidance, settings)
+    key = content_key(inputs)
+    directory = record_dir(out, key)
+    if (directory / "record.json").is_file():
+        log.info("calibration record %s found: reusing it", directory)
+        return CalibrationRecord.load(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    store = UnitStore(directory)
+    torch.manual_seed(0)
+    random.seed(0)
+    subject = Subject(adapter, prompts, seeds, batch_size, guidance)
+    scorer = scorer_for(adapter.name)
+    n = subject.num_scales
+    depth = adapter.num_layers
+    sens_from = settings.sensitivity_from if settings.sensitivity_from is not None else max(1, n // 2)
+    sens_variants = [Variant("cond_only")] + [Variant("cfg", r, s) for r in settings.keeps for s in settings.selections]
+    lat_variants = variant_grid(settings.keeps, settings.selections)
+    spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else tuple(sorted({depth // 2, depth}))
+    units_total = 1 + (n - sens_from) * len(sens_variants) + settings.latency_repeats + 1 + 1
+    bar = _progress(units_total, f"calibrating {adapter.name}", progress)
+    new_units = 0
+
+    def tick(name):
+        nonlocal new_units
+        bar.update(1)
+        bar.set_postfix_str(name)
+        new_units += 1
+        if interrupt_after is not None and new_units >= interrupt_after:
+            raise KeyboardInterrupt(f"interrupted after {new_units} units (test hook)")
+
+    try:
+        # 1. reference + convergence + spectra (one identity pass; re-run on resume: it is the reference)
+        curves_unit = store.get("convergence")
+        curves, feats, ref = measure_convergence(subject, scorer, spectra_layers, keep_spectra=curves_unit is None)
+        ref_sem = scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None
+        if curves_unit is None:
+            rows, arrays = spectra_rows(feats)
+            curves_unit = store.put("convergence", {"curves": curves, "spectra": rows,
+                                                    "spectra_arrays": {k: v.tolist() for k, v in arrays.items()},
+                                                    "reference_seconds": ref.seconds})
+            tick("convergence")
+        else:
+            bar.update(1)
+        # 2. sensitivity
+        sens = []
+        for k in range(sens_from, n):
+            for v in sens_variants:
+                name = f"sensitivity/k{k:02d}/{v.name}"
+                row = store.get(name)
+                if row is None:
+                    row = store.put(name, measure_variant(subject, ref, k, v, scorer, ref_sem))
+                    tick(name)
+                else:
+                    bar.update(1)
+                sens.append(row)
+        # 3. latency (warm-up round not stored; rounds interleave the variants)
+        rounds = [store.get(f"latency/round{r}") for r in range(settings.latency_repeats)]
+        if any(r is None for r in rounds):
+            for v in lat_variants[:3]:
+                subject.run(variant_point(n, v))                 # warm-up
+        for r in range(settings.latency_repeats):
+            if rounds[r] is None:
+                res = {}
+                for v in lat_variants:
+                    o = subject.run(variant_point(n, v))
+                    res[v.name] = {"scales": o.scale_seconds, "total": o.seconds}
+                rounds[r] = store.put(f"latency/round{r}", res)
+                tick(f"latency round {r}")
+            else:
+                bar.update(1)
+        samples = {v.name: [rd[v.name]["scales"] for rd in rounds] for v in lat_variants}
+        totals = {v.name: [rd[v.name]["total"] for rd in rounds] for v in lat_variants}
+        latency = summarize(samples, totals, n)
+        latency.update(device_info(adapter))
+        latency["batch_size"] = batch_size
+        latency["variants"] = [v.name for v in lat_variants]
+        # 4. check the latency model on held-out policies
+        check = store.get("latency_check")
+        if check is None:
+            check = store.put("latency_check", _latency_check(subject, latency, lat_variants, settings))
+            tick("latency check")
+        else:
+            bar.update(1)
+        stages = detect_stages(curves_unit["curves"], n)
+        stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}
+        record = CalibrationRecord(
+            key=key, inputs=inputs, convergence=curves_unit["curves"], sensitivity=sens, spectra=curves_unit["spectra"],
+            latency=latency, latency_check=check, stages=stages,
+            spectra_arrays={k: np.asarray(v, dtype=np.float32) for k, v in curves_unit["spectra_arrays"].items()})
+        record.save(directory)
+        bar.update(1)
+    finally:
+        bar.close()
+    return record
+
+
+def _latency_check(subject, latency, variants, settings: MeasureSettings) -> list[dict]:
+    """End-to-end latency of a few mixed policies (not on the grid) vs the prediction."""
+    n = subject.num_scales
+    depth = subject.adapter.num_layers
+    model = LatencyModel(latency, variants, depth)
+    tokens = subject.adapter.tokens_per_scale()
+    rng = random.Random(1234)
+    rows = []
+    for i in range(settings.latency_check_policies):
+        first = rng.randint(max(1, n // 2), n - 1)
+        plans = {}
+        for k in range(first, n):
+            keep = rng.choice([1.0, 0.6, 0.4, 0.3, 0.15])
+            sel = rng.choice(["random_projection", "deviation", "uniform"])
+            lay = None if rng.random() < 0.5 else (rng.randint(0, max(0, depth // 4)), depth)
+            plans[k] = ScalePlan(k, guidance="cond_only" if (k >= first and i % 2 == 0) else "cfg",
+                                 keep=keep, selection=sel, layers=lay)
+        point = point_from_plans(n, plans)
+        predicted = model.predict(point, tokens)
+        measured = sorted(subject.run(point).seconds for _ in range(3))[1]
+        rows.append({"policy": f"check-{i}", "predicted_s": predicted, "measured_s": measured,
+                     "error": (predicted - measured) / measured, "plans": [p.to_dict() for p in point.plans]})
+    return rows

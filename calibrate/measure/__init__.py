@@ -1,0 +1,1 @@
+"""Calibration measurements; all of them run generation through :class:`stagevar.runtime.Runtime`."""

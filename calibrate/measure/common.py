@@ -1,0 +1,123 @@
+"""The subject of a calibration: a model, a prompt set with seeds, and how to run it."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from stagevar.policy import OperatingPoint, ScalePlan, default_stages
+from stagevar.runtime import Runtime, ScaleObservation
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way to run a single scale (a point of the sensitivity / latency grid)."""
+
+    guidance: str = "cfg"
+    keep: float = 1.0
+    selection: str = "random_projection"
+
+    @property
+    def name(self) -> str:
+        g = "cond" if self.guidance == "cond_only" else "cfg"
+        if self.keep >= 1.0:
+            return g
+        sel = {"random_projection": "rp", "deviation": "dev", "uniform": "uni"}[self.selection]
+        return f"{g}+{sel}@{self.keep:g}"
+
+    def plan(self, k: int) -> ScalePlan:
+        return ScalePlan(k, guidance=self.guidance, keep=self.keep, selection=self.selection)
+
+
+DEFAULT_KEEPS = (0.75, 0.5, 0.25, 0.1)
+DEFAULT_SELECTIONS = ("random_projection", "deviation")
+
+
+def variant_grid(keeps=DEFAULT_KEEPS, selections=DEFAULT_SELECTIONS, guidance=("cfg", "cond_only")) -> list[Variant]:
+    out = []
+    for g in guidance:
+        out.append(Variant(g))
+        out += [Variant(g, r, s) for r in keeps for s in selections]
+    return out
+
+
+def point_from_plans(n: int, plans: dict[int, ScalePlan]) -> OperatingPoint:
+    """An operating point with the given plans and identity elsewhere. A cond_only plan makes
+    every later scale cond_only too (the runtime's rule: guidance, once dropped, stays dropped)."""
+    full = []
+    dropped = False
+    for k in range(n):
+        p = plans.get(k, ScalePlan(k))
+        if dropped and p.guidance == "cfg":
+            p = dataclasses.replace(p, guidance="cond_only")
+        dropped |= p.guidance == "cond_only"
+        full.append(p)
+    first = next((p.scale for p in full if not p.is_identity), n)
+    return OperatingPoint(default_stages(n, first), tuple(full))
+
+
+@dataclasses.dataclass
+class RunOutput:
+    images: np.ndarray                  # (P, 3, H, W) float32 in [0, 1]
+    final_codes: np.ndarray             # (P, ...) codes of the last computed scale
+    seconds: float
+    scale_seconds: list[float]
+
+
+class Subject:
+    """A model + prompts + seeds. Runs operating points batch by batch through the runtime."""
+
+    def __init__(self, adapter, prompts: list[str], seeds: list[int], batch_size: int, guidance: float | None = None):
+        self.adapter = adapter
+        self.prompts = list(prompts)
+        self.seeds = list(seeds)
+        self.batch_size = batch_size
+        self.guidance = adapter.default_guidance if guidance is None else guidance
+        self.items = [(p, s) for s in self.seeds for p in self.prompts]
+        self._cond_cache: dict[tuple, Any] = {}
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.adapter.scale_schedule)
+
+    def batches(self):
+        """(prompts, seed) groups: one seed per batch so a batch is one generator stream."""
+        for s in self.seeds:
+            for i in range(0, len(self.prompts), self.batch_size):
+                yield self.prompts[i:i + self.batch_size], s
+
+    def condition(self, prompts):
+        key = tuple(prompts)
+        if key not in self._cond_cache:
+            self._cond_cache[key] = self.adapter.encode_prompts(list(prompts))
+        return self._cond_cache[key]
+
+    def run(self, point: OperatingPoint | None, observer: Callable[[ScaleObservation, int], None] | None = None,
+            observe_layers=(), synchronize: bool = True) -> RunOutput:
+        rt = Runtime(self.adapter, point, observe_layers=observe_layers, synchronize=synchronize)
+        imgs, codes, secs, per_scale = [], [], 0.0, np.zeros(self.num_scales)
+        offset = 0
+        for prompts, seed in self.batches():
+            last: dict[str, torch.Tensor] = {}
+
+            def obs(o: ScaleObservation, _offset=offset):
+                last["codes"] = o.codes
+                if observer is not None:
+                    observer(o, _offset)
+
+            res = rt.generate(condition=self.condition(prompts), guidance=self.guidance, seed=seed, observer=obs)
+            imgs.append(res.images.float().cpu().numpy())
+            codes.append(last["codes"].reshape(len(prompts), -1).float().cpu().numpy())
+            secs += res.seconds
+            for r in res.records:
+                per_scale[r.scale] += r.seconds
+            offset += len(prompts)
+        width = max(c.shape[1] for c in codes)
+        codes = [np.pad(c, ((0, 0), (0, width - c.shape[1])), constant_values=-1) for c in codes]
+        return RunOutput(np.concatenate(imgs), np.concatenate(codes), secs, per_scale.tolist())
+
+    @property
+    def item_prompts(self) -> list[str]:
+        return [p for p, _ in self.items]

@@ -1,0 +1,53 @@
+"""Convergence curves (StageVAR Fig. 1): how close the partial image after each scale is to the
+final image. Also collects the per-scale hidden states whose spectra are analysed in
+:mod:`calibrate.measure.spectra` (same generation pass)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from calibrate.metrics import SemanticScorer, ssim
+
+
+def coarse_agreement(a: np.ndarray, b: np.ndarray, size: int = 8) -> np.ndarray:
+    """Weight-free semantic proxy for partial images: correlation of 8x8 average-pooled colour
+    images (layout and colour of the content, not detail), mapped to [0, 1]."""
+    t = lambda x: torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(x)).float(), size).flatten(1).numpy()  # noqa: E731
+    pa, pb = t(a), t(b)
+    pa = pa - pa.mean(1, keepdims=True)
+    pb = pb - pb.mean(1, keepdims=True)
+    den = np.sqrt((pa ** 2).sum(1) * (pb ** 2).sum(1))
+    corr = np.where(den > 1e-12, (pa * pb).sum(1) / np.maximum(den, 1e-12), 1.0)
+    return (corr + 1) / 2
+
+
+def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep_spectra: bool = True):
+    """One identity pass. Returns (curves dict, hidden features per (scale, layer) for spectra)."""
+    adapter = subject.adapter
+    n = subject.num_scales
+    partial: list[list[np.ndarray]] = [[] for _ in range(n)]
+    feats: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def obs(o, offset):
+        img = adapter.decode(o.state).float().cpu().numpy()
+        partial[o.scale].append(img)
+        if keep_spectra:
+            B = o.state.batch_size
+            for layer, h in o.hidden.items():
+                feats.setdefault((o.scale, layer), []).append(h[:B].float().cpu().numpy())
+
+    out = subject.run(None, observer=obs, observe_layers=spectra_layers)
+    final = out.images
+    prompts = subject.item_prompts
+    final_sem = scorer.score(final, prompts, final) if scorer.name == "evaluator" else np.ones(len(final))
+    curves = {"scale": list(range(n)), "ssim": [], "semantic": [], "semantic_measure": scorer.name if scorer.name == "evaluator" else "coarse_agreement",
+              "final_semantic": float(np.mean(final_sem))}
+    for k in range(n):
+        imgs = np.concatenate(partial[k])
+        curves["ssim"].append(float(ssim(imgs, final).mean()))
+        if scorer.name == "evaluator":
+            sem = scorer.score(imgs, prompts, final)
+            curves["semantic"].append(float(np.mean(sem == final_sem)))
+        else:
+            curves["semantic"].append(float(coarse_agreement(imgs, final).mean()))
+    return curves, {k: np.concatenate(v) for k, v in feats.items()}, out

@@ -1,0 +1,149 @@
+"""The calibration record: the only contract between measurement and search.
+
+A record is a directory ``<out>/calibration-<key>/`` holding ``record.json`` (versioned, all the
+tables) and ``spectra.npz`` (the normalised singular-value spectra). ``key`` is a content hash of
+everything the measurement depends on (model fingerprint, prompts, seeds, device, dtype, batch
+size, settings, measurement code version), so the same inputs reuse the same record (cache hit)
+and different inputs never collide.
+
+Measurement is split into *units* (one convergence pass, one sensitivity variant, one latency
+round ...). Each finished unit is written atomically to ``units/<name>.json``; an interrupted run
+resumes by skipping finished units. ``record.json`` appears only when every unit is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stagevar.errors import StageVarError
+from stagevar.policy import atomic_write_text
+
+RECORD_VERSION = 1
+MEASURE_CODE_VERSION = 1
+
+
+class RecordError(StageVarError):
+    pass
+
+
+def content_key(inputs: dict[str, Any]) -> str:
+    blob = json.dumps({"inputs": inputs, "code": MEASURE_CODE_VERSION}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class CalibrationRecord:
+    key: str
+    inputs: dict[str, Any]                      # what the key hashes: model, prompts, seeds, device, settings
+    convergence: dict[str, Any]
+    sensitivity: list[dict[str, Any]]           # rows: scale, variant, guidance, keep, selection, ssim, semantic, hf_ratio, quality
+    spectra: list[dict[str, Any]]               # rows: scale, layer, tokens, eff_rank_90/95/99
+    latency: dict[str, Any]                     # device info, overhead_s, rows: scale, variant, seconds, p90
+    latency_check: list[dict[str, Any]]         # rows: policy, predicted_s, measured_s, error
+    stages: dict[str, Any]                      # semantic/structure/refinement [a, b], rule, evidence
+    version: int = RECORD_VERSION
+    spectra_arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.inputs["model"]["scale_schedule"])
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("spectra_arrays")
+        return d
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.spectra_arrays:
+            tmp = directory / ".spectra.npz.tmp"
+            with open(tmp, "wb") as f:
+                np.savez(f, **self.spectra_arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, directory / "spectra.npz")
+        atomic_write_text(directory / "record.json", json.dumps(self.to_json(), indent=1, default=_np_default))
+        return directory / "record.json"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationRecord":
+        path = Path(path)
+        f = path / "record.json" if path.is_dir() else path
+        if not f.is_file():
+            raise RecordError(f"{f}: no calibration record here. Run `stagevar-calibrate measure` first.")
+        try:
+            d = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError(f"{f}: not a valid calibration record ({exc}). Delete it and measure again.") from None
+        v = d.get("version")
+        if not isinstance(v, int) or v > RECORD_VERSION:
+            raise RecordError(f"{f}: record version {v!r} is newer than this stagevar understands ({RECORD_VERSION}); upgrade stagevar.")
+        if v < RECORD_VERSION:
+            d = migrate(d, v)
+        names = {x.name for x in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise RecordError(f"{f}: unknown fields {sorted(unknown)} in the calibration record.")
+        rec = cls(**d)
+        npz = f.parent / "spectra.npz"
+        if npz.is_file():
+            with np.load(npz) as z:
+                rec.spectra_arrays = {k: z[k] for k in z.files}
+        return rec
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, default=_np_default).encode()).hexdigest()
+
+
+MIGRATIONS: dict[int, Any] = {}
+
+
+def migrate(d: dict[str, Any], version: int) -> dict[str, Any]:
+    while version < RECORD_VERSION:
+        d = MIGRATIONS[version](d)
+        version += 1
+    d["version"] = RECORD_VERSION
+    return d
+
+
+def _np_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+class UnitStore:
+    """Finished measurement units, one JSON file each, written atomically (resume support)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory) / "units"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        return self.dir / (name.replace("/", "__") + ".json")
+
+    def get(self, name: str) -> Any | None:
+        p = self._path(name)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            p.unlink(missing_ok=True)       # a torn file cannot happen with atomic writes; be safe anyway
+            return None
+
+    def put(self, name: str, value: Any) -> Any:
+        atomic_write_text(self._path(name), json.dumps(value, default=_np_default))
+        return value
+
+    def done(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.json"))

@@ -1,0 +1,180 @@
+"""A report a person can read in a minute: ``report.md`` plus PNG plots of a calibration record
+(convergence curves, sensitivity heat map, spectra, latency by scale) and, after a search, the
+quality/latency front and the chosen plan with the evidence for each accelerated scale."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibrate.record import CalibrationRecord
+from stagevar.policy import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    _plt().close(fig)
+    return path.name
+
+
+def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
+    plt = _plt()
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    n = record.num_scales
+    sched = record.inputs["model"]["scale_schedule"]
+    labels = [f"{s[1]}x{s[2]}" for s in sched]
+    st = record.stages
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    c = record.convergence
+    ax.plot(range(n), c["semantic"], "o-", label=f"semantic ({c.get('semantic_measure', 'semantic')})")
+    ax.plot(range(n), c["ssim"], "s-", label="structure (SSIM)")
+    for name, color in (("semantic", "#dde"), ("structure", "#ede"), ("refinement", "#eed")):
+        a, b = st[name]
+        if b >= a:
+            ax.axvspan(a - 0.5, b + 0.5, color=color, zorder=0)
+            ax.text((a + b) / 2, 0.02, name, ha="center", fontsize=8)
+    ax.set_xticks(range(n), labels, rotation=45, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("partial image vs final")
+    ax.set_title("convergence by scale")
+    ax.legend(fontsize=8, loc="center right")
+    files["convergence"] = _save(fig, out / "convergence.png")
+
+    variants = sorted({r["variant"] for r in record.sensitivity}, key=lambda v: (v != "cond", v))
+    scales = sorted({r["scale"] for r in record.sensitivity})
+    if variants and scales:
+        grid = np.full((len(scales), len(variants)), np.nan)
+        for r in record.sensitivity:
+            grid[scales.index(r["scale"]), variants.index(r["variant"])] = r["damage"]
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(variants), 1 + 0.45 * len(scales)))
+        im = ax.imshow(grid, cmap="magma_r", aspect="auto", vmin=0)
+        ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(scales)), [labels[s] for s in scales], fontsize=7)
+        for i in range(len(scales)):
+            for j in range(len(variants)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if grid[i, j] > np.nanmax(grid) / 2 else "black")
+        fig.colorbar(im, ax=ax, label="damage = 1 - quality")
+        ax.set_title("sensitivity: one scale accelerated at a time")
+        files["sensitivity"] = _save(fig, out / "sensitivity.png")
+
+    if record.spectra:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        layers = sorted({r["layer"] for r in record.spectra})
+        for layer in layers:
+            rows = [r for r in record.spectra if r["layer"] == layer and r["tokens"] > 1]
+            ax.plot([r["scale"] for r in rows], [r["eff_rank_frac_95"] for r in rows], "o-", label=f"after layer {layer}: 95% energy")
+            ax.plot([r["scale"] for r in rows], [r["eff_rank_frac_99"] for r in rows], ".--", label=f"after layer {layer}: 99% energy")
+        ax.set_xticks(range(n), labels, rotation=45, fontsize=7)
+        ax.set_ylabel("effective rank / min(M, C)")
+        ax.set_title("spectra of per-scale token features")
+        ax.legend(fontsize=7)
+        files["spectra"] = _save(fig, out / "spectra.png")
+
+    lat = record.latency
+    if lat.get("rows"):
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        names = [v for v in lat["variants"] if v in ("cfg", "cond") or v.endswith("@0.5") or v.endswith("@0.25")]
+        width = 0.8 / max(1, len(names))
+        for j, name in enumerate(names):
+            secs = [next(r["seconds"] for r in lat["rows"] if r["scale"] == k and r["variant"] == name) for k in range(n)]
+            ax.bar(np.arange(n) + j * width, [s * 1000 for s in secs], width, label=name)
+        ax.set_xticks(np.arange(n) + 0.4, labels, rotation=45, fontsize=7)
+        ax.set_ylabel("ms per batch")
+        ax.set_title(f"latency by scale ({lat.get('device_name', '')}, batch {lat.get('batch_size', '?')})")
+        ax.legend(fontsize=7)
+        files["latency"] = _save(fig, out / "latency.png")
+    return files
+
+
+def plot_front(trials: list[dict[str, Any]], chosen: dict[str, int], out: Path) -> str | None:
+    pts = [t for t in trials if "predicted_speedup" in t and t.get("quality") is not None and not t.get("quality_estimated")]
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.scatter([t["predicted_speedup"] for t in pts], [t["quality"] for t in pts], s=12, alpha=0.5, label="trials")
+    from calibrate.search import pareto_front
+    front = pareto_front([(t["quality"], 1 / t["predicted_speedup"], t) for t in pts])
+    ax.plot([1 / f[1] for f in front], [f[0] for f in front], "r-", lw=1, label="Pareto front")
+    for name, num in chosen.items():
+        t = next((t for t in pts if t["number"] == num), None)
+        if t:
+            ax.scatter([t["predicted_speedup"]], [t["quality"]], s=60, marker="*", label=f"chosen {name}")
+    ax.set_xlabel("predicted speedup")
+    ax.set_ylabel("quality vs full model")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "front.png")
+
+
+def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | None = None) -> Path:
+    out = Path(out)
+    files = plot_record(record, out)
+    inp = record.inputs
+    st = record.stages
+    lines = [f"# Calibration report: {inp['model']['model']}", "",
+             f"Device {inp['device']} ({inp['device_type']}, {inp['dtype']}), batch {inp['batch_size']}, "
+             f"{len(inp['prompts'])} prompts x {len(inp['seeds'])} seed(s), guidance {inp['guidance']}. Record `{record.key}`.", "",
+             "## Stages", "",
+             f"semantic {st['semantic'][0]}-{st['semantic'][1]}, structure {st['structure'][0]}-{st['structure'][1]}, "
+             f"refinement {st['refinement'][0]}-{st['refinement'][1]}.", "", f"Rule: {st['rule']}.", "",
+             f"![convergence]({files['convergence']})", ""]
+    if "sensitivity" in files:
+        lines += ["## Sensitivity", "", "Damage (1 - quality vs the full model) when only that scale is accelerated "
+                  "(`cond`: guidance dropped from that scale on).", "", f"![sensitivity]({files['sensitivity']})", ""]
+    if "spectra" in files:
+        lines += ["## Spectra", "", "| scale | tokens | layer | eff. rank 90% | 95% | 99% |", "|---|---|---|---|---|---|"]
+        for r in record.spectra:
+            if r["tokens"] > 1:
+                lines.append(f"| {r['scale']} | {r['tokens']} | {r['layer']} | {r['eff_rank_90']:.1f} | {r['eff_rank_95']:.1f} | {r['eff_rank_99']:.1f} |")
+        lines += ["", f"![spectra]({files['spectra']})", ""]
+    lat = record.latency
+    lines += ["## Latency", "", f"Overhead outside the scales: {lat['overhead_s'] * 1000:.0f} ms; torch {lat.get('torch')}, "
+              f"{lat.get('threads')} threads.", ""]
+    if "latency" in files:
+        lines += [f"![latency]({files['latency']})", ""]
+    if record.latency_check:
+        lines += ["Latency model check (held-out policies, end to end):", "", "| policy | predicted | measured | error |", "|---|---|---|---|"]
+        for r in record.latency_check:
+            lines.append(f"| {r['policy']} | {r['predicted_s'] * 1000:.0f} ms | {r['measured_s'] * 1000:.0f} ms | {r['error'] * 100:+.1f}% |")
+        lines.append("")
+    if search:
+        lines += ["## Search", ""]
+        front = plot_front(search.get("trials", []), search.get("chosen_trials", {}), out)
+        if front:
+            lines += [f"![front]({front})", ""]
+        for name, pt in search.get("points", {}).items():
+            m = pt["measured"]
+            lines += [f"### {name}: {'feasible' if m.get('feasible') else 'NOT met'}", "",
+                      f"Verified on held-out prompts: speedup {m.get('speedup', 0):.2f}x "
+                      f"({m.get('baseline_latency_s', 0) * 1000:.0f} ms -> {m.get('latency_s', 0) * 1000:.0f} ms), "
+                      f"quality {m.get('quality', 0):.3f} (worst prompt {m.get('quality_worst', 0):.3f})"
+                      + (f", evaluator score {m['score_full']:.3f} -> {m['score']:.3f}" if m.get("score") is not None else "") + ".", "",
+                      "| scale | plan | why (damage of this scale's variants at calibration) |", "|---|---|---|"]
+            for p in pt["plans"]:
+                if len(p) == 1:
+                    continue
+                ev = {r["variant"]: r["damage"] for r in record.sensitivity if r["scale"] == p["scale"]}
+                why = ", ".join(f"{v} {d:.3f}" for v, d in sorted(ev.items(), key=lambda kv: kv[1])[:4]) or "not measured"
+                plan = ", ".join(f"{k}={v}" for k, v in p.items() if k != "scale")
+                lines.append(f"| {p['scale']} | {plan} | {why} |")
+            lines.append("")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,259 @@
+"""Policy search with Optuna under a latency budget.
+
+* :func:`suggest_policy` is the one pure function that names every parameter (fixed-size space:
+  "off" is a value - ``first_accelerated = N`` means nothing is accelerated - never a missing
+  parameter), so :class:`optuna.trial.FixedTrial` replays any policy through the same code.
+* The objective is quality against the full model on the calibration prompts (mean over prompts;
+  the worst prompt is kept as a user attribute). Latency is predicted from the calibration
+  record's latency table and is a constraint (``trial.set_constraint``): a trial is feasible when
+  predicted latency <= budget. Clearly infeasible trials (predicted more than 10% over budget) are
+  not generated: their quality is estimated from the per-scale sensitivities instead, and marked.
+* The study is seeded (``enqueue_trial``) with the identity policy, a paper-like policy
+  (refinement = the last three scales, guidance dropped, a fixed random-projection keep ratio) and
+  a FastVAR-like policy (deviation-selected tokens at the scales before the last two, the last two
+  nearly all restored, middle layers only).
+* Storage is resumable: a journal file in the output directory by default, or any Optuna storage
+  URL (``sqlite:///...``, ``postgresql://...``) for several workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from typing import Any
+
+import numpy as np
+import optuna
+
+from calibrate.measure.common import Subject, Variant
+from calibrate.measure.latency import LatencyModel
+from calibrate.measure.sensitivity import compare
+from calibrate.record import CalibrationRecord
+from stagevar.errors import StageVarError
+from stagevar.policy import OperatingPoint, ScalePlan
+
+log = logging.getLogger(__name__)
+
+KEEPS = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+SELECTIONS = ("random_projection", "deviation", "uniform")
+RESTORES = ("cached_update", "cached_output")
+INFEASIBLE_MARGIN = 1.10
+
+
+class BudgetError(StageVarError):
+    exit_code = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """``3x`` (speedup over the full model) or ``700ms`` / ``1.5s`` (latency of one batch)."""
+
+    text: str
+    speedup: float | None = None
+    seconds: float | None = None
+
+    def target_seconds(self, baseline_s: float) -> float:
+        return baseline_s / self.speedup if self.speedup is not None else self.seconds
+
+    @property
+    def name(self) -> str:
+        return self.text
+
+
+_BUDGET = re.compile(r"(\d+(?:\.\d+)?)(x|ms|s)")
+
+
+def parse_budget(text: str) -> Budget:
+    """>>> parse_budget("3x").speedup, parse_budget("700ms").seconds
+    (3.0, 0.7)
+    """
+    t = str(text).strip().lower()
+    m = _BUDGET.fullmatch(t)
+    if not m:
+        raise BudgetError(f"invalid budget {text!r}: use a speedup such as 3x or 2.5x, or a latency per batch such as "
+                          "700ms or 1.5s (several: --budget 2x,3x,4x).")
+    v, unit = float(m.group(1)), m.group(2)
+    if unit == "x":
+        if v <= 1.0:
+            raise BudgetError(f"invalid budget {text!r}: a speedup budget must be greater than 1x (1x is the full model).")
+        return Budget(t, speedup=v)
+    secs = v / 1000 if unit == "ms" else v
+    if secs <= 0:
+        raise BudgetError(f"invalid budget {text!r}: a latency budget must be positive.")
+    return Budget(t, seconds=secs)
+
+
+def parse_budgets(text: str) -> list[Budget]:
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise BudgetError("no budget given: use e.g. --budget 3x or --budget 2x,3x,4x.")
+    out = [parse_budget(p) for p in parts]
+    if len({b.name for b in out}) != len(out):
+        raise BudgetError(f"budget list {text!r} repeats a budget.")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- space
+def search_bounds(record: CalibrationRecord) -> tuple[int, int]:
+    """(lowest scale the search may accelerate, number of scales). The search may start the
+    refinement stage one scale earlier than the detected boundary, never at scale 0."""
+    n = record.num_scales
+    lo = max(1, record.stages["refinement"][0] - 1)
+    return lo, n
+
+
+def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord) -> OperatingPoint:
+    """Every Optuna parameter of the space, and the operating point they describe."""
+    lo, n = search_bounds(record)
+    depth = record.inputs["num_layers"]
+    first = trial.suggest_int("first_accelerated", lo, n)           # n: nothing accelerated
+    cond_from = trial.suggest_int("cond_only_from", lo, n)          # n: guidance never dropped
+    restore = trial.suggest_categorical("restore", RESTORES)
+    layer_start = trial.suggest_int("layer_start", 0, max(0, depth // 4))
+    keeps, sels = {}, {}
+    for k in range(lo, n):
+        keeps[k] = trial.suggest_categorical(f"keep_{k}", KEEPS)
+        sels[k] = trial.suggest_categorical(f"selection_{k}", SELECTIONS)
+    cond_from = max(cond_from, first)
+    plans = []
+    for k in range(n):
+        if k < first:
+            plans.append(ScalePlan(k))
+            continue
+        keep = keeps[k]
+        plans.append(ScalePlan(k, guidance="cond_only" if k >= cond_from else "cfg", keep=keep, selection=sels[k],
+                               restore=restore, layers=(layer_start, depth) if keep < 1.0 and layer_start > 0 else None))
+    return OperatingPoint(stages_for(record, first), tuple(plans))
+
+
+def stages_for(record: CalibrationRecord, first_accelerated: int) -> dict[str, tuple[int, int]]:
+    n = record.num_scales
+    s_end = record.stages["semantic"][1]
+    first = max(1, min(first_accelerated, n))
+    s_end = min(s_end, first - 1)
+    return {"semantic": (0, s_end), "structure": (s_end + 1, first - 1), "refinement": (first, n - 1)}
+
+
+def seed_params(record: CalibrationRecord) -> dict[str, dict[str, Any]]:
+    """Parameters of the enqueued baselines: identity, paper-like, FastVAR-like."""
+    lo, n = search_bounds(record)
+    depth = record.inputs["num_layers"]
+    base = {"restore": "cached_update", "layer_start": 0}
+    for k in range(lo, n):
+        base[f"keep_{k}"] = 1.0
+        base[f"selection_{k}"] = "random_projection"
+    identity = dict(base, first_accelerated=n, cond_only_from=n)
+    paper_first = max(lo, n - 3)
+    paper = dict(base, first_accelerated=paper_first, cond_only_from=paper_first)
+    for k in range(paper_first, n):
+        paper[f"keep_{k}"] = 0.5
+    fv_first = max(lo, n - 4)
+    fastvar = dict(base, first_accelerated=fv_first, cond_only_from=n, layer_start=min(max(0, depth // 4), max(1, round(depth * 3 / 32))))
+    for k, keep in zip(range(fv_first, n), (0.6, 0.5, 0.1, 0.1)):
+        fastvar[f"keep_{k}"] = keep
+        fastvar[f"selection_{k}"] = "deviation"
+    return {"identity": identity, "paper-like": paper, "fastvar-like": fastvar}
+
+
+# ----------------------------------------------------------------------------------------- objective
+def estimated_quality(record: CalibrationRecord, point: OperatingPoint) -> float:
+    """Additive-damage estimate from the per-scale sensitivities (used for infeasible trials)."""
+    table = {(r["scale"], r["variant"]): r["damage"] for r in record.sensitivity}
+    damage = 0.0
+    cond_counted = False
+    for p in point.plans:
+        if p.is_identity:
+            continue
+        if p.guidance == "cond_only" and not cond_counted:
+            damage += table.get((p.scale, "cond"), 0.5)
+            cond_counted = True
+        if p.is_subset:
+            keeps = sorted({r["keep"] for r in record.sensitivity if r["keep"] < 1.0})
+            if keeps:
+                near = min(keeps, key=lambda r: abs(r - p.keep))
+                sel = p.selection if p.selection != "uniform" else "random_projection"
+                damage += table.get((p.scale, Variant("cfg", near, sel).name), 0.5)
+    return max(0.0, 1.0 - damage)
+
+
+class Objective:
+    def __init__(self, record: CalibrationRecord, subject: Subject, latency: LatencyModel, budget_s: float | None,
+                 scorer, reference, reference_semantic=None):
+        self.record, self.subject, self.latency = record, subject, latency
+        self.budget_s, self.scorer = budget_s, scorer
+        self.reference, self.reference_semantic = reference, reference_semantic
+        self.tokens = subject.adapter.tokens_per_scale()
+
+    def __call__(self, trial: optuna.trial.Trial) -> float | tuple[float, float]:
+        point = suggest_policy(trial, self.record)
+        predicted = self.latency.predict(point, self.tokens)
+        trial.set_user_attr("predicted_latency_s", predicted)
+        trial.set_user_attr("predicted_speedup", self.latency.baseline(self.tokens) / predicted)
+        if self.budget_s is not None:
+            trial.set_constraint("latency", predicted - self.budget_s)
+            if predicted > self.budget_s * INFEASIBLE_MARGIN:
+                trial.set_user_attr("quality_estimated", True)
+                return estimated_quality(self.record, point)
+        out = self.subject.run(point)
+        m = compare(out, self.reference, self.subject.item_prompts, self.scorer, self.reference_semantic)
+        trial.set_user_attr("quality_worst", m["quality_worst"])
+        trial.set_user_attr("ssim", m["ssim"])
+        trial.set_user_attr("semantic", m["semantic"])
+        trial.set_user_attr("measured_latency_s", out.seconds)
+        trial.set_user_attr("quality_estimated", False)
+        if self.budget_s is None:
+            return m["quality"], predicted
+        return m["quality"]
+
+
+def feasible_ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete, measured (not estimated), feasible trials, best quality first."""
+    from optuna.study._constrained_optimization import _get_feasible_trials
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if not t.user_attrs.get("quality_estimated", False)]
+    feas = _get_feasible_trials(done)
+    return sorted(feas, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
+
+
+def pareto_front(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:
+    """Non-dominated (quality high, latency low) points, by increasing latency.
+
+    >>> [q for q, l, _ in pareto_front([(0.9, 2.0, 'a'), (0.8, 1.0, 'b'), (0.7, 1.5, 'c')])]
+    [0.8, 0.9]
+    """
+    front = []
+    for q, lat, tag in sorted(points, key=lambda p: (p[1], -p[0])):
+        if not front or q > front[-1][0]:
+            front.append((q, lat, tag))
+    return front
+
+
+def open_study(name: str, storage, direction_multi: bool, seed: int) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True)
+    if direction_multi:
+        return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler,
+                                   directions=["maximize", "minimize"])
+    return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler, direction="maximize")
+
+
+def enqueue_seeds(study: optuna.Study, record: CalibrationRecord) -> None:
+    """Enqueue the baselines once (a resumed or joined study already has them)."""
+    if study.user_attrs.get("seeded"):
+        return
+    for name, params in seed_params(record).items():
+        study.enqueue_trial(params, user_attrs={"seed_policy": name}, skip_if_exists=True)
+    study.set_user_attr("seeded", True)
+
+
+def point_from_params(record: CalibrationRecord, params: dict[str, Any]) -> OperatingPoint:
+    return suggest_policy(optuna.trial.FixedTrial(params), record)
+
+
+def summarize_trial(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return {"number": t.number, "quality": t.value if t.values is None or len(t.values) == 1 else t.values[0],
+            **{k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float, str, bool))}}
+
+
+def quality_table(values: np.ndarray) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "worst": float(np.min(values))}
