@@ -246,6 +246,7 @@ def check(detections: Sequence[Detection], spec: dict[str, Any]) -> tuple[bool, 
     """``(passed, reason)`` of the GenEval rule of ``spec['category']`` on detections
     (largest first, as :func:`detect` returns them):
 
+    * every category: no unrecognisable blob and no more objects than the prompt names;
     * single_object / two_object: at least one object of each named shape;
     * counting: exactly ``count`` objects of the shape, all of the named colour (if named);
     * colors: the largest object of the shape has the colour;
@@ -255,6 +256,15 @@ def check(detections: Sequence[Detection], spec: dict[str, Any]) -> tuple[bool, 
     """
     validate_spec(spec)
     cat, objs = spec["category"], spec["objects"]
+    # The toy world is clutter-free: a scene holds exactly the objects its prompt names. An image
+    # with unrecognisable blobs or more objects than named fails every category (stricter than
+    # GenEval, whose photos hold other things; here it stops noise from passing presence tests).
+    unknown = [t for t in detections if t.shape == "unknown"]
+    if unknown:
+        return False, f"{len(unknown)} unrecognisable blob(s)"
+    named = sum(int(o.get("count", 1)) for o in objs)
+    if len(detections) > named:
+        return False, f"{len(detections)} objects found, the prompt names {named}"
     if cat in ("single_object", "two_object"):
         for o in objs:
             if not _matches(detections, o["shape"]):
