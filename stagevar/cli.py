@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from stagevar.bench import add_bench_parser, cmd_bench
 from stagevar.errors import StageVarError
 
 log = logging.getLogger("stagevar")
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
     e.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     e.add_argument("--json", action="store_true", help="print the scores as JSON")
+    add_bench_parser(sub)
     return p
 
 
@@ -272,7 +274,7 @@ def cmd_evaluate(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "validate": cmd_validate, "inspect": cmd_inspect, "list-models": cmd_list_models,
-            "check-reference": cmd_check_reference, "evaluate": cmd_evaluate}
+            "check-reference": cmd_check_reference, "evaluate": cmd_evaluate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except (OSError, ValueError) as exc:
         if args.debug:
             raise

@@ -1,0 +1,211 @@
+"""``stagevar bench`` and the baseline policies.
+
+Benchmarks are not unit tests: here only (1) the baseline builders produce valid policies (YAML round
+trip through the strict loader) with the plans they document, and (2) the command runs on
+``infinity-tiny`` with tiny settings and writes the table, the JSON and the plot with every method.
+The GPU script is exercised on the CPU (``-m slow``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stagevar.baselines import (
+    BASELINES,
+    baseline_policy,
+    describe,
+    fastvar_layers,
+    fastvar_policy,
+    paper_policy,
+    skipvar_policy,
+)
+from stagevar.bench import add_bench_parser, main as bench_main
+from stagevar.models.registry import load_model
+from stagevar.policy import OperatingPoint, Policy, ScalePlan, binding_for, default_stages, load_policy
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARGS = ["--model", "infinity-tiny", "--prompts", "1", "--repeats", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("infinity-tiny")
+
+
+@pytest.fixture(scope="module")
+def big():
+    """Infinity-2B's real shapes on the meta device (13 scales to 64x64, 32 layers; no weights)."""
+    return load_model("infinity-2b", random_weights=True, device="meta")
+
+
+# ------------------------------------------------------------------------------------- baselines
+@pytest.mark.parametrize("which", ["tiny", "big"])
+def test_baselines_are_valid_policies_and_round_trip(which, tiny, big, tmp_path):
+    adapter = tiny if which == "tiny" else big
+    pol = baseline_policy(adapter)
+    assert list(pol.operating_points) == list(BASELINES)
+    assert pol.model == binding_for(adapter)
+    pol.check_compatible(adapter)
+    path = pol.save(tmp_path / "baselines.yaml")
+    back = load_policy(path)
+    assert back.operating_points == pol.operating_points
+    assert Policy.from_dict(yaml.safe_load(pol.to_yaml())).to_dict() == pol.to_dict()
+    for name in BASELINES:             # each point alone is also a valid single-point policy
+        single = Policy(binding_for(adapter), {name: pol.operating_points[name]}, name)
+        assert load_policy(single.save(tmp_path / f"{name}.yaml")).operating_point(name) == pol.operating_points[name]
+
+
+def test_fastvar_reproduces_the_infinity_code(big):
+    """Infinity-2B 1024²: prune 32x32 (40% pruned) and 40x40 (50%) by deviation in layers 3..27,
+    restore from cache, guidance kept; 48x48 and 64x64 not computed."""
+    pt = fastvar_policy(big)
+    sides = [h for _, h, _ in big.scale_schedule]
+    assert sides == [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
+    by_side = dict(zip(sides, pt.plans))
+    for side, keep in ((32, 0.6), (40, 0.5)):
+        p = by_side[side]
+        assert (p.selection, p.keep, p.layers, p.restore, p.guidance, p.skip) == \
+            ("deviation", keep, (3, 28), "cached_update", "cfg", False)
+    assert by_side[48].skip and by_side[64].skip
+    assert all(p.is_identity for p in pt.plans[:9])
+    assert pt.stages["refinement"] == (9, 12)
+    assert describe(pt, 32) == "9:cfg+dev@0.6[L3-27] 10:cfg+dev@0.5[L3-27] 11:skip 12:skip"
+    no_skip = fastvar_policy(big, skip_last=False)
+    assert not any(p.skip for p in no_skip.plans) and no_skip.plans[9:11] == pt.plans[9:11]
+
+
+@pytest.mark.parametrize("depth,expected", [(32, (3, 28)), (40, (4, 35)), (30, (3, 26)), (8, (1, 7)), (2, (0, 2)), (1, (0, 1))])
+def test_fastvar_layers_scale_with_depth(depth, expected):
+    assert fastvar_layers(depth) == expected
+
+
+def test_fastvar_on_tiny_uses_relative_scales(tiny):
+    pt = fastvar_policy(tiny)                      # 7 scales: prune 3 and 4, skip 5 and 6
+    assert [p.keep for p in pt.plans[3:5]] == [0.6, 0.5]
+    assert all(p.selection == "deviation" and p.layers == (0, 2) for p in pt.plans[3:5])
+    assert [p.skip for p in pt.plans] == [False] * 5 + [True] * 2
+
+
+def test_paper_policy(big, tiny):
+    pt = paper_policy(big)
+    assert pt.stages["refinement"] == (10, 12)
+    assert all(p.is_identity for p in pt.plans[:10])
+    for p in pt.plans[10:]:
+        assert (p.guidance, p.keep, p.selection, p.restore, p.layers, p.skip) == \
+            ("cond_only", 0.5, "random_projection", "cached_update", None, False)
+    assert [p.keep for p in paper_policy(tiny, keep=0.25).plans[4:]] == [0.25] * 3
+    with pytest.raises(ValueError):
+        paper_policy(tiny, keep=0.0)
+
+
+def test_skipvar_policies(big):
+    skip = skipvar_policy(big, "skip")
+    assert [p.skip for p in skip.plans] == [False] * 12 + [True]
+    skip2 = skipvar_policy(big, "skip", steps=2)
+    assert [p.skip for p in skip2.plans] == [False] * 11 + [True] * 2
+    unc = skipvar_policy(big, "uncond")
+    assert [p.guidance for p in unc.plans] == ["cfg"] * 11 + ["cond_only"] * 2
+    assert not any(p.skip or p.is_subset for p in unc.plans)
+    with pytest.raises(ValueError, match="unknown SkipVAR variant"):
+        skipvar_policy(big, "adaptive")
+
+
+# ------------------------------------------------------------------------------------- command
+def _searched_policy(adapter, path: Path) -> Path:
+    """A stand-in for a searched policy: two operating points."""
+    n = len(adapter.scale_schedule)
+    a = OperatingPoint(default_stages(n, n - 2), tuple(
+        ScalePlan(k, guidance="cond_only", keep=0.5) if k >= n - 2 else ScalePlan(k) for k in range(n)))
+    b = OperatingPoint(default_stages(n, n - 1), tuple(
+        ScalePlan(k, guidance="cond_only", keep=0.25, selection="uniform") if k >= n - 1 else ScalePlan(k) for k in range(n)))
+    return Policy(binding_for(adapter), {"2x": a, "3x": b}, "2x").save(path)
+
+
+def _methods_in(out: Path) -> list[str]:
+    return [m["name"] for m in json.loads((out / "bench.json").read_text())["methods"]]
+
+
+def test_bench_speed_only(tiny, tmp_path, capsys):
+    pol = _searched_policy(tiny, tmp_path / "tiny.test.yaml")
+    out = tmp_path / "out"
+    rc = bench_main(TINY_ARGS + ["--no-quality", "--policy", str(pol), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    expected = ["full", "tiny.test:2x", "tiny.test:3x", *BASELINES]
+    assert _methods_in(out) == expected
+    md = (out / "bench.md").read_text()
+    assert md in captured.out                                     # the table is printed too
+    for name in expected:
+        assert f"| `{name}` |" in md
+    assert "SSIM" not in md.split("## Methods")[0]
+    assert (out / "speedup.png").stat().st_size > 1000
+    res = json.loads((out / "bench.json").read_text())
+    full = res["methods"][0]
+    assert full["speedup"] == pytest.approx(1.0)
+    for m in res["methods"]:
+        assert m["latency"]["median_s"] > 0 and len(m["latency"]["samples_s"]) == 1
+        assert m["peak_mem_mib"] is None or m["peak_mem_mib"] > 0
+        assert "quality" not in m
+    assert res["config"]["repeats"] == 1 and res["config"]["no_quality"]
+    assert "[bench] warm-up round" in captured.err
+
+
+def test_bench_with_quality(tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = bench_main(TINY_ARGS + ["--no-memory", "--policies-dir", str(tmp_path / "none"), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert _methods_in(out) == ["full", *BASELINES]
+    assert (out / "quality_vs_speedup.png").stat().st_size > 1000
+    res = json.loads((out / "bench.json").read_text())
+    prompt = res["config"]["latency_prompts"][0]
+    for m in res["methods"]:
+        q = m["quality"]
+        assert q["images"] == 1 and 0.0 < q["hf_ratio_mean"]
+        assert -1.0 <= q["ssim_min"] <= q["ssim_mean"] <= 1.0 + 1e-9
+        assert q["worst"]["prompt"] == prompt
+        assert "evaluator" not in q                               # only for the embedded infinity-mini
+    assert res["methods"][0]["quality"]["ssim_mean"] == pytest.approx(1.0)
+    md = (out / "bench.md").read_text()
+    assert "SSIM mean" in md and f'"{prompt}"' in md
+
+
+def test_bench_parser_registers_on_subparsers():
+    p = argparse.ArgumentParser(prog="stagevar")
+    sub = p.add_subparsers(dest="command")
+    b = add_bench_parser(sub)
+    assert isinstance(b.formatter_class, type) and b.formatter_class is argparse.RawDescriptionHelpFormatter
+    assert "examples:" in b.epilog and "stagevar bench" in b.epilog
+    args = p.parse_args(["bench", "--model", "infinity-tiny", "--policy", "a.yaml", "--policy", "b.yaml", "--no-quality"])
+    assert args.command == "bench" and args.policy == [Path("a.yaml"), Path("b.yaml")] and args.no_quality
+    assert args.repeats == 5 and args.batch_size == 1 and args.baselines == ",".join(BASELINES)
+
+
+def test_bench_errors_are_one_paragraph(tiny, tmp_path, capsys):
+    rc = bench_main(TINY_ARGS + ["--no-quality", "--no-plot", "--baselines", "paper,tomesd", "--out", str(tmp_path)])
+    assert rc == 1 and "unknown baseline 'tomesd'" in capsys.readouterr().err
+    mini_policy = Policy.identity(load_model("infinity-mini", random_weights=True)).save(tmp_path / "mini.yaml")
+    rc = bench_main(TINY_ARGS + ["--no-quality", "--no-plot", "--policy", str(mini_policy), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "model.name" in err and "Traceback" not in err
+    rc = bench_main(TINY_ARGS + ["--repeats", "0", "--out", str(tmp_path)])
+    assert rc == 1 and "--repeats must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    env = dict(os.environ, STAGEVAR_BENCH_MODEL="infinity-tiny", STAGEVAR_BENCH_DEVICE="cpu",
+               STAGEVAR_BENCH_DTYPE="float32", STAGEVAR_BENCH_REPEATS="1", STAGEVAR_BENCH_EXTRA="--threads 1",
+               OUT=str(tmp_path), PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "| `fastvar` |" in res.stdout and "| `paper` |" in res.stdout
+    for f in ("env.txt", "bench.log", "bench.md", "bench.json"):
+        assert (tmp_path / f).is_file(), f
