@@ -174,7 +174,7 @@ def cmd_calibrate(args) -> int:
     scorer = scorer_for(model.name)
     reference = subject.run(None)
     ref_sem = scorer.score(reference.images, subject.item_prompts, reference.images) if scorer.name == "evaluator" else None
-    lat_model = LatencyModel(rec.latency, variant_grid(), model.num_layers)
+    lat_model = LatencyModel(rec.latency, variant_grid(tuple(rec.inputs["settings"]["keeps"]), tuple(rec.inputs["settings"]["selections"])), model.num_layers)
     tokens = model.tokens_per_scale()
     baseline_pred = lat_model.baseline(tokens)
     storage = args.storage or _journal(args.out / "study.journal")

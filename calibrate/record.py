@@ -82,15 +82,26 @@ class CalibrationRecord:
             d = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RecordError(f"{f}: not a valid calibration record ({exc}). Delete it and measure again.") from None
+        if not isinstance(d, dict):
+            raise RecordError(f"{f}: not a calibration record (top level is {type(d).__name__}). Delete it and measure again.")
         v = d.get("version")
-        if not isinstance(v, int) or v > RECORD_VERSION:
-            raise RecordError(f"{f}: record version {v!r} is newer than this stagevar understands ({RECORD_VERSION}); upgrade stagevar.")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise RecordError(f"{f}: field 'version' is {v!r}, not a valid record version. Delete it and measure again.")
+        if v > RECORD_VERSION:
+            raise RecordError(f"{f}: record version {v} is newer than this stagevar understands ({RECORD_VERSION}); upgrade stagevar.")
         if v < RECORD_VERSION:
+            if any(step not in MIGRATIONS for step in range(v, RECORD_VERSION)):
+                raise RecordError(f"{f}: no migration from record version {v}; measure again.")
             d = migrate(d, v)
-        names = {x.name for x in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        names = {x.name for x in fields}
         unknown = set(d) - names
         if unknown:
             raise RecordError(f"{f}: unknown fields {sorted(unknown)} in the calibration record.")
+        required = {x.name for x in fields if x.default is dataclasses.MISSING and x.default_factory is dataclasses.MISSING}
+        missing = required - set(d)
+        if missing:
+            raise RecordError(f"{f}: the calibration record lacks fields {sorted(missing)}; it is incomplete. Measure again.")
         rec = cls(**d)
         npz = f.parent / "spectra.npz"
         if npz.is_file():

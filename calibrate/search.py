@@ -89,7 +89,7 @@ def parse_budgets(text: str) -> list[Budget]:
     if not parts:
         raise BudgetError("no budget given: use e.g. --budget 3x or --budget 2x,3x,4x.")
     out = [parse_budget(p) for p in parts]
-    if len({b.name for b in out}) != len(out):
+    if len({(b.speedup, b.seconds) for b in out}) != len(out):
         raise BudgetError(f"budget list {text!r} repeats a budget.")
     return out
 
@@ -150,7 +150,9 @@ def seed_params(record: CalibrationRecord) -> dict[str, dict[str, Any]]:
         paper[f"keep_{k}"] = 0.5
     fv_first = max(lo, n - 4)
     fastvar = dict(base, first_accelerated=fv_first, cond_only_from=n, layer_start=min(max(0, depth // 4), max(1, round(depth * 3 / 32))))
-    for k, keep in zip(range(fv_first, n), (0.6, 0.5, 0.1, 0.1)):
+    for k, keep in zip(range(n - 4, n), (0.6, 0.5, 0.1, 0.1)):
+        if k < fv_first:
+            continue
         fastvar[f"keep_{k}"] = keep
         fastvar[f"selection_{k}"] = "deviation"
     return {"identity": identity, "paper-like": paper, "fastvar-like": fastvar}

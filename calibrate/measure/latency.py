@@ -73,7 +73,7 @@ class LatencyModel:
         if hi == lo:
             return at(lo)
         w = (keep - lo) / (hi - lo)
-        return at(lo) * (1 - w) + at(hi) * w
+        return max(0.0, at(lo) * (1 - w) + at(hi) * w)      # below the grid: linear, never negative
 
     def scale_seconds(self, k: int, plan, tokens: int) -> float:
         if plan.skip:

@@ -24,7 +24,7 @@ def compare(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: Semantic
         score_acc, score_ref = float(sem_acc.mean()), float(ref_sem.mean())
     else:
         agree = scorer.score(out.images, prompts, ref.images, out.final_codes, ref.final_codes)
-        score_acc = score_ref = float("nan")
+        score_acc = score_ref = None
     q = 0.5 * s + 0.5 * agree
     return {
         "ssim": float(s.mean()), "semantic": float(agree.mean()), "hf_ratio": float(hf_ratio(out.images, ref.images).mean()),

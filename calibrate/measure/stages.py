@@ -20,6 +20,12 @@ STRUCTURE_LEVEL = 0.6
 
 
 def detect_stages(curves: dict, n: int, semantic_level: float = SEMANTIC_LEVEL, structure_level: float = STRUCTURE_LEVEL) -> dict:
+    if n < 2:
+        raise ValueError(f"stage detection needs at least 2 scales, got {n}")
+    if n == 2:
+        return {"semantic": [0, 0], "structure": [1, 0], "refinement": [1, 1],
+                "rule": "two scales: the second is refinement", "evidence": {"semantic_curve": curves["semantic"],
+                                                                              "ssim_curve": curves["ssim"]}}
     sem = curves["semantic"]
     ss = curves["ssim"]
     target = semantic_level * max(sem[-1], 1e-9)

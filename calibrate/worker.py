@@ -1,0 +1,959 @@
+"""Scale-out: many worker processes, on many machines, search one Optuna study; and calibration
+records measured in shards and merged.
+
+Workers (``stagevar-calibrate worker``)
+---------------------------------------
+Every worker process opens the same study in a shared Optuna RDB storage (PostgreSQL for several
+machines; MySQL or SQLite on one machine also work) and runs trials until the study holds
+``--trials`` finished trials (COMPLETE or PRUNED) in total, whoever ran them. Workers may start in
+any order, join late, be killed and be restarted::
+
+    # 1. once, on the machine whose latency the policy should target: the calibration record
+    stagevar-calibrate measure --model infinity-2b --weights W --out runs/cal
+    #    (copy runs/cal/calibration-<key>/ to every worker machine)
+    # 2. on every machine, any number of times:
+    stagevar-calibrate worker --storage postgresql://user:pw@db:5432/optuna --study cal-3x \\
+        --model infinity-2b --weights W --budget 3x --trials 200 --record runs/cal/calibration-<key> --n-workers 4
+    # 3. once the workers are done, on the machine of step 1, with the options of step 1:
+    stagevar-calibrate --model infinity-2b --weights W --out runs/cal --budget 3x \\
+        --storage postgresql://user:pw@db:5432/optuna --study cal-3x --trials 200
+
+Step 3 is the normal calibrate command: it finds the record in ``--out`` (same inputs, same key),
+finds the study already at ``--trials`` finished trials (so it runs none), verifies the best
+candidates end to end on held-out prompts and writes the policy. Run it with the same ``--trials``,
+``--budget``, ``--study`` and storage as the workers.
+
+* **The record is the same for all workers.** With ``--record DIR`` a worker loads that record
+  (its prompts, seeds, batch size and guidance are used; the model must match it). Without it, the
+  worker measures the record itself into ``--out`` (or reuses the one there), exactly as
+  ``stagevar-calibrate measure`` would with the same options. The first worker stores the record's
+  key and SHA-256 in the study; a worker whose record differs refuses to join, so two machines
+  that measured their own records (different latencies) cannot mix them: measure once and pass
+  ``--record``. With ``--n-workers N`` the record is loaded or measured once, before the N
+  processes start.
+* **Creation is race-safe.** Exactly one process creates the study (the database's unique study
+  name decides); it stores the record and budget in the study and enqueues the seed policies
+  (:func:`calibrate.search.enqueue_seeds`); the others load the study and wait for the seeds.
+* **Fault tolerance.** The storage is an :class:`optuna.storages.RDBStorage` with a heartbeat
+  (``--heartbeat`` seconds) and a grace period (``--grace-period``): a worker killed mid-trial
+  (SIGKILL, power loss, preemption) stops beating; after the grace period another worker marks
+  that trial FAIL and re-queues its parameters (``RetryHeartbeatStaleTrialCallback``, up to
+  ``--max-retry`` times). Only that trial's work is lost. A worker interrupted with Ctrl-C
+  re-queues its own trial at once. Every worker keeps polling until no trial is running and no
+  retry is waiting, so a trial lost near the end is still retried.
+* **Trial cap.** A worker starts a trial only while finished + running trials are below
+  ``--trials`` (or to run a retry), and stops when the finished trials reach it. Two workers
+  checking at the same instant may overshoot the cap by a trial or two; never undershoot.
+* **Sampler.** TPE with the constant liar (running trials are taken into account); each process
+  seeds its sampler from ``--seed``, the host name and its PID, so workers explore different
+  points. A distributed search is not reproducible trial for trial.
+* Storage problems (unreachable server, wrong password, malformed URL, missing driver) are one
+  paragraph naming the URL with the password redacted, exit 1. Exit codes otherwise as the
+  calibrate command; with ``--n-workers`` the worst child's (a child killed by signal S counts as
+  128 + S).
+
+Sharded records (:func:`measure_shard`, :func:`merge_records`)
+--------------------------------------------------------------
+The calibration prompts are split into ``num_shards`` contiguous groups of whole batches (a
+batch is one generator stream, so an image only reproduces inside the same batch). Each shard
+measures the convergence pass, the spectra and every sensitivity variant on its prompts and keeps
+**per-image** values (resumable units, then one self-contained ``shard.json``); the merge
+reassembles them in the single-process order (seed-major, then prompt) and computes every mean,
+minimum and spectrum exactly as :func:`calibrate.calibration.measure` does. The merged record has
+the same key and the same tables as a single-process run of the same inputs on shard 0's machine
+(equal up to float rounding; in practice bit-identical). **Latency is hardware-specific**: shard 0
+alone times the latency grid and the latency-model check, over the whole calibration set as
+``measure`` does, and the merged record takes them (and its device fields) from shard 0. Run
+shard 0 on the hardware the policy targets; the other shards may run anywhere with the same model,
+dtype and code.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stagevar.errors import StageVarError
+
+log = logging.getLogger("stagevar.calibrate.worker")
+
+SHARD_FORMAT = "stagevar-calibration-shard"
+SHARD_VERSION = 1
+STUDY_ATTR = "stagevar"                    # study user attribute: record key / sha256, budget, model
+_CHILD_ENV = "STAGEVAR_WORKER_CHILD"       # set for the processes started by --n-workers
+
+EPILOG = """\
+examples:
+  stagevar-calibrate worker --storage postgresql://me:pw@db:5432/optuna --study tiny-2x \\
+      --model infinity-tiny --budget 2x --trials 40
+  stagevar-calibrate worker --storage postgresql://me:pw@db:5432/optuna --study cal-3x --model infinity-2b \\
+      --weights ~/weights --budget 3x --trials 200 --record runs/cal/calibration-<key> --n-workers 4 --device cuda
+  stagevar-calibrate worker --storage sqlite:///runs/study.db --study mini-3x --budget 3x --trials 60 --n-workers 2
+
+Start any number of workers on any number of machines with the same --storage, --study, --budget,
+--trials and record; kill and restart them at will (a killed worker loses only its running trial,
+which another worker retries after --grace-period). Pass --record (a directory written by
+`stagevar-calibrate measure`) so every worker uses the same calibration record; without it the
+worker measures one into --out. When the workers are done, run the normal command once on the
+machine that measured the record, with the same --storage/--study/--trials/--budget and --out:
+  stagevar-calibrate --model infinity-2b --weights ~/weights --out runs/cal --budget 3x \\
+      --storage postgresql://me:pw@db:5432/optuna --study cal-3x --trials 200
+It runs no new trial, verifies the best candidates on held-out prompts and writes the policy.
+Exit codes: 0 ok; 1 error (storage problems included); 2 usage; with --n-workers the worst child's.
+"""
+
+
+class StorageError(StageVarError):
+    """The Optuna storage cannot be used (one paragraph, password redacted)."""
+
+
+# ============================================================================== CLI
+def build_worker_parser() -> argparse.ArgumentParser:
+    from calibrate.cli import _common, _Parser
+    p = _Parser(prog="stagevar-calibrate worker",
+                description="Join a shared Optuna study and run policy-search trials until the study holds --trials "
+                            "finished trials. Any number of workers on any number of machines.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    _common(p)
+    p.add_argument("--storage", required=True,
+                   help="Optuna RDB storage URL shared by all workers, e.g. postgresql://USER:PASSWORD@HOST:5432/DB "
+                        "(mysql://... and, on one machine, sqlite:///FILE also work)")
+    p.add_argument("--study", help="study name shared by all workers (default: derived from model, resolution, budget and "
+                                   "record key, as the calibrate command does)")
+    p.add_argument("--budget", required=True, help="one budget: a speedup (3x) or a latency per batch (700ms)")
+    p.add_argument("--trials", type=int, default=60,
+                   help="finished trials (COMPLETE or PRUNED) wanted in the study, in total across all workers (default 60)")
+    p.add_argument("--n-workers", type=int, default=1, help="worker processes started on this machine (default 1)")
+    p.add_argument("--record", type=Path,
+                   help="calibration record directory (from `stagevar-calibrate measure`) used by every worker "
+                        "(default: measure one into --out, or reuse the one there)")
+    p.add_argument("--seed", type=int, default=0, help="base sampler seed; each process mixes in its host and PID (default 0)")
+    p.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats (default 10)")
+    p.add_argument("--grace-period", type=int, default=60,
+                   help="seconds without heartbeat after which a running trial counts as lost and is retried (default 60)")
+    p.add_argument("--max-retry", type=int, default=2, help="times a lost trial is retried (default 2)")
+    p.add_argument("--connect-timeout", type=int, default=10, help="seconds to wait for the database server (default 10)")
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def cmd_worker(args) -> int:
+    import optuna
+    from calibrate.search import parse_budget
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if "," in str(args.budget):
+        from calibrate.search import BudgetError
+        raise BudgetError(f"a worker searches one budget, got {args.budget!r}: start one set of workers (and one study) per budget.")
+    budget = parse_budget(args.budget)
+    for name, value, low in (("--trials", args.trials, 1), ("--n-workers", args.n_workers, 1), ("--heartbeat", args.heartbeat, 1),
+                             ("--max-retry", args.max_retry, 0), ("--connect-timeout", args.connect_timeout, 1),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise StageVarError(f"{name} must be >= {low}, got {value}.")
+    if args.grace_period <= args.heartbeat:
+        raise StageVarError(f"--grace-period ({args.grace_period}s) must be longer than --heartbeat ({args.heartbeat}s), "
+                            "or live trials would be taken for lost ones.")
+    if args.record is not None and not (Path(args.record) / "record.json").is_file() and not Path(args.record).is_file():
+        raise StageVarError(f"--record {args.record}: no calibration record here (expected {Path(args.record) / 'record.json'}). "
+                            "Write one with `stagevar-calibrate measure --out DIR` and pass DIR/calibration-<key>.")
+    # storage first: a wrong URL or password must not cost a model load or a measurement
+    storage = open_storage(args.storage, heartbeat_interval=args.heartbeat, grace_period=args.grace_period,
+                           max_retry=args.max_retry, connect_timeout=args.connect_timeout)
+    if args.n_workers > 1:
+        return _run_local_workers(args, budget)
+    return _run_worker(args, budget, storage)
+
+
+# ============================================================================== storage
+def redact(url: str | None) -> str | None:
+    """The URL with its password replaced by ``***``.
+
+    >>> redact("postgresql://me:pa:ss@db:5432/x")
+    'postgresql://me:***@db:5432/x'
+    """
+    if not url:
+        return url
+    return re.sub(r"://([^:/@]*):[^/]*@", r"://\1:***@", url) if "@" in url else url
+
+
+def _secrets(url: str) -> list[str]:
+    try:
+        from sqlalchemy.engine import make_url
+        pw = make_url(url).password
+    except Exception:  # noqa: BLE001 - unparsable: fall back to the raw text
+        m = re.search(r"://[^:/@]*:([^/]*)@", url)
+        pw = m.group(1) if m else None
+    from urllib.parse import quote
+    return [s for s in {pw, quote(pw or "", safe="")} if s and len(s) >= 3]
+
+
+def _scrub(text: str, url: str) -> str:
+    text = " ".join(str(text).split())                     # one paragraph
+    text = re.sub(r"\(Background on this error at: [^)]*\)", "", text).strip()
+    text = text.replace(url, redact(url))
+    for s in _secrets(url):
+        text = text.replace(s, "***")
+    return text
+
+
+_DRIVERS = {"postgresql": ("psycopg", "psycopg2", "pg8000", "asyncpg"), "mysql": ("pymysql", "MySQLdb", "mysql.connector")}
+_DRIVER_NAMES = {"MySQLdb": "mysqldb", "mysql.connector": "mysqlconnector"}
+
+
+def storage_url(url: str) -> str:
+    """Validate ``url`` and pin an installed DB driver when none is named (SQLAlchemy's default
+    driver for ``postgresql://`` is psycopg 3 from SQLAlchemy 2.1 on, psycopg2 before)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    red = redact(url)
+    if not url or "://" not in url:
+        raise StorageError(f"invalid storage URL {red!r}: a worker needs a database URL shared by all workers, such as "
+                           "postgresql://USER:PASSWORD@HOST:5432/DATABASE (or sqlite:///FILE on one machine).")
+    try:
+        u = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise StorageError(f"invalid storage URL {red}: {_scrub(exc, url)}. Use postgresql://USER:PASSWORD@HOST:5432/DATABASE "
+                           "(special characters in the password percent-encoded).") from None
+    backend, _, driver = u.drivername.partition("+")
+    if backend == "postgres":
+        raise StorageError(f"invalid storage URL {red}: the scheme is postgresql://, not postgres://.")
+    if backend not in ("postgresql", "mysql", "sqlite", "mariadb", "oracle", "mssql"):
+        raise StorageError(f"invalid storage URL {red}: unknown database {backend!r}. Use postgresql://USER:PASSWORD@HOST:5432/DATABASE.")
+    if backend in _DRIVERS and not driver:
+        try:
+            default = u.get_dialect().driver
+        except Exception:  # noqa: BLE001
+            default = None
+        mods = [m for m in _DRIVERS[backend] if _DRIVER_NAMES.get(m, m) == default] + list(_DRIVERS[backend])
+        found = next((m for m in mods if importlib.util.find_spec(m) is not None), None)
+        if found is None:
+            extra = "postgres" if backend == "postgresql" else backend
+            raise StorageError(f"cannot open the storage {red}: no {backend} driver is installed. Install one with "
+                               f"pip install 'stagevar[{extra}]' (psycopg) or pip install psycopg2-binary.")
+        u = u.set(drivername=f"{backend}+{_DRIVER_NAMES.get(found, found)}")
+        return u.render_as_string(hide_password=False)
+    return url
+
+
+def _retry_callback(max_retry: int):
+    import optuna
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(max_retry=max_retry)
+
+
+def retried_trial_number(trial) -> int | None:
+    """The trial a retry re-runs (None for an original trial)."""
+    return trial.system_attrs.get("failed_trial")
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None, max_retry: int = 2,
+                 connect_timeout: int = 10):
+    """An :class:`optuna.storages.RDBStorage` for ``url`` (with heartbeat and retry of lost trials
+    when ``heartbeat_interval`` is given), or :class:`StorageError` with one clear paragraph."""
+    import optuna
+    import sqlalchemy.exc
+    red = redact(url)
+    real = storage_url(url)
+    engine_kwargs: dict[str, Any] = {}
+    if real.startswith(("postgresql", "mysql", "mariadb")):
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": int(connect_timeout)}}
+    kw: dict[str, Any] = {}
+    if heartbeat_interval:
+        params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+        cb_name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        kw = {"heartbeat_interval": int(heartbeat_interval), "grace_period": int(grace_period or 2 * heartbeat_interval),
+              cb_name: _retry_callback(max_retry)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                 # experimental / deprecation notices of the heartbeat API
+            return optuna.storages.RDBStorage(real, engine_kwargs=engine_kwargs, **kw)
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = _scrub(getattr(exc, "orig", None) or exc, url)
+        low = reason.lower()
+        if "password" in low or "authentication" in low or "access denied" in low:
+            hint = "Check the user name and password in the URL."
+        elif "does not exist" in low or "unknown database" in low:
+            hint = "Check the database name; create it first (createdb NAME)."
+        elif "unable to open database file" in low:
+            hint = "Check that the directory of the SQLite file exists and is writable."
+        else:
+            hint = "Check that the server is running and reachable from this machine (host, port, firewall)."
+        raise StorageError(f"cannot connect to the Optuna storage {red}: {reason}. {hint}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, RuntimeError, ValueError) as exc:
+        raise StorageError(f"cannot open the Optuna storage {red}: {_scrub(exc, url)}. Check the URL "
+                           "(postgresql://USER:PASSWORD@HOST:5432/DATABASE) and that the database is an Optuna "
+                           "storage of a compatible version (optuna storage upgrade).") from None
+
+
+def _storage_guard(url: str):
+    """Context: turn database errors in the middle of a run into one StorageError paragraph."""
+    import contextlib
+
+    import sqlalchemy.exc
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            raise StorageError(f"lost the Optuna storage {redact(url)}: {_scrub(getattr(exc, 'orig', None) or exc, url)}. "
+                               "The trial in flight is retried by another worker after the grace period; restart this "
+                               "worker to rejoin.") from None
+    return guard()
+
+
+# ============================================================================== record and study
+def _load_record_for(args, budget):
+    """(model, record, prompts, seeds, batch_size, guidance) for a worker."""
+    import torch
+    from calibrate.record import CalibrationRecord
+    from stagevar.models.registry import load_model
+
+    if args.record is None:
+        from calibrate.calibration import measure
+        from calibrate.cli import _setup
+        model, prompts, seeds = _setup(args)
+        rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
+                      progress=not args.quiet)
+        return model, rec
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rec = CalibrationRecord.load(args.record)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = load_model(args.model, args.weights, device=args.device, dtype=dtype, random_weights=args.random_weights)
+    fp = model.fingerprint().to_dict()
+    if rec.inputs["model"] != fp:
+        raise StageVarError(f"--record {args.record} was measured for model {rec.inputs['model'].get('model')!r} "
+                            f"(arch {rec.inputs['model'].get('arch_hash')}), not for --model {args.model} "
+                            f"(arch {fp.get('arch_hash')}). Pass the record of this model.")
+    if rec.inputs["dtype"] != args.dtype:
+        raise StageVarError(f"--record {args.record} was measured in {rec.inputs['dtype']}; pass --dtype {rec.inputs['dtype']} "
+                            "so that trial quality is measured like the record's.")
+    model.encode_prompts(list(rec.inputs["prompts"]))
+    return model, rec
+
+
+def _study_name(args, model, rec, budget) -> str:
+    return args.study or f"{model.name}.{model.resolution}.{budget.name}.{rec.key}"
+
+
+def _variants_of(rec):
+    from calibrate.measure.common import variant_grid
+    s = rec.inputs.get("settings") or {}
+    if s.get("keeps") and s.get("selections"):
+        return variant_grid(tuple(s["keeps"]), tuple(s["selections"]))
+    return variant_grid()
+
+
+def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sampler_seed: int, wait_s: float = 120.0):
+    """Create the study (exactly one process succeeds) or load it; check that it was made for the
+    same record and budget; enqueue the seed policies once."""
+    import optuna
+    from calibrate.search import enqueue_seeds
+
+    info = {"record_key": rec.key, "record_sha256": rec.sha256(), "budget": budget.name, "budget_s": budget_s,
+            "model": rec.inputs["model"].get("model"), "trials": trials}
+    try:
+        optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=False)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=10, multivariate=True, constant_liar=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    if len(study.directions) > 1:
+        raise StageVarError(f"study {name!r} has several objectives; a worker searches one budget (quality, maximised). "
+                            "Use another --study name.")
+    if created:
+        study.set_user_attr(STUDY_ATTR, info)
+        enqueue_seeds(study, rec)
+        log.info("created study %s", name)
+        return study
+    deadline = time.time() + wait_s
+    while not study.user_attrs.get("seeded"):   # the creator sets it after the record info and the seed trials
+        if time.time() > deadline:            # the creator died before seeding: take over
+            log.warning("study %s has no seed trials after %.0fs; enqueueing them", name, wait_s)
+            if STUDY_ATTR not in study.user_attrs:
+                study.set_user_attr(STUDY_ATTR, info)
+            enqueue_seeds(study, rec)
+            break
+        time.sleep(0.5)
+    theirs = study.user_attrs.get(STUDY_ATTR)
+    if theirs is None:
+        log.warning("study %s was not created by a worker: cannot check that it uses record %s", name, rec.key)
+    else:
+        if theirs.get("record_sha256") != info["record_sha256"]:
+            raise StageVarError(
+                f"study {name!r} was started with calibration record {theirs.get('record_key')} "
+                f"(sha256 {str(theirs.get('record_sha256'))[:16]}), but this worker's record is {rec.key} "
+                f"(sha256 {info['record_sha256'][:16]}). Every worker must use the same record: pass --record with the "
+                "record the study was started with (copy its directory to this machine), or use another --study name.")
+        if theirs.get("budget") != budget.name:
+            raise StageVarError(f"study {name!r} searches budget {theirs.get('budget')}, not {budget.name}. "
+                                "Use the same --budget for every worker of a study, or another --study name.")
+    return study
+
+
+def study_counts(study) -> dict[str, int]:
+    from optuna.trial import TrialState
+    c = {"complete": 0, "pruned": 0, "fail": 0, "running": 0, "waiting": 0, "retry_waiting": 0}
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            c["complete"] += 1
+        elif t.state == TrialState.PRUNED:
+            c["pruned"] += 1
+        elif t.state == TrialState.FAIL:
+            c["fail"] += 1
+        elif t.state == TrialState.RUNNING:
+            c["running"] += 1
+        elif t.state == TrialState.WAITING:
+            c["waiting"] += 1
+            if retried_trial_number(t) is not None:
+                c["retry_waiting"] += 1
+    c["finished"] = c["complete"] + c["pruned"]
+    return c
+
+
+def run_trials(study, objective, total: int, poll_s: float = 2.0, on_trial=None) -> int:
+    """Run trials until the study holds ``total`` finished trials, no trial is running and no retry
+    is waiting. Returns the number of trials this process ran."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+
+    ran = 0
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fail_stale_trials(study)              # lost trials -> FAIL + a WAITING retry
+        c = study_counts(study)
+        if c["finished"] >= total and c["running"] == 0 and c["retry_waiting"] == 0:
+            return ran
+        if c["retry_waiting"] or c["finished"] + c["running"] < total:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(objective, n_trials=1, gc_after_trial=False, show_progress_bar=False)
+            ran += 1
+            if on_trial is not None:
+                on_trial(study)
+        else:
+            time.sleep(poll_s)                    # the last trials run elsewhere: wait (and watch for lost ones)
+
+
+def _sampler_seed(base: int, index: int) -> int:
+    h = hashlib.sha256(f"{base}:{socket.gethostname()}:{os.getpid()}:{index}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+class _TaggedObjective:
+    """The search objective, tagging each trial with the worker that runs it."""
+
+    def __init__(self, objective, worker: str):
+        self.objective, self.worker = objective, worker
+        self.last_trial: int | None = None
+
+    def __call__(self, trial):
+        self.last_trial = trial.number
+        trial.set_user_attr("worker", self.worker)
+        return self.objective(trial)
+
+
+def _run_worker(args, budget, storage) -> int:
+    from calibrate.measure.common import Subject
+    from calibrate.measure.latency import LatencyModel
+    from calibrate.metrics import scorer_for
+    from calibrate.search import Objective
+
+    model, rec = _load_record_for(args, budget)
+    prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
+    batch_size, guidance = rec.inputs["batch_size"], rec.inputs["guidance"]
+    lat_model = LatencyModel(rec.latency, _variants_of(rec), model.num_layers)
+    baseline = lat_model.baseline(model.tokens_per_scale())
+    budget_s = budget.target_seconds(baseline)
+    name = _study_name(args, model, rec, budget)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    with _storage_guard(args.storage):
+        study = join_study(name, storage, rec, budget, budget_s, args.trials, _sampler_seed(args.seed, args.worker_index))
+    subject = Subject(model, prompts, seeds, batch_size, guidance)
+    scorer = scorer_for(model.name)
+    reference = subject.run(None)
+    ref_sem = scorer.score(reference.images, subject.item_prompts, reference.images) if scorer.name == "evaluator" else None
+    objective = _TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem), worker_id)
+    log.info("worker %s joined study %s (record %s, budget %s = %.3fs predicted)", worker_id, name, rec.key, budget.name, budget_s)
+
+    def on_trial(st):
+        t = next((t for t in st.get_trials(deepcopy=False) if t.number == objective.last_trial), None)
+        if t is not None and t.values is not None:
+            log.info("worker %s: trial %d quality %.4f, predicted speedup %.2fx%s", worker_id, t.number, t.values[0],
+                     t.user_attrs.get("predicted_speedup", float("nan")),
+                     " (estimated)" if t.user_attrs.get("quality_estimated") else "")
+
+    t0 = time.time()
+    try:
+        with _storage_guard(args.storage):
+            ran = run_trials(study, objective, args.trials, poll_s=max(0.5, min(float(args.heartbeat), 5.0)), on_trial=on_trial)
+            c = study_counts(study)
+    except KeyboardInterrupt:
+        _requeue_interrupted(study, objective.last_trial)
+        print("interrupted: this worker's running trial was re-queued for the other workers; start the worker again "
+              "to rejoin", file=sys.stderr)
+        return 130
+    except StageVarError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an objective failure: one paragraph unless --debug
+        if args.debug:
+            raise
+        raise StageVarError(f"a trial failed in study {name!r}: {type(exc).__name__}: {' '.join(str(exc).split())} "
+                            "(run with --debug for the traceback).") from exc
+    print(f"worker {worker_id}: ran {ran} trial(s) in {time.time() - t0:.0f}s; study {name}: {c['finished']}/{args.trials} "
+          f"finished, {c['fail']} failed")
+    if not os.environ.get(_CHILD_ENV):
+        _print_next(args, budget, name)
+    return 0
+
+
+def _print_next(args, budget, name: str) -> None:
+    print(f"when every worker is done, verify and write the policy with: stagevar-calibrate --model {args.model} "
+          f"--budget {budget.name} --storage {redact(args.storage)} --study {name} --trials {args.trials} --out {args.out} "
+          "(plus the --prompts/--num-prompts/--seeds/--batch-size/--weights options the record was measured with)")
+
+
+def _requeue_interrupted(study, number: int | None) -> None:
+    """Ctrl-C: Optuna marks the running trial FAIL; queue it again (as a lost trial would be)."""
+    if number is None:
+        return
+    try:
+        from optuna.trial import TrialState
+        t = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+        if t is not None and t.state == TrialState.FAIL:
+            storage = study._storage
+            cb = None
+            get = getattr(storage, "get_heartbeat_stale_trial_callback", None) or getattr(storage, "get_failed_trial_callback", None)
+            if get is not None:
+                cb = get()
+            (cb or _retry_callback(2))(study, t)
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        log.debug("could not re-queue trial %s", number, exc_info=True)
+
+
+# ============================================================================== --n-workers
+def child_argv(args, parser: argparse.ArgumentParser, **override) -> list[str]:
+    """Command-line options reproducing ``args`` (with ``override``) for a child process."""
+    out: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = override.get(action.dest, getattr(args, action.dest, None))
+        opt = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                out.append(opt)
+        elif value is not None:
+            out += [opt, str(value)]
+    return out
+
+
+def _exit_status(rc: int) -> int:
+    return 128 - rc if rc < 0 else rc
+
+
+def _run_local_workers(args, budget) -> int:
+    """Load or measure the record once, then start ``--n-workers`` worker processes and wait."""
+    from calibrate.calibration import record_dir
+    if args.record is None:
+        model, rec = _load_record_for(args, budget)
+        record = record_dir(args.out, rec.key)
+        name = _study_name(args, model, rec, budget)
+        del model
+    else:
+        record = Path(args.record)
+        name = args.study
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.n_workers)
+    parser = build_worker_parser()
+    procs = []
+    for i in range(args.n_workers):
+        argv = child_argv(args, parser, n_workers=1, record=str(record), threads=threads, worker_index=i)
+        procs.append(subprocess.Popen([sys.executable, "-m", "calibrate.cli", "worker", *argv],
+                                      env=dict(os.environ, **{_CHILD_ENV: "1"})))
+    log.info("started %d workers: %s", len(procs), ", ".join(str(p.pid) for p in procs))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:                       # Ctrl-C reached the children too; give them time to re-queue
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+    worst = max(_exit_status(c) for c in codes)
+    for p, c in zip(procs, codes):
+        if c != 0:
+            how = f"killed by signal {-c}" if c < 0 else f"exit code {c}"
+            print(f"worker process {p.pid}: {how}", file=sys.stderr)
+    if name is not None:
+        _print_next(args, budget, name)
+    return worst
+
+
+# ============================================================================== sharded records
+def shard_range(num_prompts: int, batch_size: int, shard_index: int, num_shards: int) -> tuple[int, int]:
+    """Prompt indices [start, stop) of a shard: contiguous whole batches.
+
+    >>> [shard_range(5, 2, i, 2) for i in range(2)]
+    [(0, 2), (2, 5)]
+    """
+    chunks = math.ceil(num_prompts / batch_size)
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise StageVarError(f"shard {shard_index} of {num_shards}: the index must be in 0..{num_shards - 1}.")
+    if num_shards > chunks:
+        raise StageVarError(f"{num_shards} shards for {num_prompts} prompts in batches of {batch_size} ({chunks} batch(es)): "
+                            "a shard is at least one whole batch; use fewer shards.")
+    a, b = shard_index * chunks // num_shards, (shard_index + 1) * chunks // num_shards
+    return a * batch_size, min(b * batch_size, num_prompts)
+
+
+def shard_dir(out: str | Path, key: str, shard_index: int, num_shards: int) -> Path:
+    return Path(out) / f"calibration-{key}.shard{shard_index}of{num_shards}"
+
+
+def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool):
+    """:func:`calibrate.measure.convergence.measure_convergence` keeping per-image values."""
+    from calibrate.measure.convergence import coarse_agreement
+    from calibrate.measure.spectra import ENERGIES, effective_rank
+    from calibrate.metrics import ssim
+
+    adapter = subject.adapter
+    n = subject.num_scales
+    partial: list[list[np.ndarray]] = [[] for _ in range(n)]
+    feats: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def obs(o, offset):
+        img = adapter.decode(o.state).float().cpu().numpy()
+        partial[o.scale].append(img)
+        if keep_spectra:
+            B = o.state.batch_size
+            for layer, h in o.hidden.items():
+                feats.setdefault((o.scale, layer), []).append(h[:B].float().cpu().numpy())
+
+    out = subject.run(None, observer=obs, observe_layers=spectra_layers)
+    if not keep_spectra:
+        return None, out
+    final = out.images
+    prompts = subject.item_prompts
+    evaluator = scorer.name == "evaluator"
+    final_sem = scorer.score(final, prompts, final) if evaluator else np.ones(len(final))
+    items: dict[str, Any] = {"semantic_measure": scorer.name if evaluator else "coarse_agreement",
+                             "final_semantic": np.asarray(final_sem).tolist(), "ssim": [], "semantic": [],
+                             "semantic_dtype": "float64" if evaluator else "float32", "spectra": [],
+                             "reference_seconds": out.seconds}
+    for k in range(n):
+        imgs = np.concatenate(partial[k])
+        items["ssim"].append(ssim(imgs, final).tolist())
+        if evaluator:
+            sem = scorer.score(imgs, prompts, final)
+            items["semantic"].append((sem == final_sem).astype(np.float64).tolist())
+        else:
+            items["semantic"].append(coarse_agreement(imgs, final).astype(np.float32).tolist())
+    for (k, layer), parts in sorted(feats.items()):
+        x = np.concatenate(parts)
+        P, M, C = x.shape
+        spectra, ranks = [], {str(e): [] for e in ENERGIES}
+        for mat in x:                                         # as calibrate.measure.spectra.spectra_rows
+            s = np.linalg.svd(mat.astype(np.float64) - mat.mean(0, keepdims=True), compute_uv=False)
+            spectra.append((s ** 2 / max((s ** 2).sum(), 1e-30))[:64].tolist())
+            for e in ENERGIES:
+                ranks[str(e)].append(effective_rank(s, e))
+        items["spectra"].append({"scale": k, "layer": layer, "tokens": M, "full_rank": min(M, C), "spectrum": spectra,
+                                 "ranks": ranks})
+    return items, out
+
+
+def _variant_items(subject, ref, scale, variant, scorer, ref_sem) -> dict[str, Any]:
+    """:func:`calibrate.measure.sensitivity.measure_variant` keeping per-image values."""
+    from calibrate.measure.common import point_from_plans
+    from calibrate.metrics import hf_ratio, ssim
+
+    out = subject.run(point_from_plans(subject.num_scales, {scale: variant.plan(scale)}))
+    prompts = subject.item_prompts
+    s = ssim(out.images, ref.images)
+    item: dict[str, Any] = {"scale": scale, "variant": variant.name, "guidance": variant.guidance, "keep": variant.keep,
+                            "selection": variant.selection}
+    if scorer.name == "evaluator":
+        sem_acc = scorer.score(out.images, prompts, ref.images)
+        agree = (sem_acc == ref_sem).astype(np.float64)
+        item["sem_acc"], item["ref_sem"] = np.asarray(sem_acc).tolist(), np.asarray(ref_sem).tolist()
+    else:
+        agree = scorer.score(out.images, prompts, ref.images, out.final_codes, ref.final_codes)
+    item.update({"ssim": np.asarray(s).tolist(), "agree": np.asarray(agree, dtype=np.float64).tolist(),
+                 "hf": np.asarray(hf_ratio(out.images, ref.images)).tolist()})
+    return item
+
+
+def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: int, num_shards: int, *, out: str | Path,
+                  batch_size: int = 8, guidance: float | None = None, settings=None, progress: bool = True) -> Path:
+    """Measure one shard of the calibration pass (resumable); returns its directory, holding a
+    self-contained ``shard.json`` to give to :func:`merge_records`.
+
+    ``prompts`` is the *whole* calibration prompt list (every shard gets the same); the shard
+    measures prompts ``shard_range(len(prompts), batch_size, shard_index, num_shards)`` with all
+    seeds. Shard 0 also times the latency grid and the latency-model check on the whole set.
+    """
+    import torch
+    from calibrate.calibration import MeasureSettings, _latency_check, _progress, record_inputs
+    from calibrate.measure.common import Subject, Variant, variant_grid
+    from calibrate.measure.latency import device_info, summarize, variant_point
+    from calibrate.metrics import scorer_for
+    from calibrate.record import UnitStore, content_key
+    from stagevar.policy import atomic_write_text
+
+    settings = settings or MeasureSettings()
+    guidance = adapter.default_guidance if guidance is None else float(guidance)
+    inputs = record_inputs(adapter, prompts, seeds, batch_size, guidance, settings)
+    key = content_key(inputs)
+    start, stop = shard_range(len(prompts), batch_size, shard_index, num_shards)
+    directory = shard_dir(out, key, shard_index, num_shards)
+    if (directory / "shard.json").is_file():
+        log.info("calibration shard %s found: reusing it", directory)
+        return directory
+    store = UnitStore(directory)
+    torch.manual_seed(0)
+    random.seed(0)
+    subject = Subject(adapter, prompts[start:stop], seeds, batch_size, guidance)
+    scorer = scorer_for(adapter.name)
+    n = subject.num_scales
+    depth = adapter.num_layers
+    sens_from = settings.sensitivity_from if settings.sensitivity_from is not None else max(1, n // 2)
+    sens_variants = [Variant("cond_only")] + [Variant("cfg", r, s) for r in settings.keeps for s in settings.selections]
+    spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else tuple(sorted({depth // 2, depth}))
+    lat_total = settings.latency_repeats + 1 if shard_index == 0 else 0
+    bar = _progress(1 + (n - sens_from) * len(sens_variants) + lat_total, f"calibrating {adapter.name} shard {shard_index}", progress)
+    try:
+        conv = store.get("convergence")
+        items, ref = _convergence_items(subject, scorer, spectra_layers, keep_spectra=conv is None)
+        if conv is None:
+            conv = store.put("convergence", items)
+        bar.update(1)
+        ref_sem = scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None
+        sens = []
+        for k in range(sens_from, n):
+            for v in sens_variants:
+                name = f"sensitivity/k{k:02d}/{v.name}"
+                row = store.get(name)
+                if row is None:
+                    row = store.put(name, _variant_items(subject, ref, k, v, scorer, ref_sem))
+                sens.append(row)
+                bar.update(1)
+        shard: dict[str, Any] = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "key": key, "inputs": inputs,
+                                 "shard_index": shard_index, "num_shards": num_shards, "prompt_range": [start, stop],
+                                 "device_info": device_info(adapter), "convergence": conv, "sensitivity": sens}
+        if shard_index == 0:                  # latency: the whole calibration set, on this machine, as measure() does
+            full = Subject(adapter, prompts, seeds, batch_size, guidance)
+            lat_variants = variant_grid(settings.keeps, settings.selections)
+            rounds = [store.get(f"latency/round{r}") for r in range(settings.latency_repeats)]
+            if any(r is None for r in rounds):
+                for v in lat_variants[:3]:
+                    full.run(variant_point(n, v))                # warm-up
+            for r in range(settings.latency_repeats):
+                if rounds[r] is None:
+                    res = {}
+                    for v in lat_variants:
+                        o = full.run(variant_point(n, v))
+                        res[v.name] = {"scales": o.scale_seconds, "total": o.seconds}
+                    rounds[r] = store.put(f"latency/round{r}", res)
+                bar.update(1)
+            samples = {v.name: [rd[v.name]["scales"] for rd in rounds] for v in lat_variants}
+            totals = {v.name: [rd[v.name]["total"] for rd in rounds] for v in lat_variants}
+            latency = summarize(samples, totals, n)
+            latency.update(device_info(adapter))
+            latency["batch_size"] = batch_size
+            latency["variants"] = [v.name for v in lat_variants]
+            check = store.get("latency_check")
+            if check is None:
+                check = store.put("latency_check", _latency_check(full, latency, lat_variants, settings))
+            bar.update(1)
+            shard["latency"], shard["latency_check"] = latency, check
+        atomic_write_text(directory / "shard.json", json.dumps(shard, default=_np_default))
+    finally:
+        bar.close()
+    return directory
+
+
+def _np_default(o):
+    from calibrate.record import _np_default as d
+    return d(o)
+
+
+def load_shard(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    f = p / "shard.json" if p.is_dir() else p
+    if not f.is_file():
+        raise StageVarError(f"{f}: no finished calibration shard here (measure_shard writes shard.json when the shard is done).")
+    try:
+        d = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StageVarError(f"{f}: not a valid calibration shard ({exc}).") from None
+    if d.get("format") != SHARD_FORMAT or d.get("version") != SHARD_VERSION:
+        raise StageVarError(f"{f}: not a calibration shard of version {SHARD_VERSION} (format {d.get('format')!r}, "
+                            f"version {d.get('version')!r}).")
+    d["_path"] = str(f)
+    return d
+
+
+_DEVICE_FIELDS = ("device", "device_type")
+
+
+def merge_records(shards, out: str | Path | None = None):
+    """Merge finished shards (directories or ``shard.json`` files, any order) into the calibration
+    record a single process would have measured; saved in ``record_dir(out, key)`` when ``out`` is
+    given. Latency, the latency check and the device fields come from shard 0."""
+    from calibrate.calibration import record_dir
+    from calibrate.measure.stages import detect_stages
+    from calibrate.measure.spectra import ENERGIES
+    from calibrate.record import CalibrationRecord, content_key
+
+    parts = sorted((load_shard(s) for s in shards), key=lambda d: d["shard_index"])
+    if not parts:
+        raise StageVarError("no shards to merge.")
+    n_sh = parts[0]["num_shards"]
+    idx = [d["shard_index"] for d in parts]
+    if any(d["num_shards"] != n_sh for d in parts) or idx != list(range(n_sh)):
+        raise StageVarError(f"shards {', '.join(d['_path'] for d in parts)} do not form one complete set: indices {idx} "
+                            f"of {[d['num_shards'] for d in parts]} (need every index 0..N-1 exactly once).")
+    base = parts[0]
+    strip = lambda inp: {k: v for k, v in inp.items() if k not in _DEVICE_FIELDS}  # noqa: E731
+    for d in parts[1:]:
+        if strip(d["inputs"]) != strip(base["inputs"]):
+            diff = sorted(k for k in set(d["inputs"]) | set(base["inputs"])
+                          if k not in _DEVICE_FIELDS and d["inputs"].get(k) != base["inputs"].get(k))
+            raise StageVarError(f"shard {d['_path']} was measured with other inputs than shard 0 ({', '.join(diff)} differ): "
+                                "every shard needs the same model, prompts, seeds, batch size, guidance, dtype and settings.")
+        if d["inputs"]["device_type"] != base["inputs"]["device_type"]:
+            log.warning("shard %s ran on %s, shard 0 on %s: quality numbers may differ slightly by hardware",
+                        d["shard_index"], d["inputs"]["device_type"], base["inputs"]["device_type"])
+    inputs = base["inputs"]
+    key = content_key(inputs)
+    if "latency" not in base:
+        raise StageVarError(f"shard 0 ({base['_path']}) holds no latency table.")
+    n_seeds = len(inputs["seeds"])
+
+    def merged(get) -> np.ndarray | list:
+        """Concatenate per-image lists of every shard in the single-process order (seed-major)."""
+        out_vals = []
+        for si in range(n_seeds):
+            for d in parts:
+                a, b = d["prompt_range"]
+                vals = get(d)
+                out_vals += vals[si * (b - a):(si + 1) * (b - a)]
+        return out_vals
+
+    # convergence
+    c0 = base["convergence"]
+    n = len(c0["ssim"])
+    sem_dtype = np.float64 if c0["semantic_dtype"] == "float64" else np.float32
+    curves = {"scale": list(range(n)), "ssim": [], "semantic": [], "semantic_measure": c0["semantic_measure"],
+              "final_semantic": float(np.mean(np.asarray(merged(lambda d: d["convergence"]["final_semantic"]), dtype=np.float64)))}
+    for k in range(n):
+        curves["ssim"].append(float(np.asarray(merged(lambda d: d["convergence"]["ssim"][k]), dtype=np.float64).mean()))
+        curves["semantic"].append(float(np.asarray(merged(lambda d: d["convergence"]["semantic"][k]), dtype=sem_dtype).mean()))
+    # spectra
+    spectra_rows, arrays = [], {}
+    for j, srow in enumerate(c0["spectra"]):
+        k, layer = srow["scale"], srow["layer"]
+        spec = np.mean(np.asarray(merged(lambda d: d["convergence"]["spectra"][j]["spectrum"]), dtype=np.float64), axis=0)
+        arrays[f"scale{k:02d}_layer{layer:02d}"] = spec[:64].astype(np.float32)
+        full = srow["full_rank"]
+        row = {"scale": k, "layer": layer, "tokens": srow["tokens"], "full_rank": full}
+        for e in ENERGIES:
+            r = float(np.mean(merged(lambda d: d["convergence"]["spectra"][j]["ranks"][str(e)])))
+            row[f"eff_rank_{int(e * 100)}"] = r
+            row[f"eff_rank_frac_{int(e * 100)}"] = r / full if full else 0.0
+        spectra_rows.append(row)
+    # sensitivity
+    sens = []
+    for j, r0 in enumerate(base["sensitivity"]):
+        s = np.asarray(merged(lambda d: d["sensitivity"][j]["ssim"]), dtype=np.float64)
+        agree = np.asarray(merged(lambda d: d["sensitivity"][j]["agree"]), dtype=np.float64)
+        hf = np.asarray(merged(lambda d: d["sensitivity"][j]["hf"]), dtype=np.float64)
+        q = 0.5 * s + 0.5 * agree
+        if "sem_acc" in r0:
+            score = float(np.asarray(merged(lambda d: d["sensitivity"][j]["sem_acc"]), dtype=np.float64).mean())
+            score_full = float(np.asarray(merged(lambda d: d["sensitivity"][j]["ref_sem"]), dtype=np.float64).mean())
+        else:
+            score = score_full = float("nan")
+        row = {k: r0[k] for k in ("scale", "variant", "guidance", "keep", "selection")}
+        row.update({"ssim": float(s.mean()), "semantic": float(agree.mean()), "hf_ratio": float(hf.mean()),
+                    "quality": float(q.mean()), "quality_worst": float(q.min()), "damage": float(1 - q.mean()),
+                    "score": score, "score_full": score_full})
+        sens.append(row)
+    stages = detect_stages(curves, n)
+    stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}
+    record = CalibrationRecord(key=key, inputs=inputs, convergence=curves, sensitivity=sens, spectra=spectra_rows,
+                               latency=base["latency"], latency_check=base["latency_check"], stages=stages,
+                               spectra_arrays=arrays)
+    if out is not None:
+        record.save(record_dir(out, key))
+    return record
+
+
+# ============================================================================== journal repair
+def repair_journal(path: str | Path) -> bool:
+    """Make an Optuna journal file safe to append to after a crash: drop a torn last line (a
+    write cut short), which Optuna skips on read but which would swallow the next appended entry
+    and make the whole journal unreadable. Returns True when something was removed. Call it
+    before opening the journal of a run that may have been killed (single writer)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    size = p.stat().st_size
+    if size == 0:
+        return False
+    with open(p, "rb+") as f:
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return False
+        # find the end of the last complete line
+        pos, chunk = size, 1 << 16
+        keep = 0
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step)
+            i = buf.rfind(b"\n")
+            if i >= 0:
+                keep = pos + i + 1
+                break
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    log.warning("journal %s: removed a torn last entry (%d bytes) left by an interrupted write", p, size - keep)
+    return True
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from calibrate.cli import main
+    sys.exit(main(["worker", *sys.argv[1:]]))

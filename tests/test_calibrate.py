@@ -1,0 +1,699 @@
+"""``calibrate``: the calibration record, the measurements, the policy search and the
+``stagevar-calibrate`` command, on ``infinity-tiny`` with minimal settings.
+
+One module-scoped fixture measures a record once (2 prompts, 1 seed, batch 2, one keep ratio,
+sensitivity at the last two scales, one latency round); the other tests reuse it. Everything that
+does not need generation (spectra, stages, latency model, budgets, search space) is tested on
+hand-built inputs with hand-computed answers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+import calibrate.calibration as calibration
+import calibrate.measure.common as common
+from calibrate.calibration import MeasureSettings, measure, record_dir, record_inputs
+from calibrate.measure.common import RunOutput, Subject, Variant, point_from_plans, variant_grid
+from calibrate.measure.latency import LatencyModel
+from calibrate.measure.sensitivity import compare
+from calibrate.measure.spectra import effective_rank, spectra_rows
+from calibrate.measure.stages import detect_stages
+from calibrate.metrics import CodeAgreementScorer, scorer_for
+from calibrate.record import RECORD_VERSION, CalibrationRecord, RecordError, UnitStore, content_key
+from calibrate.search import (BudgetError, Objective, enqueue_seeds, feasible_ranked, open_study, parse_budget,
+                              parse_budgets, seed_params, suggest_policy)
+from stagevar.models.registry import load_model
+from stagevar.policy import ScalePlan, load_policy
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+PROMPTS = ["a red circle", "two blue squares"]
+SEEDS = [0]
+BATCH = 2
+SETTINGS = MeasureSettings(keeps=(0.5,), selections=("random_projection",), sensitivity_from=5,
+                           latency_repeats=1, latency_check_policies=1)
+SENS_FIELDS = ("ssim", "semantic", "hf_ratio", "quality", "quality_worst", "damage")
+
+
+def _norm(d) -> str:
+    """Canonical JSON text (tuples == lists, NaN == NaN) for comparing records."""
+    return json.dumps(d, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def _record_variants(settings: MeasureSettings = SETTINGS) -> list[Variant]:
+    return variant_grid(settings.keeps, settings.selections)
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared, busy CPU, torch's thread pool spin-waits and a generation
+    gets 4-10x slower. (The record key does not depend on the thread count.)"""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("infinity-tiny")
+
+
+@pytest.fixture(scope="module")
+def measured(model, tmp_path_factory):
+    """(out directory, record) of one from-scratch calibration pass."""
+    out = tmp_path_factory.mktemp("calibration")
+    rec = measure(model, PROMPTS, SEEDS, out=out, batch_size=BATCH, settings=SETTINGS, progress=False)
+    return out, rec
+
+
+@pytest.fixture(scope="module")
+def record(measured):
+    return measured[1]
+
+
+@pytest.fixture(scope="module")
+def subject(model):
+    return Subject(model, PROMPTS, SEEDS, BATCH)
+
+
+@pytest.fixture(scope="module")
+def reference(subject):
+    return subject.run(None)
+
+
+def _hand_record(n: int = 7, depth: int = 2, refinement_start: int = 4, semantic_end: int = 1) -> CalibrationRecord:
+    sched = [[1, 2 ** k, 2 ** k] for k in range(n)]
+    stages = {"semantic": [0, semantic_end], "structure": [semantic_end + 1, refinement_start - 1],
+              "refinement": [refinement_start, n - 1], "rule": "hand-made", "evidence": {}}
+    return CalibrationRecord(key="hand", inputs={"model": {"scale_schedule": sched}, "num_layers": depth},
+                             convergence={}, sensitivity=[], spectra=[], latency={}, latency_check=[], stages=stages)
+
+
+# ------------------------------------------------------------------------ 1. record round trip
+def test_measured_record_is_complete(measured, model):
+    out, rec = measured
+    d = record_dir(out, rec.key)
+    assert (d / "record.json").is_file() and (d / "spectra.npz").is_file()
+    assert rec.num_scales == len(model.scale_schedule) == 7
+    assert rec.version == RECORD_VERSION
+    # sensitivity: scales 5, 6 x (cond, cfg+rp@0.5)
+    assert sorted((r["scale"], r["variant"]) for r in rec.sensitivity) == [
+        (5, "cfg+rp@0.5"), (5, "cond"), (6, "cfg+rp@0.5"), (6, "cond")]
+    for r in rec.sensitivity:
+        assert 0.0 <= r["quality"] <= 1.0 and r["damage"] == pytest.approx(1 - r["quality"])
+    assert len(rec.latency_check) == 1
+    assert set(rec.latency["variants"]) == {v.name for v in _record_variants()}
+    assert {k for k in ("semantic", "structure", "refinement")} <= set(rec.stages)
+    assert rec.spectra and rec.spectra_arrays
+
+
+def test_record_round_trip(measured, tmp_path):
+    out, rec = measured
+    loaded = CalibrationRecord.load(record_dir(out, rec.key))
+    assert loaded.key == rec.key
+    assert _norm(loaded.to_json()) == _norm(rec.to_json())
+    assert loaded.sha256() == rec.sha256()
+    assert set(loaded.spectra_arrays) == set(rec.spectra_arrays)
+    for k, v in rec.spectra_arrays.items():
+        np.testing.assert_array_equal(loaded.spectra_arrays[k], v)
+    # a loaded record re-saved and re-loaded is identical, field for field
+    loaded.save(tmp_path / "copy")
+    again = CalibrationRecord.load(tmp_path / "copy" / "record.json")
+    assert again.to_json() == loaded.to_json()
+    for k, v in loaded.spectra_arrays.items():
+        np.testing.assert_array_equal(again.spectra_arrays[k], v)
+
+
+def _copy_record(measured, tmp_path) -> Path:
+    out, rec = measured
+    dst = tmp_path / "rec"
+    shutil.copytree(record_dir(out, rec.key), dst)
+    return dst
+
+
+def test_record_newer_version_refused(measured, tmp_path):
+    d = _copy_record(measured, tmp_path)
+    data = json.loads((d / "record.json").read_text())
+    data["version"] = RECORD_VERSION + 1
+    (d / "record.json").write_text(json.dumps(data))
+    with pytest.raises(RecordError, match="upgrade") as exc:
+        CalibrationRecord.load(d)
+    assert str(RECORD_VERSION + 1) in str(exc.value)
+
+
+def test_record_unknown_field_refused(measured, tmp_path):
+    d = _copy_record(measured, tmp_path)
+    data = json.loads((d / "record.json").read_text())
+    data["surprise"] = 1
+    (d / "record.json").write_text(json.dumps(data))
+    with pytest.raises(RecordError, match="unknown fields.*surprise"):
+        CalibrationRecord.load(d)
+
+
+def test_record_corrupted_json_refused(measured, tmp_path):
+    d = _copy_record(measured, tmp_path)
+    text = (d / "record.json").read_text()
+    (d / "record.json").write_text(text[: len(text) // 2])
+    with pytest.raises(RecordError, match="not a valid calibration record") as exc:
+        CalibrationRecord.load(d)
+    assert "record.json" in str(exc.value) and "measure again" in str(exc.value)
+    (d / "record.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(RecordError, match="not a valid calibration record"):
+        CalibrationRecord.load(d)
+
+
+def test_record_missing_refused(tmp_path):
+    with pytest.raises(RecordError, match="no calibration record"):
+        CalibrationRecord.load(tmp_path)
+
+
+@pytest.mark.parametrize("mutate", ["old_version", "missing_field"])
+def test_record_old_or_incomplete_refused_cleanly(measured, tmp_path, mutate):
+    d = _copy_record(measured, tmp_path)
+    data = json.loads((d / "record.json").read_text())
+    if mutate == "old_version":
+        data["version"] = 0
+    else:
+        del data["stages"]
+    (d / "record.json").write_text(json.dumps(data))
+    with pytest.raises(RecordError):
+        CalibrationRecord.load(d)
+
+
+# ---------------------------------------------------------------------------- 2. cache and key
+def test_cache_hit_runs_no_generation(measured, model, monkeypatch):
+    out, rec = measured
+
+    def boom(*a, **k):
+        raise AssertionError("generation ran on a cache hit")
+
+    monkeypatch.setattr(common.Subject, "run", boom)
+    monkeypatch.setattr(calibration, "Subject", boom)          # not even built
+    monkeypatch.setattr(calibration, "measure_variant", boom)
+    again = measure(model, PROMPTS, SEEDS, out=out, batch_size=BATCH, settings=SETTINGS, progress=False)
+    assert again.key == rec.key
+    assert _norm(again.to_json()) == _norm(rec.to_json())
+
+
+def test_key_depends_on_every_input(model, record):
+    def key(prompts=PROMPTS, seeds=SEEDS, batch=BATCH, guidance=model.default_guidance, settings=SETTINGS):
+        return content_key(record_inputs(model, prompts, seeds, batch, guidance, settings))
+
+    base = key()
+    assert base == record.key == key()                      # deterministic, and what measure() used
+    changed = {
+        "seed": key(seeds=[1]),
+        "more seeds": key(seeds=[0, 1]),
+        "prompt": key(prompts=["a red circle", "two green squares"]),
+        "prompt order": key(prompts=PROMPTS[::-1]),
+        "batch": key(batch=1),
+        "guidance": key(guidance=model.default_guidance + 1.0),
+        "keeps": key(settings=dataclasses.replace(SETTINGS, keeps=(0.25,))),
+        "selections": key(settings=dataclasses.replace(SETTINGS, selections=("deviation",))),
+        "sensitivity_from": key(settings=dataclasses.replace(SETTINGS, sensitivity_from=4)),
+        "latency_repeats": key(settings=dataclasses.replace(SETTINGS, latency_repeats=2)),
+    }
+    for what, k in changed.items():
+        assert k != base, what
+    assert len(set(changed.values())) == len(changed)
+
+
+# ------------------------------------------------------------------------------------ 3. resume
+def test_resume_after_interruption(model, measured, tmp_path, monkeypatch):
+    out, record = measured
+    calls = []
+    real = calibration.measure_variant
+
+    def counting(subject, ref, scale, variant, *a, **k):
+        calls.append((scale, variant.name))
+        return real(subject, ref, scale, variant, *a, **k)
+
+    monkeypatch.setattr(calibration, "measure_variant", counting)
+    with pytest.raises(KeyboardInterrupt):
+        measure(model, PROMPTS, SEEDS, out=tmp_path, batch_size=BATCH, settings=SETTINGS, progress=False,
+                interrupt_after=2)
+    d = record_dir(tmp_path, record.key)
+    assert not (d / "record.json").exists()
+    units = sorted(p.name for p in (d / "units").glob("*.json"))
+    assert units == ["convergence.json", "sensitivity__k05__cond.json"]
+    assert calls == [(5, "cond")]
+
+    # finished latency units (same key, so interchangeable) are also reused, not re-measured: this
+    # also keeps the test short (the latency pass is 10 generations)
+    for u in ("latency__round0.json", "latency_check.json"):
+        shutil.copy(record_dir(out, record.key) / "units" / u, d / "units" / u)
+
+    def no_latency(*a, **k):
+        raise AssertionError("the latency check was re-measured")
+
+    monkeypatch.setattr(calibration, "_latency_check", no_latency)
+    calls.clear()
+    puts = []
+    real_put = UnitStore.put
+    monkeypatch.setattr(UnitStore, "put", lambda self, name, value: (puts.append(name), real_put(self, name, value))[1])
+    resumed = measure(model, PROMPTS, SEEDS, out=tmp_path, batch_size=BATCH, settings=SETTINGS, progress=False)
+    assert (d / "record.json").is_file()
+    # the finished units are not recomputed
+    assert (5, "cond") not in calls and "convergence" not in puts and "sensitivity/k05/cond" not in puts
+    assert sorted(calls) == [(5, "cfg+rp@0.5"), (6, "cfg+rp@0.5"), (6, "cond")]
+    assert sorted(puts) == ["sensitivity/k05/cfg+rp@0.5", "sensitivity/k06/cfg+rp@0.5", "sensitivity/k06/cond"]
+    # ... and the result equals the from-scratch record (deterministic on CPU)
+    assert resumed.key == record.key
+    assert resumed.convergence == record.convergence
+    a = {(r["scale"], r["variant"]): r for r in resumed.sensitivity}
+    b = {(r["scale"], r["variant"]): r for r in record.sensitivity}
+    assert a.keys() == b.keys()
+    for k in a:
+        for f in SENS_FIELDS:
+            assert a[k][f] == pytest.approx(b[k][f], abs=1e-9, rel=0), (k, f)
+    assert resumed.stages["semantic"] == record.stages["semantic"]
+    assert resumed.stages["refinement"] == record.stages["refinement"]
+    for k, v in record.spectra_arrays.items():
+        np.testing.assert_array_equal(resumed.spectra_arrays[k], v)
+    assert resumed.latency["rows"] == record.latency["rows"] and resumed.latency_check == record.latency_check
+
+
+# ------------------------------------------------------------------------- 4. identity = zero
+def test_compare_same_output_is_exactly_zero_damage():
+    rng = np.random.default_rng(0)
+    out = RunOutput(rng.random((2, 3, 32, 32)).astype(np.float32), rng.integers(0, 2, (2, 40)).astype(np.float32),
+                    0.1, [0.05, 0.05])
+    m = compare(out, out, PROMPTS, CodeAgreementScorer())
+    assert m["damage"] == 0.0 and m["quality"] == 1.0 and m["quality_worst"] == 1.0
+    assert m["ssim"] == 1.0 and m["semantic"] == 1.0 and m["hf_ratio"] == 1.0
+
+
+def test_identity_run_has_zero_damage(model, subject, reference):
+    n = subject.num_scales
+    out = subject.run(point_from_plans(n, {}))
+    m = compare(out, reference, subject.item_prompts, scorer_for(model.name))
+    assert m["damage"] == 0.0
+    assert m["quality"] == 1.0
+    m2 = compare(reference, reference, subject.item_prompts, scorer_for(model.name))
+    assert m2["damage"] == 0.0 and m2["quality"] == 1.0
+
+
+# -------------------------------------------------------------------------------- 5. spectra
+def test_effective_rank_known_values():
+    assert effective_rank(np.array([3.0, 4.0, 0.0]), 0.99) == 2
+    assert effective_rank(np.array([4.0, 3.0]), 0.60) == 1          # 16/25 = 0.64
+    assert effective_rank(np.array([3.0, 4.0]), 0.64) == 1          # exactly at the threshold, unsorted input
+    assert effective_rank(np.array([1.0, 0.0, 0.0]), 0.99) == 1
+    assert effective_rank(np.ones(10), 0.95) == 10
+    assert effective_rank(np.zeros(5), 0.9) == 0
+
+
+def test_spectra_rows_known_rank():
+    rng = np.random.default_rng(0)
+    P, M, C, r = 2, 50, 16, 3
+    mats = []
+    for _ in range(P):
+        a = rng.standard_normal((M, r))
+        a -= a.mean(0, keepdims=True)                  # centred columns: the per-token centring keeps the rank
+        u, _ = np.linalg.qr(a)
+        v, _ = np.linalg.qr(rng.standard_normal((C, r)))
+        mats.append(u @ np.diag([3.0, 2.0, 1.0]) @ v.T + 1e-9 * rng.standard_normal((M, C)))
+    x = np.stack(mats)
+    rows, arrays = spectra_rows({(5, 1): x})
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["scale"], row["layer"], row["tokens"], row["full_rank"]) == (5, 1, M, C)
+    assert row["eff_rank_99"] == 3
+    assert row["eff_rank_95"] == 3                      # top-2 energy (9 + 4) / 14 = 0.93
+    assert row["eff_rank_90"] == 2
+    assert row["eff_rank_frac_99"] == pytest.approx(3 / 16)
+    spec = arrays["scale05_layer01"]
+    assert spec.shape == (min(M, C),)
+    np.testing.assert_allclose(spec[:3], np.array([9, 4, 1]) / 14, rtol=1e-5)
+    assert spec.sum() == pytest.approx(1.0, abs=1e-5)
+    # max_len truncates the stored spectrum
+    _, short = spectra_rows({(5, 1): x}, max_len=4)
+    assert short["scale05_layer01"].shape == (4,)
+
+
+def test_spectra_effective_rank_of_real_record(record):
+    assert len(record.spectra) == len(record.spectra_arrays) == 7 * 2          # 7 scales x layers (1, 2)
+    for row in record.spectra:
+        if row["tokens"] == 1:                          # one token, centred: nothing left
+            assert row["eff_rank_99"] == 0
+        else:
+            assert 1 <= row["eff_rank_90"] <= row["eff_rank_95"] <= row["eff_rank_99"] <= row["full_rank"]
+
+
+# --------------------------------------------------------------------------------- 6. stages
+def _curves(sem, ss):
+    return {"semantic": list(sem), "ssim": list(ss)}
+
+
+def test_stages_documented_rule():
+    st = detect_stages(_curves([0.2, 0.5, 0.95, 0.97, 0.99, 1, 1], [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1]), 7)
+    assert st["semantic"] == [0, 2]                     # first scale with semantic >= 0.9 x final
+    assert st["structure"] == [3, 4]                    # first later scale with SSIM >= 0.6
+    assert st["refinement"] == [5, 6]
+    assert "0.9" in st["rule"] and "0.6" in st["rule"]
+    # semantic level is relative to the final agreement
+    st = detect_stages(_curves([0.1, 0.3, 0.46, 0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0, 0.65, 1]), 7)
+    assert st["semantic"] == [0, 2] and st["structure"] == [3, 5] and st["refinement"] == [6, 6]
+
+
+def test_stages_clamped():
+    # never converges: semantic capped at n-3, refinement keeps the last scale
+    st = detect_stages(_curves([0.0] * 6 + [1.0], [0.0] * 6 + [1.0]), 7)
+    assert st["semantic"] == [0, 4] and st["structure"] == [5, 5] and st["refinement"] == [6, 6]
+    # converges at once: structure is at least one scale, refinement starts right after it
+    st = detect_stages(_curves([1.0] * 7, [1.0] * 7), 7)
+    assert st["semantic"] == [0, 0] and st["structure"] == [1, 1] and st["refinement"] == [2, 6]
+
+
+@pytest.mark.parametrize("n", [3, 4, 7, 10, 13])
+def test_stages_partition_random_curves(n):
+    rng = np.random.default_rng(n)
+    for _ in range(200):
+        sem = rng.random(n) if rng.random() < 0.5 else np.sort(rng.random(n))
+        ss = rng.random(n) if rng.random() < 0.5 else np.sort(rng.random(n))
+        st = detect_stages(_curves(sem, ss), n)
+        (a, s), (b, t), (c, e) = st["semantic"], st["structure"], st["refinement"]
+        assert a == 0 and b == s + 1 and c == t + 1 and e == n - 1          # contiguous partition of 0..n-1
+        assert s <= n - 3                                                   # semantic never past n-3
+        assert t >= b                                                       # structure not empty
+        assert e >= c >= 1                                                  # refinement never empty, never scale 0
+
+
+# --------------------------------------------------------------------------- 7. latency model
+def _hand_latency():
+    """3 scales; variants cfg / cond at keep 1, 0.5, 0.25 (random projection)."""
+    secs = {
+        "cfg": [0.1, 0.2, 0.4], "cfg+rp@0.5": [0.1, 0.15, 0.25], "cfg+rp@0.25": [0.1, 0.12, 0.15],
+        "cond": [0.06, 0.1, 0.2], "cond+rp@0.5": [0.06, 0.08, 0.12], "cond+rp@0.25": [0.06, 0.07, 0.08],
+    }
+    rows = [{"scale": k, "variant": v, "seconds": s[k], "p90": s[k]} for v, s in secs.items() for k in range(3)]
+    variants = variant_grid((0.5, 0.25), ("random_projection",))
+    assert {v.name for v in variants} == set(secs)
+    return LatencyModel({"rows": rows, "overhead_s": 0.05}, variants, depth=4), [1, 4, 16]
+
+
+def test_latency_identity_and_baseline():
+    lm, tokens = _hand_latency()
+    assert lm.predict(point_from_plans(3, {}), tokens) == pytest.approx(0.05 + 0.1 + 0.2 + 0.4)
+    assert lm.baseline(tokens) == pytest.approx(0.75)
+
+
+def test_latency_grid_points_and_interpolation():
+    lm, tokens = _hand_latency()
+
+    def at2(**kw):
+        return lm.predict(point_from_plans(3, {2: ScalePlan(2, **kw)}), tokens) - 0.05 - 0.1 - 0.2
+
+    assert at2(keep=0.5) == pytest.approx(0.25)
+    assert at2(keep=0.25) == pytest.approx(0.15)
+    assert at2(keep=0.75) == pytest.approx(0.5 * 0.25 + 0.5 * 0.4)          # halfway 0.5 .. 1.0
+    assert at2(keep=0.375) == pytest.approx(0.5 * 0.15 + 0.5 * 0.25)        # halfway 0.25 .. 0.5
+    assert at2(keep=0.4375) == pytest.approx(0.25 * 0.15 + 0.75 * 0.25)     # 7/16 tokens
+    assert at2(keep_tokens=12) == pytest.approx(at2(keep=0.75))             # absolute token count
+    # a selection without its own column uses the random-projection column
+    assert at2(keep=0.5, selection="uniform") == pytest.approx(0.25)
+    assert at2(keep=0.5, selection="deviation") == pytest.approx(0.25)
+    # cond_only
+    assert at2(guidance="cond_only") == pytest.approx(0.2)
+    assert at2(guidance="cond_only", keep=0.75) == pytest.approx(0.5 * 0.12 + 0.5 * 0.2)
+    # guidance dropped at scale 1 stays dropped at scale 2
+    p = point_from_plans(3, {1: ScalePlan(1, guidance="cond_only")})
+    assert lm.predict(p, tokens) == pytest.approx(0.05 + 0.1 + 0.1 + 0.2)
+    # skipping computes nothing
+    assert at2(skip=True) == pytest.approx(0.0)
+
+
+def test_latency_layer_subrange_mixes():
+    lm, tokens = _hand_latency()
+    pt = point_from_plans(3, {2: ScalePlan(2, keep=0.5, layers=(1, 4))})   # 3 of 4 layers on the subset
+    expected = 0.05 + 0.1 + 0.2 + (0.25 * 0.4 + 0.75 * 0.25)
+    assert lm.predict(pt, tokens) == pytest.approx(expected)
+    pt = point_from_plans(3, {2: ScalePlan(2, keep=0.5, layers=(0, 4))})   # all layers = no mixing
+    assert lm.predict(pt, tokens) == pytest.approx(0.05 + 0.1 + 0.2 + 0.25)
+
+
+def test_latency_model_on_measured_record(model, record):
+    lm = LatencyModel(record.latency, _record_variants(), model.num_layers)
+    tokens = model.tokens_per_scale()
+    assert lm.predict(point_from_plans(record.num_scales, {}), tokens) == pytest.approx(lm.baseline(tokens))
+    assert all(r["measured_s"] > 0 and math.isfinite(r["error"]) for r in record.latency_check)
+
+
+# ------------------------------------------------------------------------------------ 8. search
+def test_seed_policies_expected_plans():
+    rec = _hand_record(n=7, depth=2, refinement_start=4)        # search may start at scale 3
+    seeds = seed_params(rec)
+    assert list(seeds) == ["identity", "paper-like", "fastvar-like"]
+    ident = suggest_policy(optuna.trial.FixedTrial(seeds["identity"]), rec)
+    assert len(ident.plans) == 7 and all(p.is_identity for p in ident.plans)
+    assert [p.scale for p in ident.plans] == list(range(7))
+
+    paper = suggest_policy(optuna.trial.FixedTrial(seeds["paper-like"]), rec)
+    for p in paper.plans:
+        if p.scale < 4:
+            assert p.is_identity, p
+        else:                                       # the last three: guidance dropped, keep 0.5
+            assert (p.guidance, p.keep, p.selection, p.layers) == ("cond_only", 0.5, "random_projection", None), p
+    assert paper.stages["refinement"] == (4, 6)
+
+    fv = suggest_policy(optuna.trial.FixedTrial(seeds["fastvar-like"]), rec)
+    assert all(p.is_identity for p in fv.plans[:3])
+    assert [p.keep for p in fv.plans[3:]] == [0.6, 0.5, 0.1, 0.1]
+    assert all(p.selection == "deviation" and p.guidance == "cfg" for p in fv.plans[3:])
+    assert fv.stages["refinement"] == (3, 6)
+
+
+def test_fastvar_seed_uses_middle_layers_on_deep_models():
+    rec = _hand_record(n=7, depth=32, refinement_start=4)
+    fv = suggest_policy(optuna.trial.FixedTrial(seed_params(rec)["fastvar-like"]), rec)
+    assert all(p.layers == (3, 32) for p in fv.plans[3:])
+
+
+def test_search_space_is_fixed_size(record):
+    rec = _hand_record(n=7, depth=2, refinement_start=4)
+    expected = {"first_accelerated", "cond_only_from", "restore", "layer_start"} | \
+        {f"{w}_{k}" for k in range(3, 7) for w in ("keep", "selection")}
+    for params in seed_params(rec).values():
+        assert set(params) == expected
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        t = study.ask()
+        point = suggest_policy(t, rec)
+        assert set(t.params) == expected
+        assert len(point.plans) == 7
+        # any sampled policy replays exactly through FixedTrial
+        assert suggest_policy(optuna.trial.FixedTrial(t.params), rec) == point
+        study.tell(t, 0.0)
+    # the measured record: the seeds cover the same space as suggest_policy
+    names = None
+    for params in seed_params(record).values():
+        suggest_policy(optuna.trial.FixedTrial(params), record)
+        names = names or set(params)
+        assert set(params) == names
+
+
+@pytest.mark.parametrize("text,speedup,seconds", [
+    ("3x", 3.0, None), ("2.5x", 2.5, None), ("700ms", None, 0.7), ("1.5s", None, 1.5), (" 3X ", 3.0, None)])
+def test_parse_budget_accepts(text, speedup, seconds):
+    b = parse_budget(text)
+    assert b.speedup == speedup
+    assert b.seconds == pytest.approx(seconds) if seconds is not None else b.seconds is None
+    assert b.target_seconds(2.0) == pytest.approx(2.0 / speedup if speedup else seconds)
+
+
+def test_parse_budgets_list():
+    bs = parse_budgets("2x,3x")
+    assert [b.speedup for b in bs] == [2.0, 3.0] and [b.name for b in bs] == ["2x", "3x"]
+    assert [b.seconds for b in parse_budgets("700ms, 1.5s")] == pytest.approx([0.7, 1.5])
+
+
+@pytest.mark.parametrize("text", ["0x", "-3x", "1x", "3", "fastest", "0ms", "3x,fastest"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(BudgetError) as exc:
+        parse_budgets(text)
+    bad = text.split(",")[-1]
+    assert repr(bad) in str(exc.value)
+    assert exc.value.exit_code == 2
+
+
+def test_parse_budgets_rejects_empty_and_repeats():
+    with pytest.raises(BudgetError, match="no budget"):
+        parse_budgets("")
+    with pytest.raises(BudgetError, match="no budget"):
+        parse_budgets(" , ")
+    with pytest.raises(BudgetError, match="'3x,3x'.*repeats"):
+        parse_budgets("3x,3x")
+
+
+# -------------------------------------------------------------------------- 9. constraints
+def test_objective_impossible_budget_all_infeasible_and_estimated(model, record, subject, reference, monkeypatch):
+    lm = LatencyModel(record.latency, _record_variants(), model.num_layers)
+    study = open_study("impossible", None, direction_multi=False, seed=0)
+    enqueue_seeds(study, record)
+    enqueue_seeds(study, record)                                   # a second call does not duplicate
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["seed_policy"] for t in waiting] == ["identity", "paper-like", "fastvar-like"]
+
+    def boom(*a, **k):
+        raise AssertionError("a clearly infeasible trial was generated")
+
+    monkeypatch.setattr(common.Subject, "run", boom)
+    obj = Objective(record, subject, lm, 1e-6, scorer_for(model.name), reference)
+    study.optimize(obj, n_trials=4)
+    trials = study.trials
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert [t.user_attrs.get("seed_policy") for t in trials[:3]] == ["identity", "paper-like", "fastvar-like"]
+    for t in trials:
+        assert t.constraints and all(c > 0 for c in t.constraints.values())
+        assert t.user_attrs["quality_estimated"] is True
+        assert 0.0 <= t.value <= 1.0
+    assert trials[0].value == 1.0                                  # identity: no damage
+    assert feasible_ranked(study) == []
+
+
+def test_objective_feasible_trial_is_measured(model, record, subject, reference):
+    lm = LatencyModel(record.latency, _record_variants(), model.num_layers)
+    study = open_study("generous", None, direction_multi=False, seed=0)
+    enqueue_seeds(study, record)
+    obj = Objective(record, subject, lm, 1e6, scorer_for(model.name), reference)
+    study.optimize(obj, n_trials=1)                                # the identity seed, generated for real
+    t = study.trials[0]
+    assert t.user_attrs["seed_policy"] == "identity"
+    assert t.user_attrs["quality_estimated"] is False
+    assert t.value == 1.0 and t.user_attrs["ssim"] == 1.0
+    assert all(c <= 0 for c in t.constraints.values())
+    assert [x.number for x in feasible_ranked(study)] == [0]
+
+
+# -------------------------------------------------------------------------------- 10. the CLI
+@pytest.fixture
+def small_cli(monkeypatch):
+    """Make the command measure with the small settings (and so reuse the module's record).
+
+    ``measure``'s default settings are bound when it is defined, so patching the class would not
+    reach it: patch the keyword default itself. The command also builds its latency model from
+    the *default* variant grid rather than the record's (see the report), so patch that default too.
+    """
+    monkeypatch.setitem(calibration.measure.__kwdefaults__, "settings", SETTINGS)
+    real = common.variant_grid
+    monkeypatch.setattr(common, "variant_grid",
+                        lambda keeps=SETTINGS.keeps, selections=SETTINGS.selections, **k: real(keeps, selections, **k))
+
+
+def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monkeypatch, capsys):
+    from calibrate.cli import main as calibrate_main
+    from stagevar.cli import main as stagevar_main
+
+    out_dir, rec = measured
+    work = tmp_path / "cal"
+    work.mkdir()
+    shutil.copytree(record_dir(out_dir, rec.key), record_dir(work, rec.key))   # cache hit: no re-measure
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    policy_path = work / "p.yaml"
+    argv = ["--model", "infinity-tiny", "--budget", "50x", "--prompts", str(prompts), "--num-prompts", "2",
+            "--batch-size", "2", "--num-heldout", "2", "--trials", "4", "--verify-candidates", "1",
+            "--out", str(work), "--policy-out", str(policy_path), "--quiet", "--json"]
+
+    def no_measure(*a, **k):
+        raise AssertionError("the record should have been reused")
+
+    monkeypatch.setattr(calibration, "measure_variant", no_measure)
+    rc = calibrate_main(argv)
+    cap = capsys.readouterr()
+    assert rc == 3, cap.err
+    assert "best verified speedup" in cap.err and "50x" in cap.err
+    summary = json.loads(cap.out.strip().splitlines()[-1])
+    assert summary["operating_points"]["50x"]["feasible"] is False
+    assert Path(summary["report"]).is_file()
+
+    policy = load_policy(policy_path)
+    point = policy.operating_point()
+    assert policy.default == "50x"
+    assert point.measured["feasible"] is False and point.measured["verified"] is True
+    assert point.measured["budget"] == "50x"
+    assert policy.provenance["calibration_record"] == rec.key
+    policy.save(tmp_path / "copy.yaml")
+    assert load_policy(tmp_path / "copy.yaml") == policy
+
+    # the study: journal-backed, 4 trials, seeds enqueued once
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    name = f"infinity-tiny.256.50x.{rec.key}"
+    study = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
+    assert len(study.trials) == 4
+    assert [t.user_attrs.get("seed_policy") for t in study.trials[:3]] == ["identity", "paper-like", "fastvar-like"]
+
+    # generate with the written policy
+    import stagevar.runtime as runtime_mod
+    used = []
+    real_rt = runtime_mod.Runtime
+
+    class Spy(real_rt):
+        def __init__(self, adapter, policy=None, *a, **k):
+            used.append(policy)
+            super().__init__(adapter, policy, *a, **k)
+
+    monkeypatch.setattr(runtime_mod, "Runtime", Spy)
+    png = tmp_path / "img.png"
+    assert stagevar_main(["generate", "--model", "infinity-tiny", "--policy", str(policy_path),
+                          "--prompt", "a red circle", "--out", str(png)]) == 0
+    assert png.is_file() and png.stat().st_size > 0
+    assert len(used) == 1 and used[0] == policy
+    monkeypatch.setattr(runtime_mod, "Runtime", real_rt)
+    capsys.readouterr()
+
+    # re-running resumes: the trials are kept and no new one runs
+    def no_trial(self, trial):
+        raise AssertionError("a new trial ran although --trials was reached")
+
+    monkeypatch.setattr(Objective, "__call__", no_trial)
+    rc = calibrate_main(argv)
+    cap = capsys.readouterr()
+    assert rc == 3, cap.err
+    study = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
+    assert len(study.trials) == 4
+    assert load_policy(policy_path).operating_point().measured["trial"] == point.measured["trial"]
+
+
+# ------------------------------------------------------------------------- 11. CLI help/usage
+@pytest.mark.parametrize("argv", [["--help"], ["measure", "--help"]])
+def test_cli_help(argv, capsys):
+    from calibrate.cli import main as calibrate_main
+    with pytest.raises(SystemExit) as exc:
+        calibrate_main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out and "stagevar-calibrate" in out
+
+
+@pytest.mark.parametrize("budget", ["fastest", "0x", "-3x", "1x", "3", "3x,3x", ""])
+def test_cli_bad_budget(budget, tmp_path, capsys, monkeypatch):
+    from calibrate.cli import main as calibrate_main
+    monkeypatch.setattr("stagevar.models.registry.load_model",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded before the budget check")))
+    rc = calibrate_main([f"--budget={budget}", "--model", "infinity-tiny", "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and "budget" in err
+    assert "\n\n" not in err.strip() and "Traceback" not in err        # one paragraph
+    assert not any(tmp_path.iterdir())                                 # nothing written
+
+
+def test_cli_missing_budget_is_usage_error(capsys):
+    from calibrate.cli import main as calibrate_main
+    with pytest.raises(SystemExit) as exc:
+        calibrate_main(["--model", "infinity-tiny"])
+    assert exc.value.code == 2
+    assert "--budget" in capsys.readouterr().err
