@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stagevar.errors import StageVarError
+from stagevar.errors import StageVarError, run_command
 
 log = logging.getLogger("stagevar.calibrate")
 
@@ -146,7 +146,6 @@ def cmd_measure(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import numpy as np
     import optuna
 
     from calibrate.calibration import measure, record_dir
@@ -272,17 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return fn(args)
-    except StageVarError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
-    except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
-        return 130
-
+    return run_command(fn, args, interrupted_hint="re-run the same command to resume")
 
 if __name__ == "__main__":
     sys.exit(main())

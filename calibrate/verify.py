@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 
-import numpy as np
 
 from calibrate.measure.common import Subject
 from calibrate.measure.sensitivity import compare

@@ -695,6 +695,7 @@ def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool):
 def _variant_items(subject, ref, scale, variant, scorer, ref_sem) -> dict[str, Any]:
     """:func:`calibrate.measure.sensitivity.measure_variant` keeping per-image values."""
     from calibrate.measure.common import point_from_plans
+    from calibrate.measure.sensitivity import compare
     from calibrate.metrics import hf_ratio, ssim
 
     out = subject.run(point_from_plans(subject.num_scales, {scale: variant.plan(scale)}))
@@ -708,6 +709,8 @@ def _variant_items(subject, ref, scale, variant, scorer, ref_sem) -> dict[str, A
         item["sem_acc"], item["ref_sem"] = np.asarray(sem_acc).tolist(), np.asarray(ref_sem).tolist()
     else:
         agree = scorer.score(out.images, prompts, ref.images, out.final_codes, ref.final_codes)
+        m = compare(out, ref, prompts, scorer, ref_sem)      # the evaluator-score fields are constants here
+        item["const"] = {"score": m["score"], "score_full": m["score_full"]}
     item.update({"ssim": np.asarray(s).tolist(), "agree": np.asarray(agree, dtype=np.float64).tolist(),
                  "hf": np.asarray(hf_ratio(out.images, ref.images)).tolist()})
     return item
@@ -903,7 +906,7 @@ def merge_records(shards, out: str | Path | None = None):
             score = float(np.asarray(merged(lambda d: d["sensitivity"][j]["sem_acc"]), dtype=np.float64).mean())
             score_full = float(np.asarray(merged(lambda d: d["sensitivity"][j]["ref_sem"]), dtype=np.float64).mean())
         else:
-            score = score_full = float("nan")
+            score, score_full = r0["const"]["score"], r0["const"]["score_full"]
         row = {k: r0[k] for k in ("scale", "variant", "guidance", "keep", "selection")}
         row.update({"ssim": float(s.mean()), "semantic": float(agree.mean()), "hf_ratio": float(hf.mean()),
                     "quality": float(q.mean()), "quality_worst": float(q.min()), "damage": float(1 - q.mean()),

@@ -43,7 +43,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from stagevar.errors import StageVarError
+from stagevar.errors import StageVarError, run_command
 
 log = logging.getLogger("stagevar.bench")
 
@@ -598,22 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return cmd_bench(args)
-    except StageVarError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (OSError, ValueError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
-
+    return run_command(cmd_bench, args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 from stagevar.bench import add_bench_parser, cmd_bench
-from stagevar.errors import StageVarError
+from stagevar.errors import StageVarError, run_command
 
 log = logging.getLogger("stagevar")
 
@@ -284,25 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    try:
-        return COMMANDS[args.command](args)
-    except StageVarError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:          # output piped into `head` and closed: not an error
-        sys.stderr.close()
-        return 0
-    except (OSError, ValueError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
-
+    return run_command(COMMANDS[args.command], args)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stagevar.models.layers import FFN
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.ops.sampling import sample_top_k_top_p
 
@@ -296,17 +297,6 @@ class SelfAttention(nn.Module):
             cache[:] = [k, v]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
-
-
-class FFN(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class CrossAttnBlock(nn.Module):

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stagevar.models.layers import FFN
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.models.registry import WeightsError, register_model
 from stagevar.models.vqvae import VQVAE
@@ -239,19 +240,6 @@ class SelfAttention(nn.Module):
             k, v = cache.append(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
-
-
-class FFN(nn.Module):
-    """``fc2(GELU_tanh(fc1(x)))`` (``basic_var.FFN``, unfused path)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SharedAdaLin(nn.Linear):

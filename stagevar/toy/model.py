@@ -186,17 +186,51 @@ def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float
     return adapter.eval()
 
 
+def _weights_dir(weights) -> Path | None:
+    """A directory holding infinity-mini's files: ``weights`` itself or ``weights/infinity-mini``
+    (so a shared ``$STAGEVAR_WEIGHTS`` root works); None means the shipped weights."""
+    if weights is None:
+        return None
+    root = Path(weights)
+    for cand in (root, root / MODEL_NAME):
+        if cand.is_dir() and (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def random_mini(device="cpu", dtype=torch.float32, seed: int = 0) -> InfinityAdapter:
+    """infinity-mini's architecture with seeded random weights (speed tests without the weights)."""
+    from stagevar.models.infinity import randomize_
+
+    cfg_file = WEIGHTS_DIR / "config.json"
+    if cfg_file.is_file():
+        arch = json.loads(cfg_file.read_text())
+    else:
+        import yaml
+        arch = yaml.safe_load((Path(__file__).resolve().parent / "configs" / "mini.yaml").read_text())
+    _, adapter = build_parts(arch)
+    randomize_(adapter.transformer, seed=seed)
+    randomize_(adapter.vae, seed=seed + 1)
+    for mod in adapter.modules():
+        for bname, buf in mod.named_buffers(recurse=False):
+            if bname == "zero_k_bias":
+                buf.zero_()
+    adapter = adapter.to(device=device)
+    if dtype != torch.float32:
+        adapter.transformer.to(dtype)
+    return adapter.eval()
+
+
 def _register() -> None:
     from stagevar.models.registry import register_model
 
     @register_model(MODEL_NAME, family="infinity", needs_weights=False,
-                    description="Infinity trained here on the toy scenes (depth 6, width 256, 10 scales to 16x16, "
+                    description="Infinity trained here on the toy scenes (depth 8, width 256, 10 scales to 16x16, "
                                 "128px, BSQ VAE d=16); weights shipped in stagevar/toy/weights")
     def infinity_mini(weights=None, device="cpu", dtype=torch.float32, random_weights=False, **_):
-        wdir = None
-        if weights is not None and Path(weights).is_dir() and (Path(weights) / "config.json").is_file():
-            wdir = weights
-        return load_mini(wdir, device=device, dtype=dtype)
+        if random_weights:
+            return random_mini(device=device, dtype=dtype)
+        return load_mini(_weights_dir(weights), device=device, dtype=dtype)
 
 
 _register()
