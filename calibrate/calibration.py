@@ -142,7 +142,8 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
                 bar.update(1)
         samples = {v.name: [rd[v.name]["scales"] for rd in rounds] for v in lat_variants}
         totals = {v.name: [rd[v.name]["total"] for rd in rounds] for v in lat_variants}
-        latency = summarize(samples, totals, n)
+        n_batches = len(list(subject.batches()))
+        latency = summarize(samples, totals, n, n_batches)
         latency.update(device_info(adapter))
         latency["batch_size"] = batch_size
         latency["variants"] = [v.name for v in lat_variants]
@@ -185,7 +186,8 @@ def _latency_check(subject, latency, variants, settings: MeasureSettings) -> lis
                                  keep=keep, selection=sel, layers=lay)
         point = point_from_plans(n, plans)
         predicted = model.predict(point, tokens)
-        measured = sorted(subject.run(point).seconds for _ in range(3))[1]
+        batches = len(list(subject.batches()))
+        measured = sorted(subject.run(point).seconds for _ in range(3))[1] / batches
         rows.append({"policy": f"check-{i}", "predicted_s": predicted, "measured_s": measured,
                      "error": (predicted - measured) / measured, "plans": [p.to_dict() for p in point.plans]})
     return rows

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,9 +160,11 @@ def cmd_calibrate(args) -> int:
     from calibrate.verify import verify_candidates
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
 
+    from calibrate.worker import STUDY_ATTR, open_storage
     budgets = parse_budgets(args.budget)
     if args.trials < 1:
         raise StageVarError(f"--trials must be >= 1, got {args.trials}.")
+    storage = open_storage(args.storage) if args.storage else None      # a bad URL fails before any work
     model, prompts, seeds = _setup(args)
     heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "heldout", args.num_heldout)
     model.encode_prompts(heldout)
@@ -169,6 +172,8 @@ def cmd_calibrate(args) -> int:
     t0 = time.time()
     rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance, progress=not args.quiet)
     rdir = record_dir(args.out, rec.key)
+    if storage is None:
+        storage = _journal(args.out / "study.journal")
     subject = Subject(model, prompts, seeds, args.batch_size, args.guidance)
     scorer = scorer_for(model.name)
     reference = subject.run(None)
@@ -176,7 +181,6 @@ def cmd_calibrate(args) -> int:
     lat_model = LatencyModel(rec.latency, variant_grid(tuple(rec.inputs["settings"]["keeps"]), tuple(rec.inputs["settings"]["selections"])), model.num_layers)
     tokens = model.tokens_per_scale()
     baseline_pred = lat_model.baseline(tokens)
-    storage = args.storage or _journal(args.out / "study.journal")
     points: dict[str, Any] = {}
     all_trials, chosen_trials, infeasible = [], {}, []
     held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance)
@@ -187,6 +191,17 @@ def cmd_calibrate(args) -> int:
         if args.study and len(budgets) > 1:
             name = f"{args.study}.{budget.name}"
         study = open_study(name, storage, direction_multi=False, seed=args.seed)
+        theirs = study.user_attrs.get(STUDY_ATTR)
+        if theirs and theirs.get("record_sha256") not in (None, rec.sha256()):
+            raise StageVarError(
+                f"study {name!r} was searched with calibration record {theirs.get('record_key')}, but this run's record is "
+                f"{rec.key}. Run on the machine and with the options that measured it (same --out, prompts, seeds, device), "
+                "or pass another --study name.")
+        if not theirs:
+            study.set_user_attr(STUDY_ATTR, {"record_key": rec.key, "record_sha256": rec.sha256(), "budget": budget.name,
+                                             "budget_s": budget_s, "model": model.name, "trials": args.trials})
+        if not args.storage:
+            _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
         enqueue_seeds(study, rec)
         done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
                                                            optuna.trial.TrialState.FAIL)])
@@ -250,10 +265,36 @@ def cmd_calibrate(args) -> int:
 
 
 def _journal(path: Path):
+    """The default storage: an Optuna journal file (a torn last line from a kill is repaired first)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
+
+    from calibrate.worker import repair_journal
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = Path(str(path) + ".lock")
+    if os.path.lexists(lock):            # held only for the instant of a write: still there a second later = stale
+        time.sleep(1.0)
+        if os.path.lexists(lock):
+            log.info("removing the stale lock %s left by a killed run", lock)
+            lock.unlink(missing_ok=True)
+    if path.exists():
+        repair_journal(path)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _requeue_stale(study) -> None:
+    """Trials left RUNNING by a killed single-writer run are marked failed and queued again."""
+    import optuna
+    from optuna.trial import TrialState
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # "experimental" notice of the retry callback
+        cb = optuna.storages.RetryHeartbeatStaleTrialCallback() if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") \
+            else optuna.storages.RetryFailedTrialCallback()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        cb(study, study._storage.get_trial(t._trial_id))
+        log.info("trial %d was interrupted: queued again", t.number)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,9 @@ A user file (``--prompts FILE``) has one prompt per line.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from stagevar.io import read_prompt_file
 
-from stagevar.errors import StageVarError
+__all__ = ["bundled", "read_prompt_file"]
 
 SCENE_MODELS = ("infinity-mini", "infinity-tiny")
 
@@ -44,20 +44,3 @@ def bundled(model: str, split: str, n: int) -> list[str]:
     return [base[i % len(base)] for i in range(n)]
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise StageVarError(f"prompts file {p} not found.")
-    data = p.read_bytes()
-    if len(data) > 10_000_000:
-        raise StageVarError(f"prompts file {p} is {len(data) / 1e6:.0f} MB; a calibration prompt set is a few dozen lines.")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise StageVarError(f"prompts file {p} is not UTF-8 text; expected one prompt per line.") from None
-    if "\x00" in text:
-        raise StageVarError(f"prompts file {p} contains NUL bytes (a binary file?); expected one prompt per line.")
-    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise StageVarError(f"prompts file {p} has no prompts (empty, or only comments).")
-    return prompts

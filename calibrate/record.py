@@ -25,7 +25,7 @@ from stagevar.errors import StageVarError
 from stagevar.policy import atomic_write_text
 
 RECORD_VERSION = 1
-MEASURE_CODE_VERSION = 1
+MEASURE_CODE_VERSION = 2
 
 
 class RecordError(StageVarError):
@@ -138,6 +138,9 @@ class UnitStore:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory) / "units"
         self.dir.mkdir(parents=True, exist_ok=True)
+        for d in (self.dir, self.dir.parent):   # temp files of writes killed before their rename
+            for tmp in d.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def _path(self, name: str) -> Path:
         return self.dir / (name.replace("/", "__") + ".json")

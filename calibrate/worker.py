@@ -38,8 +38,10 @@ candidates end to end on held-out prompts and writes the policy. Run it with the
   (``--heartbeat`` seconds) and a grace period (``--grace-period``): a worker killed mid-trial
   (SIGKILL, power loss, preemption) stops beating; after the grace period another worker marks
   that trial FAIL and re-queues its parameters (``RetryHeartbeatStaleTrialCallback``, up to
-  ``--max-retry`` times). Only that trial's work is lost. A worker interrupted with Ctrl-C
-  re-queues its own trial at once. Every worker keeps polling until no trial is running and no
+  ``--max-retry`` times). Only that trial's work is lost. A worker interrupted with Ctrl-C or
+  SIGTERM re-queues its own trial at once (exit 130). A live worker whose heartbeat was starved
+  past the grace period finds its trial failed and re-queued by another: it logs a warning,
+  discards its result and goes on. Every worker keeps polling until no trial is running and no
   retry is waiting, so a trial lost near the end is still retried.
 * **Trial cap.** A worker starts a trial only while finished + running trials are below
   ``--trials`` (or to run a retry), and stops when the finished trials reach it. Two workers
@@ -142,8 +144,9 @@ def build_worker_parser() -> argparse.ArgumentParser:
                    help="finished trials (COMPLETE or PRUNED) wanted in the study, in total across all workers (default 60)")
     p.add_argument("--n-workers", type=int, default=1, help="worker processes started on this machine (default 1)")
     p.add_argument("--record", type=Path,
-                   help="calibration record directory (from `stagevar-calibrate measure`) used by every worker "
-                        "(default: measure one into --out, or reuse the one there)")
+                   help="calibration record directory (from `stagevar-calibrate measure`) used by every worker; its "
+                        "prompts, seeds, batch size and guidance are used (default: measure one into --out with the "
+                        "options above, or reuse the one there)")
     p.add_argument("--seed", type=int, default=0, help="base sampler seed; each process mixes in its host and PID (default 0)")
     p.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats (default 10)")
     p.add_argument("--grace-period", type=int, default=60,
@@ -158,7 +161,9 @@ def cmd_worker(args) -> int:
     import optuna
     from calibrate.search import parse_budget
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed or interrupted trial is reported by this command in one paragraph, not by
+    # Optuna's warning with a traceback (--debug keeps Optuna's warnings)
+    optuna.logging.set_verbosity(optuna.logging.WARNING if args.debug else optuna.logging.ERROR)
     if "," in str(args.budget):
         from calibrate.search import BudgetError
         raise BudgetError(f"a worker searches one budget, got {args.budget!r}: start one set of workers (and one study) per budget.")
@@ -188,10 +193,18 @@ def redact(url: str | None) -> str | None:
 
     >>> redact("postgresql://me:pa:ss@db:5432/x")
     'postgresql://me:***@db:5432/x'
+    >>> redact("postgresql//me:p@ss@db/x")          # malformed URLs too
+    'postgresql//me:***@db/x'
     """
-    if not url:
+    if not url or "@" not in url:
         return url
-    return re.sub(r"://([^:/@]*):[^/]*@", r"://\1:***@", url) if "@" in url else url
+    head, _, tail = url.rpartition("@")
+    i = head.find("//")
+    start = i + 2 if i >= 0 else head.find(":") + 1
+    userinfo = head[start:]
+    if ":" not in userinfo:
+        return url
+    return head[:start] + userinfo.split(":", 1)[0] + ":***@" + tail
 
 
 def _secrets(url: str) -> list[str]:
@@ -243,7 +256,7 @@ def storage_url(url: str) -> str:
         except Exception:  # noqa: BLE001
             default = None
         mods = [m for m in _DRIVERS[backend] if _DRIVER_NAMES.get(m, m) == default] + list(_DRIVERS[backend])
-        found = next((m for m in mods if importlib.util.find_spec(m) is not None), None)
+        found = next((m for m in mods if _usable_driver(backend, m)), None)
         if found is None:
             extra = "postgres" if backend == "postgresql" else backend
             raise StorageError(f"cannot open the storage {red}: no {backend} driver is installed. Install one with "
@@ -251,6 +264,18 @@ def storage_url(url: str) -> str:
         u = u.set(drivername=f"{backend}+{_DRIVER_NAMES.get(found, found)}")
         return u.render_as_string(hide_password=False)
     return url
+
+
+def _usable_driver(backend: str, module: str) -> bool:
+    """The DB-API module is installed and this SQLAlchemy has a dialect for it."""
+    try:
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            return False
+        from sqlalchemy.dialects import registry
+        registry.load(f"{backend}.{_DRIVER_NAMES.get(module, module)}")
+        return True
+    except Exception:  # noqa: BLE001 - any failure: not usable
+        return False
 
 
 def _retry_callback(max_retry: int):
@@ -323,8 +348,9 @@ def _storage_guard(url: str):
 
 
 # ============================================================================== record and study
-def _load_record_for(args, budget):
-    """(model, record, prompts, seeds, batch_size, guidance) for a worker."""
+def _load_record_for(args):
+    """(model, calibration record) of a worker: ``--record``, else measured into (or reused from)
+    ``--out`` exactly as ``stagevar-calibrate measure`` would with the same options."""
     import torch
     from calibrate.record import CalibrationRecord
     from stagevar.models.registry import load_model
@@ -450,14 +476,39 @@ def run_trials(study, objective, total: int, poll_s: float = 2.0, on_trial=None)
         if c["finished"] >= total and c["running"] == 0 and c["retry_waiting"] == 0:
             return ran
         if c["retry_waiting"] or c["finished"] + c["running"] < total:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.optimize(objective, n_trials=1, gc_after_trial=False, show_progress_bar=False)
+            if hasattr(objective, "last_trial"):
+                objective.last_trial = None
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.optimize(objective, n_trials=1, gc_after_trial=False, show_progress_bar=False)
+            except Exception as exc:  # noqa: BLE001
+                number = getattr(objective, "last_trial", None)
+                if number is None or not _taken_for_lost(study, number, exc):
+                    raise
+                log.warning("trial %d was taken for lost by another worker (no heartbeat got through for "
+                            "--grace-period seconds) and re-queued; its result is discarded. Raise --grace-period "
+                            "if this repeats.", number)
             ran += 1
             if on_trial is not None:
                 on_trial(study)
         else:
             time.sleep(poll_s)                    # the last trials run elsewhere: wait (and watch for lost ones)
+
+
+def _taken_for_lost(study, number: int, exc: BaseException) -> bool:
+    """Did ``exc`` come from reporting a trial that another worker had meanwhile failed as stale
+    (rather than from the objective)?"""
+    import optuna
+    from optuna.trial import TrialState
+    trials = study.get_trials(deepcopy=False)
+    mine = next((t for t in trials if t.number == number), None)
+    if mine is None or mine.state != TrialState.FAIL:
+        return False
+    if any(t.system_attrs.get("retry_history", [])[-1:] == [number] for t in trials):
+        return True
+    return isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or (
+        isinstance(exc, (AssertionError, ValueError)) and ("Should not reach" in str(exc) or "Cannot tell" in str(exc)))
 
 
 def _sampler_seed(base: int, index: int) -> int:
@@ -484,7 +535,7 @@ def _run_worker(args, budget, storage) -> int:
     from calibrate.metrics import scorer_for
     from calibrate.search import Objective
 
-    model, rec = _load_record_for(args, budget)
+    model, rec = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
     batch_size, guidance = rec.inputs["batch_size"], rec.inputs["guidance"]
     lat_model = LatencyModel(rec.latency, _variants_of(rec), model.num_layers)
@@ -509,6 +560,7 @@ def _run_worker(args, budget, storage) -> int:
                      " (estimated)" if t.user_attrs.get("quality_estimated") else "")
 
     t0 = time.time()
+    previous = _sigterm_as_interrupt()
     try:
         with _storage_guard(args.storage):
             ran = run_trials(study, objective, args.trials, poll_s=max(0.5, min(float(args.heartbeat), 5.0)), on_trial=on_trial)
@@ -525,6 +577,8 @@ def _run_worker(args, budget, storage) -> int:
             raise
         raise StageVarError(f"a trial failed in study {name!r}: {type(exc).__name__}: {' '.join(str(exc).split())} "
                             "(run with --debug for the traceback).") from exc
+    finally:
+        _restore_sigterm(previous)
     print(f"worker {worker_id}: ran {ran} trial(s) in {time.time() - t0:.0f}s; study {name}: {c['finished']}/{args.trials} "
           f"finished, {c['fail']} failed")
     if not os.environ.get(_CHILD_ENV):
@@ -536,6 +590,24 @@ def _print_next(args, budget, name: str) -> None:
     print(f"when every worker is done, verify and write the policy with: stagevar-calibrate --model {args.model} "
           f"--budget {budget.name} --storage {redact(args.storage)} --study {name} --trials {args.trials} --out {args.out} "
           "(plus the --prompts/--num-prompts/--seeds/--batch-size/--weights options the record was measured with)")
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's polite kill) behaves like Ctrl-C: the running trial is re-queued at
+    once instead of after the grace period. Returns the previous handler (None: not installed)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _requeue_interrupted(study, number: int | None) -> None:
@@ -581,11 +653,13 @@ def _run_local_workers(args, budget) -> int:
     """Load or measure the record once, then start ``--n-workers`` worker processes and wait."""
     from calibrate.calibration import record_dir
     if args.record is None:
-        model, rec = _load_record_for(args, budget)
+        model, rec = _load_record_for(args)
         record = record_dir(args.out, rec.key)
         name = _study_name(args, model, rec, budget)
         del model
     else:
+        from calibrate.record import CalibrationRecord
+        CalibrationRecord.load(args.record)          # a broken record: one message here, not one per worker
         record = Path(args.record)
         name = args.study
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.n_workers)
@@ -596,6 +670,7 @@ def _run_local_workers(args, budget) -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "calibrate.cli", "worker", *argv],
                                       env=dict(os.environ, **{_CHILD_ENV: "1"})))
     log.info("started %d workers: %s", len(procs), ", ".join(str(p.pid) for p in procs))
+    previous = _sigterm_as_interrupt()
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -607,8 +682,11 @@ def _run_local_workers(args, budget) -> int:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        print("interrupted: the workers re-queued their running trials; re-run the same command to resume",
+              file=sys.stderr)
         return 130
+    finally:
+        _restore_sigterm(previous)
     worst = max(_exit_status(c) for c in codes)
     for p, c in zip(procs, codes):
         if c != 0:

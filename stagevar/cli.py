@@ -139,15 +139,10 @@ def _load_model(args):
 
 # ----------------------------------------------------------------------------------------- commands
 def _read_prompts(args) -> list[str]:
+    from stagevar.io import read_prompt_file
     prompts = list(args.prompt)
     if args.prompts is not None:
-        if not args.prompts.is_file():
-            raise StageVarError(f"prompts file {args.prompts} not found.")
-        try:
-            text = args.prompts.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise StageVarError(f"prompts file {args.prompts} is not UTF-8 text (one prompt per line expected).") from None
-        prompts += [ln.strip() for ln in text.splitlines() if ln.strip()]
+        prompts += read_prompt_file(args.prompts)
     if not prompts:
         raise StageVarError("no prompt given: use --prompt TEXT (repeatable) or --prompts FILE.")
     return prompts

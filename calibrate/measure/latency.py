@@ -1,5 +1,5 @@
-"""Latency profile: per scale, the wall time of each plan variant, and a model that predicts the
-latency of any policy from it.
+"""Latency profile: per scale, the wall time of each plan variant (per batch of the calibration
+batch size), and a model that predicts the latency of one batch under any policy from it.
 
 Each variant is applied to every scale >= 1 in one generation (scale 0 stays as is; ``cond``
 means guidance dropped from scale 1 on), timed per scale by the runtime with device
@@ -34,9 +34,12 @@ def variant_point(n: int, v: Variant) -> OperatingPoint:
     return point_from_plans(n, {k: v.plan(k) for k in range(1, n)})
 
 
-def summarize(samples: dict[str, list[list[float]]], totals: dict[str, list[float]], n: int) -> dict:
+def summarize(samples: dict[str, list[list[float]]], totals: dict[str, list[float]], n: int, batches: int = 1) -> dict:
+    """Medians per scale and variant, in seconds **per batch** (runs cover ``batches`` batches)."""
     rows = []
     overheads = []
+    samples = {k: [[v / batches for v in r] for r in runs] for k, runs in samples.items()}
+    totals = {k: [t / batches for t in ts] for k, ts in totals.items()}
     for name, runs in samples.items():
         arr = np.array(runs)                   # (repeats, n)
         for k in range(n):

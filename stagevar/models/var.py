@@ -694,18 +694,10 @@ _VAE_DERIVED = re.compile(r"^quantize\.ema_vocab_hit_SV$")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.pth`` (``torch.load(..., weights_only=True, mmap=True)``) or ``.safetensors``."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - every reader failure becomes one user-facing message
-        raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"{path} does not hold a plain state dict (a mapping of names to tensors)")
-    return dict(sd)
+    """A state dict from ``.pth`` (``torch.load(..., weights_only=True, mmap=True)``) or ``.safetensors``
+    (see :func:`stagevar.models.checkpoints.load_state_dict_file`)."""
+    from stagevar.models.checkpoints import load_state_dict_file
+    return load_state_dict_file(Path(path))
 
 
 def _few(keys: Sequence[str], n: int = 5) -> str:

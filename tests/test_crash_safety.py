@@ -1,0 +1,205 @@
+"""Crash safety on one machine: ``stagevar-calibrate`` SIGKILLed during the measurement, during the
+search, during verification and while writing the policy and report; each re-run resumes, and the
+last one completes with everything intact and nothing half-written.
+
+The child process is the real command on ``infinity-tiny``; only the default MeasureSettings are
+replaced by tiny ones (a subprocess cannot be monkeypatched, so the child patches
+``measure``'s keyword default before calling ``main``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHILD = """
+import sys
+import calibrate.calibration as c
+c.measure.__kwdefaults__["settings"] = c.MeasureSettings(keeps=(0.5,), selections=("random_projection",),
+    sensitivity_from=5, latency_repeats=1, latency_check_policies=1)
+from calibrate.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+TRIALS = 6
+
+
+def _journal_states(path: Path) -> dict[int, int]:
+    """trial id -> last state written (complete lines only; a torn last line is ignored)."""
+    from optuna.storages.journal._storage import JournalOperation
+    states: dict[int, int] = {}
+    if not path.is_file():
+        return states
+    for line in path.read_bytes().splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            op = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if op.get("op_code") == JournalOperation.CREATE_TRIAL:
+            states[len(states)] = op.get("state", 0)
+        elif op.get("op_code") == JournalOperation.SET_TRIAL_STATE_VALUES:
+            states[op["trial_id"]] = op["state"]
+    return states
+
+
+def _complete(path: Path) -> int:
+    from optuna.trial import TrialState
+    return sum(1 for s in _journal_states(path).values() if s == TrialState.COMPLETE.value)
+
+
+def _temp_files(*dirs: Path) -> list[str]:
+    return sorted(str(p) for d in dirs if d.exists() for p in d.rglob("*") if ".tmp" in p.name or p.name.endswith(".lock"))
+
+
+def _load_study(journal: Path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+class Child:
+    def __init__(self, argv: list[str], log: Path):
+        self.log = log
+        self.f = open(log, "w")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        self.p = subprocess.Popen([sys.executable, "-c", CHILD, *argv], stdout=self.f, stderr=subprocess.STDOUT, env=env)
+
+    def kill_when(self, cond, timeout: float = 120.0, delay: float = 0.0) -> None:
+        """SIGKILL the child as soon as ``cond()`` holds (fails if it exits or times out first)."""
+        deadline = time.time() + timeout
+        while not cond():
+            assert self.p.poll() is None, f"finished before the kill point (rc {self.p.returncode}):\n{self.text()}"
+            assert time.time() < deadline, f"kill point not reached in {timeout}s:\n{self.text()}"
+            time.sleep(0.02)
+        if delay:
+            time.sleep(delay)
+        assert self.p.poll() is None, f"finished before the kill point (rc {self.p.returncode}):\n{self.text()}"
+        self.p.send_signal(signal.SIGKILL)
+        assert self.p.wait(timeout=30) == -signal.SIGKILL
+        self.f.close()
+
+    def finish(self, timeout: float = 240.0) -> int:
+        rc = self.p.wait(timeout=timeout)
+        self.f.close()
+        return rc
+
+    def text(self) -> str:
+        if not self.f.closed:
+            self.f.flush()
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
+    from calibrate.record import CalibrationRecord
+    from optuna.trial import TrialState
+    from stagevar.policy import load_policy
+
+    t0 = time.time()
+    out = tmp_path / "cal"
+    policy_path = tmp_path / "policies" / "tiny.yaml"
+    journal = out / "study.journal"
+    argv = ["--model", "infinity-tiny", "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "2",
+            "--trials", str(TRIALS), "--verify-candidates", "1", "--budget", "1.05x", "--out", str(out),
+            "--policy-out", str(policy_path), "--threads", "1", "--quiet"]
+    units = lambda: sorted(out.glob("calibration-*/units/*.json"))  # noqa: E731
+
+    # 1. during the measurement: after the first unit is written, before the record
+    Child(argv, tmp_path / "run1.log").kill_when(lambda: len(units()) >= 1)
+    assert not list(out.glob("calibration-*/record.json"))
+    before = {p: p.stat().st_mtime_ns for p in units()}
+    assert before
+
+    # 2. during the search: after two trials completed
+    c = Child(argv, tmp_path / "run2.log")
+    c.kill_when(lambda: _complete(journal) >= 2)
+    assert {p: p.stat().st_mtime_ns for p in before} == before, "finished units were measured again"
+    (rec_dir,) = out.glob("calibration-*/")
+    rec = CalibrationRecord.load(rec_dir)
+    rec_mtime = (rec_dir / "record.json").stat().st_mtime_ns
+    study = _load_study(journal)
+    done_before = {t.number: (t.value, t.datetime_complete) for t in study.trials if t.state == TrialState.COMPLETE}
+    assert 2 <= len(done_before) < TRIALS
+
+    # 3. during verification: the search is over, the policy not written yet
+    c = Child(argv, tmp_path / "run3.log")
+    c.kill_when(lambda: _complete(journal) >= TRIALS, delay=0.3)
+    assert not policy_path.exists(), "verification finished before the kill: nothing was killed mid-verify"
+
+    # 4. while writing: the policy is written, the report and plots are being written
+    c = Child(argv, tmp_path / "run4.log")
+    c.kill_when(lambda: policy_path.exists(), timeout=180)
+
+    # 5. to completion
+    c = Child(argv, tmp_path / "run5.log")
+    rc = c.finish()
+    log = c.text()
+    assert rc in (0, 3), log
+    assert "Traceback" not in log, log
+    assert _temp_files(out, policy_path.parent) == []
+    assert (rec_dir / "record.json").stat().st_mtime_ns == rec_mtime            # the record was reused ...
+    assert CalibrationRecord.load(rec_dir).sha256() == rec.sha256()
+    assert {p: p.stat().st_mtime_ns for p in before} == before                 # ... and so were its units
+    policy = load_policy(policy_path)
+    point = policy.operating_point("1.05x")
+    assert point.measured["verified"] is True
+    assert policy.provenance["calibration_record"] == rec.key
+    assert (rec_dir / "report.md").is_file()
+    study = _load_study(journal)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    assert len(finished) == TRIALS, [(t.number, t.state) for t in study.trials]     # not reset, not run again
+    for number, (value, when) in done_before.items():                             # trials before the kill are kept
+        t = study.trials[number]
+        assert (t.state, t.value, t.datetime_complete) == (TrialState.COMPLETE, value, when)
+    # the trial killed in step 2 stays RUNNING in the journal (no heartbeat in a journal study); it
+    # is not counted as done, so another trial replaced it
+    assert sum(t.state == TrialState.RUNNING for t in study.trials) <= 1
+    assert [t.user_attrs.get("seed_policy") for t in study.trials[:3]] == ["identity", "paper-like", "fastvar-like"]
+    assert time.time() - t0 < 240
+
+
+def test_torn_journal_line_is_repaired(tmp_path):
+    """A write cut short (SIGKILL in the middle of a large append, a full disk, a power loss) leaves
+    a torn last line. Optuna skips it when reading, but the next append is glued onto it and the
+    resumed run crashes; :func:`calibrate.worker.repair_journal` truncates it first."""
+    import warnings
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from calibrate.worker import repair_journal
+
+    path = tmp_path / "study.journal"
+    storage = lambda: JournalStorage(JournalFileBackend(str(path)))  # noqa: E731
+    objective = lambda t: t.suggest_float("x", 0, 1)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        optuna.create_study(study_name="s", storage=storage()).optimize(objective, n_trials=2)
+        good = path.read_bytes()
+        assert repair_journal(path) is False and path.read_bytes() == good
+        with open(path, "ab") as f:
+            f.write(b'{"op_code":4,"worker_id":"w","study_id":0,"datetime_st')
+        broken = tmp_path / "broken.journal"
+        broken.write_bytes(path.read_bytes())
+        # without the repair the resumed run fails
+        with pytest.raises(Exception):
+            study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(broken))))
+            study.optimize(objective, n_trials=1)
+            optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(broken)))).trials
+        # with it, it resumes
+        assert repair_journal(path) is True
+        assert path.read_bytes() == good
+        study = optuna.load_study(study_name="s", storage=storage())
+        study.optimize(objective, n_trials=1)
+        assert [t.state.name for t in optuna.load_study(study_name="s", storage=storage()).trials] == ["COMPLETE"] * 3
