@@ -504,7 +504,8 @@ class InfinityAdapter(Adapter):
         for k in ("cfg", "tau", "top_k", "top_p"):
             d.pop(k)
         d["family"] = self.family
-        d["vae"] = getattr(self.vae, "config_dict", lambda: type(self.vae).__name__)()
+        vae_cfg = getattr(self.vae, "config", None)
+        d["vae"] = vae_cfg.to_dict() if hasattr(vae_cfg, "to_dict") else type(self.vae).__name__
         return d
 
     @property
