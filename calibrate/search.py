@@ -1,8 +1,9 @@
 """Policy search with Optuna under a latency budget.
 
 * :func:`suggest_policy` is the one pure function that names every parameter (fixed-size space:
-  "off" is a value - ``first_accelerated = N`` means nothing is accelerated - never a missing
-  parameter), so :class:`optuna.trial.FixedTrial` replays any policy through the same code.
+  "off" is a value - ``first_accelerated = N`` means nothing is accelerated, ``skip_from = N``
+  that no scale is skipped - never a missing parameter), so :class:`optuna.trial.FixedTrial`
+  replays any policy through the same code.
 * The objective is quality against the full model on the calibration prompts (mean over prompts;
   the worst prompt is kept as a user attribute). Latency is predicted from the calibration
   record's latency table and is a constraint (``trial.set_constraint``): a trial is feasible when
@@ -109,6 +110,7 @@ def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord) -> 
     depth = record.inputs["num_layers"]
     first = trial.suggest_int("first_accelerated", lo, n)           # n: nothing accelerated
     cond_from = trial.suggest_int("cond_only_from", lo, n)          # n: guidance never dropped
+    skip_from = trial.suggest_int("skip_from", lo, n)               # n: no scale skipped (SkipVAR-style stop)
     restore = trial.suggest_categorical("restore", RESTORES)
     layer_start = trial.suggest_int("layer_start", 0, max(0, depth // 4))
     keeps, sels = {}, {}
@@ -116,10 +118,14 @@ def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord) -> 
         keeps[k] = trial.suggest_categorical(f"keep_{k}", KEEPS)
         sels[k] = trial.suggest_categorical(f"selection_{k}", SELECTIONS)
     cond_from = max(cond_from, first)
+    skip_from = max(skip_from, first)
     plans = []
     for k in range(n):
         if k < first:
             plans.append(ScalePlan(k))
+            continue
+        if k >= skip_from:
+            plans.append(ScalePlan(k, skip=True))
             continue
         keep = keeps[k]
         plans.append(ScalePlan(k, guidance="cond_only" if k >= cond_from else "cfg", keep=keep, selection=sels[k],
@@ -143,6 +149,7 @@ def seed_params(record: CalibrationRecord) -> dict[str, dict[str, Any]]:
     for k in range(lo, n):
         base[f"keep_{k}"] = 1.0
         base[f"selection_{k}"] = "random_projection"
+    base["skip_from"] = n
     identity = dict(base, first_accelerated=n, cond_only_from=n)
     paper_first = max(lo, n - 3)
     paper = dict(base, first_accelerated=paper_first, cond_only_from=paper_first)
@@ -165,6 +172,9 @@ def estimated_quality(record: CalibrationRecord, point: OperatingPoint) -> float
     damage = 0.0
     cond_counted = False
     for p in point.plans:
+        if p.skip:
+            damage += 0.5
+            continue
         if p.is_identity:
             continue
         if p.guidance == "cond_only" and not cond_counted:

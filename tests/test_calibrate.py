@@ -482,7 +482,7 @@ def test_fastvar_seed_uses_middle_layers_on_deep_models():
 
 def test_search_space_is_fixed_size(record):
     rec = _hand_record(n=7, depth=2, refinement_start=4)
-    expected = {"first_accelerated", "cond_only_from", "restore", "layer_start"} | \
+    expected = {"first_accelerated", "cond_only_from", "skip_from", "restore", "layer_start"} | \
         {f"{w}_{k}" for k in range(3, 7) for w in ("keep", "selection")}
     for params in seed_params(rec).values():
         assert set(params) == expected
