@@ -47,6 +47,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from stagevar.errors import StageVarError
+
 Schedule = list[tuple[int, int, int]]
 
 
@@ -100,7 +102,7 @@ class GenerationState:
         return 2 * self.batch_size if self.guided else self.batch_size
 
 
-class ConditionError(ValueError):
+class ConditionError(StageVarError, ValueError):
     """A prompt / class label that the model cannot condition on (message names the value)."""
 
 
