@@ -77,7 +77,7 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     for _ in range(3):
-        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
         if isinstance(obj, dict):
             inner = next((obj[k] for k in _WRAPPERS if k in obj and isinstance(obj[k], dict)), None)
