@@ -75,7 +75,9 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
     directory = record_dir(out, key)
     if (directory / "record.json").is_file():
         log.info("calibration record %s found: reusing it", directory)
-        return CalibrationRecord.load(directory)
+        rec = CalibrationRecord.load(directory)
+        rec.stages = _stages(rec.convergence, rec.sensitivity, len(rec.inputs["model"]["scale_schedule"]))
+        return rec
     directory.mkdir(parents=True, exist_ok=True)
     store = UnitStore(directory)
     torch.manual_seed(0)
@@ -154,8 +156,7 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
             tick("latency check")
         else:
             bar.update(1)
-        stages = detect_stages(curves_unit["curves"], n)
-        stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}
+        stages = _stages(curves_unit["curves"], sens, n)
         record = CalibrationRecord(
             key=key, inputs=inputs, convergence=curves_unit["curves"], sensitivity=sens, spectra=curves_unit["spectra"],
             latency=latency, latency_check=check, stages=stages,
@@ -165,6 +166,14 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
     finally:
         bar.close()
     return record
+
+
+def _stages(curves, sens, n: int) -> dict:
+    """Stage boundaries are derived data: recomputed from the stored curves whenever a record is
+    used, so a cached record follows the current rule."""
+    stages = detect_stages(curves, n)
+    stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}
+    return stages
 
 
 def _latency_check(subject, latency, variants, settings: MeasureSettings) -> list[dict]:

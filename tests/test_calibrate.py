@@ -357,23 +357,29 @@ def _curves(sem, ss):
 
 
 def test_stages_documented_rule():
+    # curves normalised from scale 0 to the final image: sem_n = [0, .375, .9375, ...] -> semantic ends at 2;
+    # ssim_n = [0, .11, .22, .44, .67, ...] -> structure ends at 4
     st = detect_stages(_curves([0.2, 0.5, 0.95, 0.97, 0.99, 1, 1], [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1]), 7)
-    assert st["semantic"] == [0, 2]                     # first scale with semantic >= 0.9 x final
-    assert st["structure"] == [3, 4]                    # first later scale with SSIM >= 0.6
+    assert st["semantic"] == [0, 2]
+    assert st["structure"] == [3, 4]
     assert st["refinement"] == [5, 6]
     assert "0.9" in st["rule"] and "0.6" in st["rule"]
-    # semantic level is relative to the final agreement
-    st = detect_stages(_curves([0.1, 0.3, 0.46, 0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0, 0.65, 1]), 7)
+    # the semantic level is relative: sem_n = [0, .5, .95, 1, ...]
+    st = detect_stages(_curves([0.1, 0.3, 0.48, 0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0, 0.65, 1]), 7)
     assert st["semantic"] == [0, 2] and st["structure"] == [3, 5] and st["refinement"] == [6, 6]
+    # a flat semantic curve (verdicts agree from the start): the layout decides; ssim_n = [0, 0, .2, .3, .5, .75, 1]
+    st = detect_stages(_curves([1.0] * 7, [0.8, 0.8, 0.84, 0.86, 0.9, 0.95, 1.0]), 7)
+    assert st["semantic"] == [0, 3] and st["structure"] == [4, 5] and st["refinement"] == [6, 6]
+    assert "flat" in st["rule"]
 
 
 def test_stages_clamped():
     # never converges: semantic capped at n-3, refinement keeps the last scale
     st = detect_stages(_curves([0.0] * 6 + [1.0], [0.0] * 6 + [1.0]), 7)
     assert st["semantic"] == [0, 4] and st["structure"] == [5, 5] and st["refinement"] == [6, 6]
-    # converges at once: structure is at least one scale, refinement starts right after it
+    # no scale distinguishable from the final image: conservative, only the last scale is refinement
     st = detect_stages(_curves([1.0] * 7, [1.0] * 7), 7)
-    assert st["semantic"] == [0, 0] and st["structure"] == [1, 1] and st["refinement"] == [2, 6]
+    assert st["semantic"] == [0, 4] and st["structure"] == [5, 5] and st["refinement"] == [6, 6]
 
 
 @pytest.mark.parametrize("n", [3, 4, 7, 10, 13])
