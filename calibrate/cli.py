@@ -203,8 +203,8 @@ def cmd_calibrate(args) -> int:
         if not args.storage:
             _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
         enqueue_seeds(study, rec)
-        done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                                                           optuna.trial.TrialState.FAIL)])
+        # failed trials do not count: an interrupted one was queued again and its retry takes its place
+        done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)])
         remaining = max(0, args.trials - done)
         objective = Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem)
         if remaining:

@@ -108,7 +108,7 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
     out = tmp_path / "cal"
     policy_path = tmp_path / "policies" / "tiny.yaml"
     journal = out / "study.journal"
-    argv = ["--model", "infinity-tiny", "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "2",
+    argv = ["--model", "infinity-tiny", "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "8",
             "--trials", str(TRIALS), "--verify-candidates", "1", "--budget", "1.05x", "--out", str(out),
             "--policy-out", str(policy_path), "--threads", "1", "--quiet"]
     units = lambda: sorted(out.glob("calibration-*/units/*.json"))  # noqa: E731
@@ -132,7 +132,7 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
 
     # 3. during verification: the search is over, the policy not written yet
     c = Child(argv, tmp_path / "run3.log")
-    c.kill_when(lambda: _complete(journal) >= TRIALS, delay=0.3)
+    c.kill_when(lambda: _complete(journal) >= TRIALS)      # 8 held-out prompts: verification takes seconds
     assert not policy_path.exists(), "verification finished before the kill: nothing was killed mid-verify"
 
     # 4. while writing: the policy is written, the report and plots are being written
@@ -155,8 +155,9 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
     assert policy.provenance["calibration_record"] == rec.key
     assert (rec_dir / "report.md").is_file()
     study = _load_study(journal)
-    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == TRIALS, [(t.number, t.state) for t in study.trials]     # not reset, not run again
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]          # killed trials were re-queued
     for number, (value, when) in done_before.items():                             # trials before the kill are kept
         t = study.trials[number]
         assert (t.state, t.value, t.datetime_complete) == (TrialState.COMPLETE, value, when)
