@@ -720,24 +720,12 @@ def shard_dir(out: str | Path, key: str, shard_index: int, num_shards: int) -> P
 
 def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool):
     """:func:`calibrate.measure.convergence.measure_convergence` keeping per-image values."""
-    from calibrate.measure.convergence import coarse_agreement
+    from calibrate.measure.convergence import coarse_agreement, collect_partials
     from calibrate.measure.spectra import ENERGIES, effective_rank
     from calibrate.metrics import ssim
 
-    adapter = subject.adapter
     n = subject.num_scales
-    partial: list[list[np.ndarray]] = [[] for _ in range(n)]
-    feats: dict[tuple[int, int], list[np.ndarray]] = {}
-
-    def obs(o, offset):
-        img = adapter.decode(o.state).float().cpu().numpy()
-        partial[o.scale].append(img)
-        if keep_spectra:
-            B = o.state.batch_size
-            for layer, h in o.hidden.items():
-                feats.setdefault((o.scale, layer), []).append(h[:B].float().cpu().numpy())
-
-    out = subject.run(None, observer=obs, observe_layers=spectra_layers)
+    partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
     if not keep_spectra:
         return None, out
     final = out.images

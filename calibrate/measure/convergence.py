@@ -21,22 +21,29 @@ def coarse_agreement(a: np.ndarray, b: np.ndarray, size: int = 8) -> np.ndarray:
     return (corr + 1) / 2
 
 
-def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep_spectra: bool = True):
-    """One identity pass. Returns (curves dict, hidden features per (scale, layer) for spectra)."""
+def collect_partials(subject, spectra_layers=(), keep_spectra: bool = True):
+    """One identity pass recording, per scale, the decoded partial images (list of batches) and,
+    if asked, the conditional rows' hidden states at ``spectra_layers``. Returns
+    (partial, feats, run output)."""
     adapter = subject.adapter
-    n = subject.num_scales
-    partial: list[list[np.ndarray]] = [[] for _ in range(n)]
+    partial: list[list[np.ndarray]] = [[] for _ in range(subject.num_scales)]
     feats: dict[tuple[int, int], list[np.ndarray]] = {}
 
     def obs(o, offset):
-        img = adapter.decode(o.state).float().cpu().numpy()
-        partial[o.scale].append(img)
+        partial[o.scale].append(adapter.decode(o.state).float().cpu().numpy())
         if keep_spectra:
             B = o.state.batch_size
             for layer, h in o.hidden.items():
                 feats.setdefault((o.scale, layer), []).append(h[:B].float().cpu().numpy())
 
     out = subject.run(None, observer=obs, observe_layers=spectra_layers)
+    return partial, feats, out
+
+
+def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep_spectra: bool = True):
+    """One identity pass. Returns (curves dict, hidden features per (scale, layer) for spectra)."""
+    n = subject.num_scales
+    partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
     final = out.images
     prompts = subject.item_prompts
     final_sem = scorer.score(final, prompts, final) if scorer.name == "evaluator" else np.ones(len(final))
