@@ -4,7 +4,8 @@
   seeded ``calibration`` / ``heldout`` splits (held-out prompt combinations never appear in
   calibration);
 * other text-to-image models: short GenEval-style prompts below;
-* class-conditional models (``var-*``): ImageNet class ids spread over the label range.
+* class-conditional models (``var-*``): ImageNet class names spread over the label range (resolved by
+  :func:`stagevar.models.imagenet.class_id`; a user file may mix names and ids).
 
 A user file (``--prompts FILE``) has one prompt per line.
 """
@@ -26,8 +27,10 @@ TEXT_PROMPTS_HELDOUT = [
     "a snowy mountain reflected in a lake", "a robot reading a book", "a brown bear to the right of a river",
     "a teapot and two cups", "a sailboat on a calm sea",
 ]
-CLASS_IDS_CALIBRATION = ["1", "88", "207", "279", "360", "417", "580", "812"]
-CLASS_IDS_HELDOUT = ["22", "130", "291", "388", "511", "649", "776", "971"]
+# ImageNet classes 1, 88, 207, 279, 360, 417, 580, 812 and 22, 130, 291, 388, 511, 649, 776, 971
+CLASS_PROMPTS_CALIBRATION = ["goldfish", "macaw", "golden retriever", "Arctic fox", "otter", "balloon", "greenhouse",
+                             "space shuttle"]
+CLASS_PROMPTS_HELDOUT = ["bald eagle", "flamingo", "lion", "giant panda", "convertible", "megalith", "sax", "bubble"]
 
 
 def bundled(model: str, split: str, n: int) -> list[str]:
@@ -38,7 +41,7 @@ def bundled(model: str, split: str, n: int) -> list[str]:
         from stagevar.toy.prompts import make_split
         return [it["prompt"] for it in make_split(split, n, seed=0)]
     if model.startswith("var-"):
-        base = CLASS_IDS_CALIBRATION if split == "calibration" else CLASS_IDS_HELDOUT
+        base = CLASS_PROMPTS_CALIBRATION if split == "calibration" else CLASS_PROMPTS_HELDOUT
     else:
         base = TEXT_PROMPTS_CALIBRATION if split == "calibration" else TEXT_PROMPTS_HELDOUT
     return [base[i % len(base)] for i in range(n)]

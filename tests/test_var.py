@@ -187,12 +187,35 @@ def test_positions_subset_appends_exactly_n_keys(tiny):
 
 def test_encode_prompts(tiny):
     assert tiny.encode_prompts(["207", "class 971", " Class 3 ", "unconditional"]).tolist() == [207, 971, 3, 1000]
-    with pytest.raises(ConditionError, match="goldfish"):
-        tiny.encode_prompts(["207", "goldfish"])
+    # ImageNet names and synonyms, any case; underscores as spaces; a capital settles a shared name
+    assert tiny.encode_prompts(["goldfish", "Golden_Retriever", "Tinca tinca", "Cardigan", "cardigan"]).tolist() == \
+        [1, 207, 0, 264, 474]
+    # shared by two classes as a name ("crane": bird 134, machine 517): refused, listing both
+    with pytest.raises(ConditionError, match=r"ambiguous.*134.*517"):
+        tiny.encode_prompts(["crane"])
+    with pytest.raises(ConditionError, match=r"'golden retreiver'.*closest.*'golden retriever' \(207\)"):
+        tiny.encode_prompts(["207", "golden retreiver"])
     with pytest.raises(ConditionError, match="1000"):
         tiny.encode_prompts(["1000"])
     with pytest.raises(ConditionError):
         tiny.encode_prompts([])
+
+
+def test_imagenet_table_and_bundled_class_prompts():
+    from calibrate.prompts import bundled
+    from stagevar.models import imagenet
+    assert imagenet.class_name(207) == "golden retriever" and imagenet.class_name(999) == "toilet tissue"
+    # every class name resolves to its own class unless it is shared as a name (crane, maillot)
+    names = [imagenet.class_name(i) for i in range(imagenet.NUM_CLASSES)]
+    shared = {n.lower() for n in names if sum(m.lower() == n.lower() for m in names) > 1}
+    assert shared == {"crane", "maillot", "cardigan"}
+    for i, n in enumerate(names):
+        if n.lower() not in shared or n != n.lower():
+            assert imagenet.class_id(n) == i, n
+    for split in ("calibration", "heldout"):
+        prompts = bundled("var-d16", split, 8)
+        ids = [imagenet.class_id(p) for p in prompts]
+        assert len(set(ids)) == 8 and all(not p.isdigit() for p in prompts)
 
 
 # ----------------------------------------------------------------------------------------- weights

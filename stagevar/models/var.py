@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stagevar.models.layers import FFN
+from stagevar.models import imagenet
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.models.registry import WeightsError, register_model
 from stagevar.models.vqvae import VQVAE
@@ -457,16 +458,18 @@ class VARAdapter(Adapter):
 
     # ---- conditions
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Class prompts -> labels (B,). Accepted forms: ``"207"``, ``"class 207"``,
-        ``"unconditional"`` (id ``num_classes``); ImageNet class names are not bundled.
+        """Class prompts -> labels (B,). Accepted forms: ``"207"``, ``"class 207"``, an ImageNet
+        class name or synonym (``"golden retriever"``, :mod:`stagevar.models.imagenet`) and
+        ``"unconditional"`` (id ``num_classes``).
 
-        >>> VARAdapter.parse_class_prompt("class 207", 1000)
-        207
+        >>> VARAdapter.parse_class_prompt("class 207", 1000), VARAdapter.parse_class_prompt("goldfish", 1000)
+        (207, 1)
         """
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
-            raise ConditionError("no prompt given: pass at least one ImageNet class id, e.g. '207' or 'class 207'")
+            raise ConditionError("no prompt given: pass at least one ImageNet class name or id, e.g. 'golden retriever' "
+                                  "or 'class 207'")
         labels = [self.parse_class_prompt(p, self.cfg.num_classes) for p in prompts]
         return torch.tensor(labels, dtype=torch.long, device=self.device)
 
@@ -483,10 +486,12 @@ class VARAdapter(Adapter):
                 return num_classes
             m = re.fullmatch(r"(?:class\s*)?(-?\d+)", text)
             if m is None:
-                raise ConditionError(
-                    f"cannot use prompt {prompt!r} as a class: VAR is class-conditional and takes ImageNet class ids "
-                    f"0..{num_classes - 1}, written '207' or 'class 207' (or 'unconditional'); class names are not "
-                    "bundled with stagevar")
+                if num_classes != imagenet.NUM_CLASSES:
+                    raise ConditionError(
+                        f"cannot use prompt {prompt!r} as a class: this model has {num_classes} classes, not ImageNet's "
+                        f"{imagenet.NUM_CLASSES}, so only class ids 0..{num_classes - 1} ('7', 'class 7') or "
+                        "'unconditional' are understood")
+                return imagenet.class_id(str(prompt))
             value = int(m.group(1))
         if not 0 <= value < num_classes:
             raise ConditionError(f"class id {value} (prompt {prompt!r}) is out of range: VAR knows classes 0..{num_classes - 1}")
