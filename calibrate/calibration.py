@@ -85,18 +85,16 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
     subject = Subject(adapter, prompts, seeds, batch_size, guidance)
     scorer = scorer_for(adapter.name)
     n = subject.num_scales
-    depth = adapter.num_layers
-    sens_from = settings.sensitivity_from if settings.sensitivity_from is not None else max(1, n // 2)
-    sens_variants = [Variant("cond_only")] + [Variant("cfg", r, s) for r in settings.keeps for s in settings.selections]
-    lat_variants = variant_grid(settings.keeps, settings.selections)
-    spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else tuple(sorted({depth // 2, depth}))
-    units_total = 1 + (n - sens_from) * len(sens_variants) + settings.latency_repeats + 1 + 1
+    spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else default_spectra_layers(adapter)
+    units_total = 1 + len(sensitivity_units(settings, n)) + settings.latency_repeats + 1 + 1
     bar = _progress(units_total, f"calibrating {adapter.name}", progress)
     new_units = 0
 
-    def tick(name):
+    def unit_done(name, new):
         nonlocal new_units
         bar.update(1)
+        if not new:
+            return
         bar.set_postfix_str(name)
         new_units += 1
         if interrupt_after is not None and new_units >= interrupt_after:
@@ -107,55 +105,18 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
         curves_unit = store.get("convergence")
         curves, feats, ref = measure_convergence(subject, scorer, spectra_layers, keep_spectra=curves_unit is None)
         ref_sem = scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None
-        if curves_unit is None:
+        conv_new = curves_unit is None
+        if conv_new:
             rows, arrays = spectra_rows(feats)
             curves_unit = store.put("convergence", {"curves": curves, "spectra": rows,
                                                     "spectra_arrays": {k: v.tolist() for k, v in arrays.items()},
                                                     "reference_seconds": ref.seconds})
-            tick("convergence")
-        else:
-            bar.update(1)
+        unit_done("convergence", conv_new)
         # 2. sensitivity
-        sens = []
-        for k in range(sens_from, n):
-            for v in sens_variants:
-                name = f"sensitivity/k{k:02d}/{v.name}"
-                row = store.get(name)
-                if row is None:
-                    row = store.put(name, measure_variant(subject, ref, k, v, scorer, ref_sem))
-                    tick(name)
-                else:
-                    bar.update(1)
-                sens.append(row)
-        # 3. latency (warm-up round not stored; rounds interleave the variants)
-        rounds = [store.get(f"latency/round{r}") for r in range(settings.latency_repeats)]
-        if any(r is None for r in rounds):
-            for v in lat_variants[:3]:
-                subject.run(variant_point(n, v))                 # warm-up
-        for r in range(settings.latency_repeats):
-            if rounds[r] is None:
-                res = {}
-                for v in lat_variants:
-                    o = subject.run(variant_point(n, v))
-                    res[v.name] = {"scales": o.scale_seconds, "total": o.seconds}
-                rounds[r] = store.put(f"latency/round{r}", res)
-                tick(f"latency round {r}")
-            else:
-                bar.update(1)
-        samples = {v.name: [rd[v.name]["scales"] for rd in rounds] for v in lat_variants}
-        totals = {v.name: [rd[v.name]["total"] for rd in rounds] for v in lat_variants}
-        n_batches = len(list(subject.batches()))
-        latency = summarize(samples, totals, n, n_batches)
-        latency.update(device_info(adapter))
-        latency["batch_size"] = batch_size
-        latency["variants"] = [v.name for v in lat_variants]
-        # 4. check the latency model on held-out policies
-        check = store.get("latency_check")
-        if check is None:
-            check = store.put("latency_check", _latency_check(subject, latency, lat_variants, settings))
-            tick("latency check")
-        else:
-            bar.update(1)
+        sens = measure_sensitivity(store, subject, settings, unit_done,
+                                   lambda k, v: measure_variant(subject, ref, k, v, scorer, ref_sem))
+        # 3. latency, 4. the latency model checked on held-out policies
+        latency, check = measure_latency(store, subject, settings, unit_done)
         stages = _stages(curves_unit["curves"], sens, n)
         record = CalibrationRecord(
             key=key, inputs=inputs, convergence=curves_unit["curves"], sensitivity=sens, spectra=curves_unit["spectra"],
@@ -166,6 +127,66 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
     finally:
         bar.close()
     return record
+
+
+def default_spectra_layers(adapter) -> tuple[int, ...]:
+    depth = adapter.num_layers
+    return tuple(sorted({depth // 2, depth}))
+
+
+def sensitivity_units(settings: MeasureSettings, n: int) -> list[tuple[int, Variant]]:
+    """(scale, variant) of every sensitivity unit: the scales from ``sensitivity_from`` (default:
+    half the scales) to the last, each with guidance dropped and every keep x selection."""
+    first = settings.sensitivity_from if settings.sensitivity_from is not None else max(1, n // 2)
+    variants = [Variant("cond_only")] + [Variant("cfg", r, s) for r in settings.keeps for s in settings.selections]
+    return [(k, v) for k in range(first, n) for v in variants]
+
+
+def measure_sensitivity(store: UnitStore, subject: Subject, settings: MeasureSettings, unit_done, measure_unit) -> list[dict]:
+    """Every sensitivity unit, from the store or measured by ``measure_unit(scale, variant)``;
+    ``unit_done(name, new)`` after each."""
+    rows = []
+    for k, v in sensitivity_units(settings, subject.num_scales):
+        name = f"sensitivity/k{k:02d}/{v.name}"
+        row = store.get(name)
+        new = row is None
+        if new:
+            row = store.put(name, measure_unit(k, v))
+        rows.append(row)
+        unit_done(name, new)
+    return rows
+
+
+def measure_latency(store: UnitStore, subject: Subject, settings: MeasureSettings, unit_done) -> tuple[dict, list[dict]]:
+    """Per-scale latency table (rounds interleave the variants, after a warm-up round that is not
+    stored; seconds per batch) and the latency model's check on held-out policies."""
+    n = subject.num_scales
+    lat_variants = variant_grid(settings.keeps, settings.selections)
+    rounds = [store.get(f"latency/round{r}") for r in range(settings.latency_repeats)]
+    if any(r is None for r in rounds):
+        for v in lat_variants[:3]:
+            subject.run(variant_point(n, v))                     # warm-up
+    for r in range(settings.latency_repeats):
+        new = rounds[r] is None
+        if new:
+            res = {}
+            for v in lat_variants:
+                o = subject.run(variant_point(n, v))
+                res[v.name] = {"scales": o.scale_seconds, "total": o.seconds}
+            rounds[r] = store.put(f"latency/round{r}", res)
+        unit_done(f"latency round {r}", new)
+    samples = {v.name: [rd[v.name]["scales"] for rd in rounds] for v in lat_variants}
+    totals = {v.name: [rd[v.name]["total"] for rd in rounds] for v in lat_variants}
+    latency = summarize(samples, totals, n, len(list(subject.batches())))
+    latency.update(device_info(subject.adapter))
+    latency["batch_size"] = subject.batch_size
+    latency["variants"] = [v.name for v in lat_variants]
+    check = store.get("latency_check")
+    new = check is None
+    if new:
+        check = store.put("latency_check", _latency_check(subject, latency, lat_variants, settings))
+    unit_done("latency check", new)
+    return latency, check
 
 
 def _stages(curves, sens, n: int) -> dict:

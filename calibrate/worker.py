@@ -792,9 +792,10 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     seeds. Shard 0 also times the latency grid and the latency-model check on the whole set.
     """
     import torch
-    from calibrate.calibration import MeasureSettings, _latency_check, _progress, record_inputs
-    from calibrate.measure.common import Subject, Variant, variant_grid
-    from calibrate.measure.latency import device_info, summarize, variant_point
+    from calibrate.calibration import (MeasureSettings, _progress, default_spectra_layers, measure_latency,
+                                       measure_sensitivity, record_inputs, sensitivity_units)
+    from calibrate.measure.common import Subject
+    from calibrate.measure.latency import device_info
     from calibrate.metrics import scorer_for
     from calibrate.record import UnitStore, content_key
     from stagevar.policy import atomic_write_text
@@ -814,12 +815,14 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     subject = Subject(adapter, prompts[start:stop], seeds, batch_size, guidance)
     scorer = scorer_for(adapter.name)
     n = subject.num_scales
-    depth = adapter.num_layers
-    sens_from = settings.sensitivity_from if settings.sensitivity_from is not None else max(1, n // 2)
-    sens_variants = [Variant("cond_only")] + [Variant("cfg", r, s) for r in settings.keeps for s in settings.selections]
-    spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else tuple(sorted({depth // 2, depth}))
+    spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else default_spectra_layers(adapter)
     lat_total = settings.latency_repeats + 1 if shard_index == 0 else 0
-    bar = _progress(1 + (n - sens_from) * len(sens_variants) + lat_total, f"calibrating {adapter.name} shard {shard_index}", progress)
+    bar = _progress(1 + len(sensitivity_units(settings, n)) + lat_total, f"calibrating {adapter.name} shard {shard_index}",
+                    progress)
+
+    def unit_done(name, new):
+        bar.update(1)
+
     try:
         conv = store.get("convergence")
         items, ref = _convergence_items(subject, scorer, spectra_layers, keep_spectra=conv is None)
@@ -827,44 +830,14 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
             conv = store.put("convergence", items)
         bar.update(1)
         ref_sem = scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None
-        sens = []
-        for k in range(sens_from, n):
-            for v in sens_variants:
-                name = f"sensitivity/k{k:02d}/{v.name}"
-                row = store.get(name)
-                if row is None:
-                    row = store.put(name, _variant_items(subject, ref, k, v, scorer, ref_sem))
-                sens.append(row)
-                bar.update(1)
+        sens = measure_sensitivity(store, subject, settings, unit_done,
+                                   lambda k, v: _variant_items(subject, ref, k, v, scorer, ref_sem))
         shard: dict[str, Any] = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "key": key, "inputs": inputs,
                                  "shard_index": shard_index, "num_shards": num_shards, "prompt_range": [start, stop],
                                  "device_info": device_info(adapter), "convergence": conv, "sensitivity": sens}
         if shard_index == 0:                  # latency: the whole calibration set, on this machine, as measure() does
             full = Subject(adapter, prompts, seeds, batch_size, guidance)
-            lat_variants = variant_grid(settings.keeps, settings.selections)
-            rounds = [store.get(f"latency/round{r}") for r in range(settings.latency_repeats)]
-            if any(r is None for r in rounds):
-                for v in lat_variants[:3]:
-                    full.run(variant_point(n, v))                # warm-up
-            for r in range(settings.latency_repeats):
-                if rounds[r] is None:
-                    res = {}
-                    for v in lat_variants:
-                        o = full.run(variant_point(n, v))
-                        res[v.name] = {"scales": o.scale_seconds, "total": o.seconds}
-                    rounds[r] = store.put(f"latency/round{r}", res)
-                bar.update(1)
-            samples = {v.name: [rd[v.name]["scales"] for rd in rounds] for v in lat_variants}
-            totals = {v.name: [rd[v.name]["total"] for rd in rounds] for v in lat_variants}
-            latency = summarize(samples, totals, n)
-            latency.update(device_info(adapter))
-            latency["batch_size"] = batch_size
-            latency["variants"] = [v.name for v in lat_variants]
-            check = store.get("latency_check")
-            if check is None:
-                check = store.put("latency_check", _latency_check(full, latency, lat_variants, settings))
-            bar.update(1)
-            shard["latency"], shard["latency_check"] = latency, check
+            shard["latency"], shard["latency_check"] = measure_latency(store, full, settings, unit_done)
         atomic_write_text(directory / "shard.json", json.dumps(shard, default=_np_default))
     finally:
         bar.close()

@@ -81,7 +81,7 @@ def check_var_golden(golden_dir: Path) -> list[CheckRow]:
     config = meta["config"]
     files = config["files"]
     adapter = build_from_meta(config)
-    tr, vae, mcfg = adapter.transformer, adapter.vae, adapter.cfg
+    tr, vae = adapter.transformer, adapter.vae
 
     # weights: the VAR file omits the derived mask; the VQVAE file omits what decoding never uses
     var_sd = _upcast(_load(golden_dir / files["weights"]))

@@ -48,7 +48,6 @@ import torch
 import torch.nn.functional as F
 
 from stagevar.models.bsq_vae import accumulate_step, bits_to_codes
-from stagevar.models.infinity import TextKV
 from stagevar.toy.model import MiniTextEncoder, build_parts, init_transformer_
 
 
