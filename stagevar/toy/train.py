@@ -317,7 +317,7 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
         for g in tr_opt.param_groups:
             g["lr"] = lr
         short = random.random() < float(tc["short_prob"])
-        n_sc = int(tc["short_scales"]) if short else n_all
+        n_sc = min(int(tc["short_scales"]), n_all) if short else n_all
         B = int(tc["short_batch"]) if short else int(tc["batch"])
         prompts, img = stream.batch(B)
         img = img.to(dev)
@@ -372,6 +372,21 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     export(out / "final_raw", arch, adapter, tr.state_dict(), {**meta, "transformer_weights": "raw"})
     print(f"done: {meta}; weights in {out / 'final'}", flush=True)
     return out / "final"
+
+
+def export_checkpoint(ckpt: Path, out_dir: Path, raw: bool = False) -> dict[str, Any]:
+    """Weights directory (as ``final/``) from a training checkpoint, at whatever step it holds."""
+    if not Path(ckpt).is_file():
+        raise SystemExit(f"error: --export {ckpt}: no such checkpoint (a run writes OUT/ckpt.pt)")
+    ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+    arch, st = ck["arch"], ck["state"]
+    _, adapter = build_parts(arch)
+    adapter.vae.load_state_dict(ck["vae"])
+    adapter.text_encoder.load_state_dict(ck["text"])
+    meta = {"vae_steps": st["vae_step"], "transformer_steps": st["tr_step"], "minutes": round(st["elapsed"] / 60, 1),
+            "seed": int(arch.get("seed", 0)), "transformer_weights": "raw" if raw else "ema", "exported_from": str(ckpt)}
+    export(Path(out_dir), arch, adapter, ck["tr" if raw else "ema_tr"], meta)
+    return meta
 
 
 # ------------------------------------------------------------------------------------------ decoder fine-tuning
@@ -486,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                "> runs/mini.log 2>&1 &\n"
                "  python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/smoke --max-minutes 2\n"
                "  python -m stagevar.toy.train --sweep runs/mini/final --split calibration --n 48 --seeds 0\n"
+               "  python -m stagevar.toy.train --export runs/mini/ckpt.pt --out runs/mini/interim\n"
                "  python -m stagevar.toy.train --finetune-decoder runs/mini/final 10 --out runs/mini/final_dec\n"
                "  python -m stagevar.toy.train --evaluate stagevar/toy/weights --split heldout --n 60 --seeds 0 1 2 3\n"
                "Re-running with the same --out resumes from OUT/ckpt.pt; the final weights are in OUT/final/.")
@@ -495,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run (overrides the YAML)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--export", metavar="CKPT",
+                   help="write the weights of a run's checkpoint (e.g. one still training) to --out and exit")
+    p.add_argument("--raw", action="store_true", help="with --export: the raw transformer weights instead of the EMA")
     p.add_argument("--finetune-decoder", nargs=2, metavar=("WEIGHTS_DIR", "MINUTES"),
                    help="train only the VAE decoder of trained weights (labels unchanged); writes --out")
     g = p.add_argument_group("evaluation (instead of training)")
@@ -511,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
+    if a.export:
+        if not a.out:
+            p.error("--export needs --out (a new weights directory)")
+        print(json.dumps(export_checkpoint(Path(a.export), Path(a.out), raw=a.raw)), flush=True)
+        return 0
     if a.finetune_decoder:
         if not a.out:
             p.error("--finetune-decoder needs --out (a new weights directory)")
