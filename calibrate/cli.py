@@ -226,7 +226,8 @@ def cmd_calibrate(args) -> int:
             infeasible.append((budget.name, measured["speedup"]))
         points[budget.name] = OperatingPoint(point.stages, point.plans, measured)
         chosen_trials[budget.name] = trial.number
-        all_trials += [summarize_trial(t) for t in study.get_trials(deepcopy=False) if t.values is not None]
+        all_trials += [dict(summarize_trial(t), budget=budget.name) for t in study.get_trials(deepcopy=False)
+                       if t.values is not None]
     policy = Policy(model=binding_for(model), operating_points=points, default=budgets[0].name, provenance=base_provenance(
         model=model.name, device=rec.inputs["device"], device_type=rec.inputs["device_type"], dtype=rec.inputs["dtype"],
         batch_size=args.batch_size, weights_sha256=_weights_hash(model), calibrated=True,
@@ -243,9 +244,9 @@ def cmd_calibrate(args) -> int:
                                                                           "quality", "score_full", "score", "score_drop", "trial")}
                                     for k, v in points.items()}}
     if args.frontier:
-        front = pareto_front([(t["quality"], t["predicted_latency_s"], t["number"]) for t in all_trials
+        front = pareto_front([(t["quality"], t["predicted_latency_s"], (t["budget"], t["number"])) for t in all_trials
                               if "predicted_latency_s" in t and not t.get("quality_estimated")])
-        summary["frontier"] = [{"quality": q, "predicted_latency_s": lat, "trial": n} for q, lat, n in front]
+        summary["frontier"] = [{"quality": q, "predicted_latency_s": lat, "study": b, "trial": n} for q, lat, (b, n) in front]
     if args.json:
         print(json.dumps(summary, default=float))
     else:
@@ -257,7 +258,7 @@ def cmd_calibrate(args) -> int:
         if args.frontier:
             print("frontier (quality, predicted latency):")
             for f in summary["frontier"]:
-                print(f"  {f['quality']:.3f}  {f['predicted_latency_s'] * 1000:.0f} ms  (trial {f['trial']})")
+                print(f"  {f['quality']:.3f}  {f['predicted_latency_s'] * 1000:.0f} ms  ({f['study']} study, trial {f['trial']})")
     if infeasible:
         msg = "; ".join(f"{b}: best verified speedup {s:.2f}x" for b, s in infeasible)
         print(f"budget not met ({msg}). The best-effort operating point is written and marked feasible: false.", file=sys.stderr)

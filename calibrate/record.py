@@ -25,7 +25,7 @@ from stagevar.errors import StageVarError
 from stagevar.policy import atomic_write_text
 
 RECORD_VERSION = 1
-MEASURE_CODE_VERSION = 2
+MEASURE_CODE_VERSION = 3
 
 
 class RecordError(StageVarError):

@@ -43,6 +43,8 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
     c = record.convergence
     ax.plot(range(n), c["semantic"], "o-", label=f"semantic ({c.get('semantic_measure', 'semantic')})")
     ax.plot(range(n), c["ssim"], "s-", label="structure (SSIM)")
+    if "evaluator" in c:
+        ax.plot(range(n), c["evaluator"], "^--", color="0.4", label=f"evaluator pass rate (final {c['final_semantic']:.2f})")
     for name, color in (("semantic", "#dde"), ("structure", "#ede"), ("refinement", "#eed")):
         a, b = st[name]
         if b >= a:
@@ -114,7 +116,8 @@ def plot_front(trials: list[dict[str, Any]], chosen: dict[str, int], out: Path) 
     front = pareto_front([(t["quality"], 1 / t["predicted_speedup"], t) for t in pts])
     ax.plot([1 / f[1] for f in front], [f[0] for f in front], "r-", lw=1, label="Pareto front")
     for name, num in chosen.items():
-        t = next((t for t in pts if t["number"] == num), None)
+        # trial numbers are per study (one study per budget)
+        t = next((t for t in pts if t["number"] == num and t.get("budget", name) == name), None)
         if t:
             ax.scatter([t["predicted_speedup"]], [t["quality"]], s=60, marker="*", label=f"chosen {name}")
     ax.set_xlabel("predicted speedup")

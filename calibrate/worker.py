@@ -731,19 +731,17 @@ def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool):
     final = out.images
     prompts = subject.item_prompts
     evaluator = scorer.name == "evaluator"
-    final_sem = scorer.score(final, prompts, final) if evaluator else np.ones(len(final))
-    items: dict[str, Any] = {"semantic_measure": scorer.name if evaluator else "coarse_agreement",
-                             "final_semantic": np.asarray(final_sem).tolist(), "ssim": [], "semantic": [],
-                             "semantic_dtype": "float64" if evaluator else "float32", "spectra": [],
+    items: dict[str, Any] = {"semantic_measure": "coarse_agreement", "ssim": [], "semantic": [], "spectra": [],
                              "reference_seconds": out.seconds}
+    if evaluator:
+        items["final_semantic"] = np.asarray(scorer.score(final, prompts, final), dtype=np.float64).tolist()
+        items["evaluator"] = []
     for k in range(n):
         imgs = np.concatenate(partial[k])
         items["ssim"].append(ssim(imgs, final).tolist())
+        items["semantic"].append(coarse_agreement(imgs, final).astype(np.float32).tolist())
         if evaluator:
-            sem = scorer.score(imgs, prompts, final)
-            items["semantic"].append((sem == final_sem).astype(np.float64).tolist())
-        else:
-            items["semantic"].append(coarse_agreement(imgs, final).astype(np.float32).tolist())
+            items["evaluator"].append(np.asarray(scorer.score(imgs, prompts, final), dtype=np.float64).tolist())
     for (k, layer), parts in sorted(feats.items()):
         x = np.concatenate(parts)
         P, M, C = x.shape
@@ -915,12 +913,16 @@ def merge_records(shards, out: str | Path | None = None):
     # convergence
     c0 = base["convergence"]
     n = len(c0["ssim"])
-    sem_dtype = np.float64 if c0["semantic_dtype"] == "float64" else np.float32
-    curves = {"scale": list(range(n)), "ssim": [], "semantic": [], "semantic_measure": c0["semantic_measure"],
-              "final_semantic": float(np.mean(np.asarray(merged(lambda d: d["convergence"]["final_semantic"]), dtype=np.float64)))}
+    curves = {"scale": list(range(n)), "ssim": [], "semantic": [], "semantic_measure": c0["semantic_measure"]}
+    evaluator = "evaluator" in c0
+    if evaluator:
+        curves["final_semantic"] = float(np.mean(np.asarray(merged(lambda d: d["convergence"]["final_semantic"]), dtype=np.float64)))
+        curves["evaluator"] = []
     for k in range(n):
         curves["ssim"].append(float(np.asarray(merged(lambda d: d["convergence"]["ssim"][k]), dtype=np.float64).mean()))
-        curves["semantic"].append(float(np.asarray(merged(lambda d: d["convergence"]["semantic"][k]), dtype=sem_dtype).mean()))
+        curves["semantic"].append(float(np.asarray(merged(lambda d: d["convergence"]["semantic"][k]), dtype=np.float32).mean()))
+        if evaluator:
+            curves["evaluator"].append(float(np.asarray(merged(lambda d: d["convergence"]["evaluator"][k]), dtype=np.float64).mean()))
     # spectra
     spectra_rows, arrays = [], {}
     for j, srow in enumerate(c0["spectra"]):

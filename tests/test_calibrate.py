@@ -610,7 +610,7 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     policy_path = work / "p.yaml"
     argv = ["--model", "infinity-tiny", "--budget", "50x", "--prompts", str(prompts), "--num-prompts", "2",
             "--batch-size", "2", "--num-heldout", "2", "--trials", "4", "--verify-candidates", "1",
-            "--out", str(work), "--policy-out", str(policy_path), "--quiet", "--json"]
+            "--out", str(work), "--policy-out", str(policy_path), "--quiet", "--json", "--frontier"]
 
     def no_measure(*a, **k):
         raise AssertionError("the record should have been reused")
@@ -623,6 +623,12 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     summary = json.loads(cap.out.strip().splitlines()[-1])
     assert summary["operating_points"]["50x"]["feasible"] is False
     assert Path(summary["report"]).is_file()
+    # the frontier holds measured trials only (at 50x every trial's quality is estimated, so it may
+    # be empty); each point names its study (trial numbers are per study); it is non-dominated
+    front = summary["frontier"]
+    assert all(f["study"] == "50x" for f in front)
+    assert [f["predicted_latency_s"] for f in front] == sorted(f["predicted_latency_s"] for f in front)
+    assert [f["quality"] for f in front] == sorted(f["quality"] for f in front)
 
     policy = load_policy(policy_path)
     point = policy.operating_point()

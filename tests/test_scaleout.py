@@ -345,7 +345,7 @@ def _fake_shard(tmp_path, index, values, prompt_range, seeds=(0, 1), n=3):
     inputs = {"model": {"model": "fake", "scale_schedule": [[1, 1, 1]] * n}, "num_layers": 2, "prompts": ["a", "b"],
               "seeds": list(seeds), "batch_size": 1, "guidance": 3.0, "device": "x", "device_type": "cpu",
               "dtype": "float32", "settings": {}}
-    conv = {"semantic_measure": "coarse_agreement", "semantic_dtype": "float64", "final_semantic": [1.0] * len(values),
+    conv = {"semantic_measure": "coarse_agreement",
             "ssim": [values] * n, "semantic": [values] * n,
             "spectra": [{"scale": 2, "layer": 1, "tokens": 4, "full_rank": 2, "spectrum": [[v, 0.0] for v in values],
                          "ranks": {"0.9": [1] * len(values), "0.95": [1] * len(values), "0.99": [2] * len(values)}}]}
