@@ -161,7 +161,8 @@ def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float
         raise MiniWeightsError(
             f"infinity-mini weights are missing in {wdir}: {', '.join(missing)}. Train them with "
             "`python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/mini` "
-            "(about 75 minutes on 2 CPU cores) and copy runs/mini/final/* into stagevar/toy/weights/, "
+            "(92 minutes on 2 CPU cores; the shipped weights trained on to 175, see MODEL_CARD.md) and copy "
+            "runs/mini/final/* into stagevar/toy/weights/, "
             "or pass --weights DIR pointing at a directory holding those files.")
     try:
         arch = json.loads((wdir / "config.json").read_text())

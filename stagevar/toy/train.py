@@ -2,7 +2,8 @@
 
 Examples::
 
-    # the shipped model (about 75 minutes on 2 CPU cores; re-running resumes from runs/mini/ckpt.pt)
+    # the shipped model: 92 minutes on 2 CPU cores, then resumed to 175 with --max-minutes 175
+    # (re-running resumes from runs/mini/ckpt.pt; see stagevar/toy/weights/MODEL_CARD.md)
     python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/mini
 
     # a 3-minute smoke run on a GPU
