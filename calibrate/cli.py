@@ -156,8 +156,8 @@ def cmd_calibrate(args) -> int:
     from calibrate.metrics import scorer_for
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import write_report
-    from calibrate.search import (Objective, enqueue_seeds, feasible_ranked, open_study, pareto_front, parse_budgets,
-                                  point_from_params, summarize_trial)
+    from calibrate.search import (Objective, distinct_candidates, enqueue_seeds, feasible_ranked, open_study, pareto_front,
+                                  parse_budgets, point_from_params, summarize_trial)
     from calibrate.verify import verify_candidates
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
 
@@ -211,13 +211,12 @@ def cmd_calibrate(args) -> int:
         if remaining:
             log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
             study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
-        ranked = feasible_ranked(study)
-        candidates = ranked[: args.verify_candidates]
-        if not candidates:
-            # best effort: the measured trials with the lowest predicted latency
+        cand_points = distinct_candidates(rec, feasible_ranked(study), args.verify_candidates)
+        if not cand_points:
+            # best effort: the measured trial with the lowest predicted latency
             done_trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-            candidates = sorted(done_trials, key=lambda t: t.user_attrs.get("predicted_latency_s", float("inf")))[:1]
-        cand_points = [(t, point_from_params(rec, t.params)) for t in candidates]
+            best_effort = sorted(done_trials, key=lambda t: t.user_attrs.get("predicted_latency_s", float("inf")))[:1]
+            cand_points = [(t, point_from_params(rec, t.params)) for t in best_effort]
         best = verify_candidates(model, held_subject, cand_points, budget, scorer, held_cache, progress=not args.quiet)
         trial, point, measured = best
         measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -226,6 +227,24 @@ def feasible_ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
             if not t.user_attrs.get("quality_estimated", False)]
     feas = _get_feasible_trials(done)
     return sorted(feas, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
+
+
+def distinct_candidates(record: CalibrationRecord, ranked: list[optuna.trial.FrozenTrial], k: int) -> list[tuple]:
+    """The first ``k`` trials of ``ranked`` that describe different operating points, with their
+    points. Different parameters can give the same policy (a skipped scale's keep ratio, the
+    selection of a scale computed in full, ...), and TPE re-proposes good points, so without this
+    identical policies would take verification slots."""
+    out, seen = [], set()
+    for t in ranked:
+        point = point_from_params(record, t.params)
+        key = json.dumps([p.to_dict() for p in point.plans], sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((t, point))
+        if len(out) == k:
+            break
+    return out
 
 
 def pareto_front(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:

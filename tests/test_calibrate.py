@@ -480,6 +480,25 @@ def test_seed_policies_expected_plans():
     assert fv.stages["refinement"] == (3, 6)
 
 
+def test_verification_candidates_are_distinct_policies():
+    from types import SimpleNamespace
+
+    from calibrate.search import distinct_candidates
+    rec = _hand_record(n=7, depth=2, refinement_start=4)
+    seeds = seed_params(rec)
+    # identity with other keep ratios / selections: nothing is accelerated, so the same policy
+    ident2 = dict(seeds["identity"], keep_4=0.1, selection_5="deviation")
+    # a skipped scale's keep ratio does not matter either
+    skip_a = dict(seeds["paper-like"], skip_from=6, keep_6=0.5)
+    skip_b = dict(seeds["paper-like"], skip_from=6, keep_6=0.1)
+    ranked = [SimpleNamespace(number=i, params=p) for i, p in
+              enumerate([seeds["identity"], ident2, skip_a, skip_b, seeds["paper-like"], seeds["fastvar-like"]])]
+    got = distinct_candidates(rec, ranked, 3)
+    assert [t.number for t, _ in got] == [0, 2, 4]                 # best first, duplicates skipped
+    assert got[1][1].plans[6].skip and not got[2][1].plans[6].skip
+    assert [t.number for t, _ in distinct_candidates(rec, ranked, 10)] == [0, 2, 4, 5]
+
+
 def test_fastvar_seed_uses_middle_layers_on_deep_models():
     rec = _hand_record(n=7, depth=32, refinement_start=4)
     fv = suggest_policy(optuna.trial.FixedTrial(seed_params(rec)["fastvar-like"]), rec)
