@@ -177,7 +177,7 @@ def measure_latency(store: UnitStore, subject: Subject, settings: MeasureSetting
         unit_done(f"latency round {r}", new)
     samples = {v.name: [rd[v.name]["scales"] for rd in rounds] for v in lat_variants}
     totals = {v.name: [rd[v.name]["total"] for rd in rounds] for v in lat_variants}
-    latency = summarize(samples, totals, n, len(list(subject.batches())))
+    latency = summarize(samples, totals, n, subject.num_batches)
     latency.update(device_info(subject.adapter))
     latency["batch_size"] = subject.batch_size
     latency["variants"] = [v.name for v in lat_variants]
@@ -216,8 +216,7 @@ def _latency_check(subject, latency, variants, settings: MeasureSettings) -> lis
                                  keep=keep, selection=sel, layers=lay)
         point = point_from_plans(n, plans)
         predicted = model.predict(point, tokens)
-        batches = len(list(subject.batches()))
-        measured = sorted(subject.run(point).seconds for _ in range(3))[1] / batches
+        measured = sorted(subject.run(point).seconds for _ in range(3))[1] / subject.num_batches
         rows.append({"policy": f"check-{i}", "predicted_s": predicted, "measured_s": measured,
                      "error": (predicted - measured) / measured, "plans": [p.to_dict() for p in point.plans]})
     return rows

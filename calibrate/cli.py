@@ -159,9 +159,9 @@ def cmd_calibrate(args) -> int:
     from calibrate.search import (Objective, distinct_candidates, enqueue_seeds, feasible_ranked, open_study, pareto_front,
                                   parse_budgets, point_from_params, summarize_trial)
     from calibrate.verify import verify_candidates
+    from calibrate.worker import STUDY_ATTR, open_storage
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
 
-    from calibrate.worker import STUDY_ATTR, open_storage
     budgets = parse_budgets(args.budget)
     if args.trials < 1:
         raise StageVarError(f"--trials must be >= 1, got {args.trials}.")

@@ -720,28 +720,16 @@ def shard_dir(out: str | Path, key: str, shard_index: int, num_shards: int) -> P
 
 def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool):
     """:func:`calibrate.measure.convergence.measure_convergence` keeping per-image values."""
-    from calibrate.measure.convergence import coarse_agreement, collect_partials
+    from calibrate.measure.convergence import collect_partials, convergence_values
     from calibrate.measure.spectra import ENERGIES, effective_rank
-    from calibrate.metrics import ssim
 
-    n = subject.num_scales
     partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
     if not keep_spectra:
         return None, out
-    final = out.images
-    prompts = subject.item_prompts
-    evaluator = scorer.name == "evaluator"
-    items: dict[str, Any] = {"semantic_measure": "coarse_agreement", "ssim": [], "semantic": [], "spectra": [],
-                             "reference_seconds": out.seconds}
-    if evaluator:
-        items["final_semantic"] = np.asarray(scorer.score(final, prompts, final), dtype=np.float64).tolist()
-        items["evaluator"] = []
-    for k in range(n):
-        imgs = np.concatenate(partial[k])
-        items["ssim"].append(ssim(imgs, final).tolist())
-        items["semantic"].append(coarse_agreement(imgs, final).astype(np.float32).tolist())
-        if evaluator:
-            items["evaluator"].append(np.asarray(scorer.score(imgs, prompts, final), dtype=np.float64).tolist())
+    vals = convergence_values(partial, out.images, subject.item_prompts, scorer)
+    items: dict[str, Any] = {"semantic_measure": "coarse_agreement", "spectra": [], "reference_seconds": out.seconds}
+    for name, v in vals.items():
+        items[name] = v.tolist() if isinstance(v, np.ndarray) else [a.tolist() for a in v]
     for (k, layer), parts in sorted(feats.items()):
         x = np.concatenate(parts)
         P, M, C = x.shape

@@ -82,6 +82,10 @@ class Subject:
     def num_scales(self) -> int:
         return len(self.adapter.scale_schedule)
 
+    @property
+    def num_batches(self) -> int:
+        return len(self.seeds) * -(-len(self.prompts) // self.batch_size)
+
     def batches(self):
         """(prompts, seed) groups: one seed per batch so a batch is one generator stream."""
         for s in self.seeds:

@@ -40,6 +40,25 @@ def collect_partials(subject, spectra_layers=(), keep_spectra: bool = True):
     return partial, feats, out
 
 
+def convergence_values(partial, final: np.ndarray, prompts: list[str], scorer: SemanticScorer) -> dict:
+    """Per-image values of the convergence curves: for each scale, ``ssim`` (float64) and
+    ``semantic`` (:func:`coarse_agreement`, float32) of the partial images against ``final``; with
+    the embedded model's evaluator also ``evaluator`` (pass = 1.0, per scale) and
+    ``final_semantic`` (the final images)."""
+    vals: dict = {"ssim": [], "semantic": []}
+    evaluator = scorer.name == "evaluator"
+    if evaluator:
+        vals["final_semantic"] = np.asarray(scorer.score(final, prompts, final), dtype=np.float64)
+        vals["evaluator"] = []
+    for batches in partial:
+        imgs = np.concatenate(batches)
+        vals["ssim"].append(ssim(imgs, final))
+        vals["semantic"].append(coarse_agreement(imgs, final).astype(np.float32))
+        if evaluator:
+            vals["evaluator"].append(np.asarray(scorer.score(imgs, prompts, final), dtype=np.float64))
+    return vals
+
+
 def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep_spectra: bool = True):
     """One identity pass. Returns (curves dict, hidden features per (scale, layer) for spectra).
 
@@ -49,19 +68,12 @@ def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep
     also recorded: the share of partial images that pass their prompt (``final_semantic`` for the
     final image). It is reported, not used for the boundaries, because a coarse partial image
     fails a shape test for lack of resolution even when its content is decided."""
-    n = subject.num_scales
     partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
-    final = out.images
-    prompts = subject.item_prompts
-    evaluator = scorer.name == "evaluator"
-    curves = {"scale": list(range(n)), "ssim": [], "semantic": [], "semantic_measure": "coarse_agreement"}
-    if evaluator:
-        curves["final_semantic"] = float(np.mean(scorer.score(final, prompts, final)))
-        curves["evaluator"] = []
-    for k in range(n):
-        imgs = np.concatenate(partial[k])
-        curves["ssim"].append(float(ssim(imgs, final).mean()))
-        curves["semantic"].append(float(coarse_agreement(imgs, final).mean()))
-        if evaluator:
-            curves["evaluator"].append(float(np.mean(scorer.score(imgs, prompts, final))))
+    vals = convergence_values(partial, out.images, subject.item_prompts, scorer)
+    curves = {"scale": list(range(subject.num_scales)), "semantic_measure": "coarse_agreement"}
+    for name in ("ssim", "semantic", "evaluator"):
+        if name in vals:
+            curves[name] = [float(v.mean()) for v in vals[name]]
+    if "final_semantic" in vals:
+        curves["final_semantic"] = float(vals["final_semantic"].mean())
     return curves, {k: np.concatenate(v) for k, v in feats.items()}, out

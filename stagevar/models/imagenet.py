@@ -80,14 +80,11 @@ def class_id(name: str) -> int:
     key = _norm(str(name))
     low = key.lower()
     primary, any_name, exact = _index()
-    for table, k in ((primary, low), (any_name, low)):
-        hits = table.get(k, set())
+    for table in (primary, any_name):
+        hits = table.get(low, set())
         if len(hits) == 1:
             return next(iter(hits))
-        if hits:
-            break
-    hits = any_name.get(low, set())
-    if hits:
+    if hits:                                   # any_name's: a name of several classes
         exact_hits = exact.get(key, set())
         if len(exact_hits) == 1:
             return next(iter(exact_hits))
