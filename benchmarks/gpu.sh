@@ -12,7 +12,7 @@
 # Budget: about 8 minutes including model construction and warm-up (the run is killed at
 # STAGEVAR_BENCH_TIMEOUT seconds, default 450). Overrides, e.g. for a CPU dry run:
 #
-#   STAGEVAR_BENCH_MODEL=infinity-tiny STAGEVAR_BENCH_DEVICE=cpu STAGEVAR_BENCH_DTYPE=float32 \
+#   STAGEVAR_BENCH_MODEL=infinity-tiny STAGEVAR_BENCH_DEVICE=cpu STAGEVAR_BENCH_DTYPE=bfloat16 \
 #     OUT=/tmp/gpu-dry bash benchmarks/gpu.sh
 #
 # STAGEVAR_BENCH_MODEL (infinity-2b), STAGEVAR_BENCH_DEVICE (cuda), STAGEVAR_BENCH_DTYPE (bfloat16),

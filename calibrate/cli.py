@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-heldout", type=int, default=64,
                    help="bundled held-out prompts for verification (default 64: one image of 64 is 0.016 of a score)")
     p.add_argument("--verify-candidates", type=int, default=3, help="best feasible trials re-measured end to end (default 3)")
+    p.add_argument("--verify-near", type=int, default=2,
+                   help="also re-measure this many best trials predicted up to 10%% over the budget (the latency "
+                        "model's error band); they are chosen only if their measured speedup meets it (default 2)")
     p.add_argument("--frontier", action="store_true", help="also report the quality / latency Pareto front of all trials")
     p.add_argument("--policy-out", type=Path, help="policy file (default policies/<model>.<resolution>.<budgets>.yaml)")
     p.add_argument("--json", action="store_true", help="print one machine-readable summary on stdout")
@@ -95,6 +98,8 @@ def build_measure_parser() -> argparse.ArgumentParser:
 def _setup(args):
     import torch
     from stagevar.models.registry import load_model
+    from stagevar.perf import steady_allocator
+    steady_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:
@@ -156,8 +161,8 @@ def cmd_calibrate(args) -> int:
     from calibrate.metrics import scorer_for
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import write_report
-    from calibrate.search import (Objective, distinct_candidates, enqueue_seeds, feasible_ranked, open_study, pareto_front,
-                                  parse_budgets, point_from_params, summarize_trial)
+    from calibrate.search import (Objective, enqueue_seeds, open_study, pareto_front, parse_budgets, point_from_params,
+                                  summarize_trial, verification_candidates)
     from calibrate.verify import verify_candidates
     from calibrate.worker import STUDY_ATTR, open_storage
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
@@ -211,7 +216,7 @@ def cmd_calibrate(args) -> int:
         if remaining:
             log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
             study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
-        cand_points = distinct_candidates(rec, feasible_ranked(study), args.verify_candidates)
+        cand_points = verification_candidates(rec, study, budget_s, args.verify_candidates, args.verify_near)
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
             done_trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]

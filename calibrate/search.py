@@ -11,8 +11,9 @@
   not generated: their quality is estimated from the per-scale sensitivities instead, and marked.
 * The study is seeded (``enqueue_trial``) with the identity policy, a paper-like policy
   (refinement = the last three scales, guidance dropped, a fixed random-projection keep ratio) and
-  a FastVAR-like policy (deviation-selected tokens at the scales before the last two, the last two
-  nearly all restored, middle layers only).
+  a FastVAR-like policy (deviation-selected tokens in the middle layers at the two scales before
+  the last two, 60% / 50% kept, the last two skipped: :func:`stagevar.baselines.fastvar_policy`
+  within this search space).
 * Storage is resumable: a journal file in the output directory by default, or any Optuna storage
   URL (``sqlite:///...``, ``postgresql://...``) for several workers.
 """
@@ -97,11 +98,20 @@ def parse_budgets(text: str) -> list[Budget]:
 
 
 # ----------------------------------------------------------------------------------------- space
+#: The search may always reach this many last scales: the span the published hand-set policies
+#: touch (StageVAR the last three, FastVAR the last four), so that it can find them or better.
+MIN_SEARCH_SPAN = 4
+
+
 def search_bounds(record: CalibrationRecord) -> tuple[int, int]:
-    """(lowest scale the search may accelerate, number of scales). The search may start the
-    refinement stage one scale earlier than the detected boundary, never at scale 0."""
+    """(lowest scale the search may accelerate, number of scales).
+
+    The search may start the refinement stage one scale before the detected boundary, and in any
+    case may reach the last :data:`MIN_SEARCH_SPAN` scales, never scale 0. When the measured
+    stages leave fewer late scales (a model whose content settles late), the quality objective,
+    not the boundary, decides how far those scales can be accelerated."""
     n = record.num_scales
-    lo = max(1, record.stages["refinement"][0] - 1)
+    lo = max(1, min(record.stages["refinement"][0] - 1, n - MIN_SEARCH_SPAN))
     return lo, n
 
 
@@ -157,8 +167,9 @@ def seed_params(record: CalibrationRecord) -> dict[str, dict[str, Any]]:
     for k in range(paper_first, n):
         paper[f"keep_{k}"] = 0.5
     fv_first = max(lo, n - 4)
-    fastvar = dict(base, first_accelerated=fv_first, cond_only_from=n, layer_start=min(max(0, depth // 4), max(1, round(depth * 3 / 32))))
-    for k, keep in zip(range(n - 4, n), (0.6, 0.5, 0.1, 0.1)):
+    fastvar = dict(base, first_accelerated=fv_first, cond_only_from=n, skip_from=max(lo, n - 2),
+                   layer_start=min(max(0, depth // 4), max(1, round(depth * 3 / 32))))
+    for k, keep in zip(range(n - 4, n - 2), (0.6, 0.5)):
         if k < fv_first:
             continue
         fastvar[f"keep_{k}"] = keep
@@ -229,6 +240,34 @@ def feasible_ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(feas, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
 
 
+def near_feasible_ranked(study: optuna.Study, budget_s: float,
+                         margin: float = INFEASIBLE_MARGIN) -> list[optuna.trial.FrozenTrial]:
+    """Measured trials predicted over the budget by at most ``margin`` (the latency model's error
+    band), best quality first. Verification measures their real latency, so they compete for the
+    budget on measurements rather than on the prediction alone."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if not t.user_attrs.get("quality_estimated", False)]
+    near = [t for t in done if budget_s < t.user_attrs.get("predicted_latency_s", math.inf) <= budget_s * margin]
+    return sorted(near, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
+
+
+def verification_candidates(record: CalibrationRecord, study: optuna.Study, budget_s: float, k: int,
+                            k_near: int) -> list[tuple]:
+    """The ``k`` best distinct feasible trials, then the ``k_near`` best distinct near-feasible ones
+    (:func:`near_feasible_ranked`) that are not the same policy as one already chosen."""
+    strict = distinct_candidates(record, feasible_ranked(study), k)
+    if k_near <= 0:
+        return strict
+    seen = {_plan_key(point) for _, point in strict}
+    near = [(t, pt) for t, pt in distinct_candidates(record, near_feasible_ranked(study, budget_s), k_near + len(strict))
+            if _plan_key(pt) not in seen][:k_near]
+    return strict + near
+
+
+def _plan_key(point: OperatingPoint) -> str:
+    return json.dumps([p.to_dict() for p in point.plans], sort_keys=True)
+
+
 def distinct_candidates(record: CalibrationRecord, ranked: list[optuna.trial.FrozenTrial], k: int) -> list[tuple]:
     """The first ``k`` trials of ``ranked`` that describe different operating points, with their
     points. Different parameters can give the same policy (a skipped scale's keep ratio, the
@@ -237,7 +276,7 @@ def distinct_candidates(record: CalibrationRecord, ranked: list[optuna.trial.Fro
     out, seen = [], set()
     for t in ranked:
         point = point_from_params(record, t.params)
-        key = json.dumps([p.to_dict() for p in point.plans], sort_keys=True)
+        key = _plan_key(point)
         if key in seen:
             continue
         seen.add(key)

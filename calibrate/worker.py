@@ -362,6 +362,8 @@ def _load_record_for(args):
         rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
                       progress=not args.quiet)
         return model, rec
+    from stagevar.perf import steady_allocator
+    steady_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     rec = CalibrationRecord.load(args.record)

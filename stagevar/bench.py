@@ -209,18 +209,31 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_methods(runtimes: dict[str, Any], condition, seed: int, repeats: int) -> dict[str, list[float]]:
-    """Warm-up round, then ``repeats`` interleaved rounds; seconds per run per method."""
+def time_methods(runtimes: dict[str, Any], condition, seed: int,
+                 repeats: int) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
+    """Warm-up round, then ``repeats`` interleaved rounds. Per method: seconds per run, and per run
+    the seconds of each scale (device-synchronised when the runtimes are)."""
     names = list(runtimes)
     _progress(f"warm-up round ({len(names)} methods)")
     for nm in names:
         runtimes[nm].generate(condition=condition, seed=seed)
     samples: dict[str, list[float]] = {nm: [] for nm in names}
+    per_scale: dict[str, list[list[float]]] = {nm: [] for nm in names}
     for r in range(repeats):
         for nm in names:
-            samples[nm].append(runtimes[nm].generate(condition=condition, seed=seed).seconds)
+            res = runtimes[nm].generate(condition=condition, seed=seed)
+            samples[nm].append(res.seconds)
+            per_scale[nm].append([rec.seconds for rec in res.records])
         _progress(f"round {r + 1}/{repeats}: " + ", ".join(f"{nm} {samples[nm][-1]:.3f}s" for nm in names))
-    return samples
+    return samples, per_scale
+
+
+def scale_breakdown(totals: list[float], per_scale: list[list[float]]) -> dict[str, Any]:
+    """Median seconds of each scale over the rounds, and of the time outside every scale
+    (conditioning setup and VAE decoding: what no policy shortens)."""
+    scales = [statistics.median(r[k] for r in per_scale) for k in range(min(len(r) for r in per_scale))]
+    outside = statistics.median(t - sum(r) for t, r in zip(totals, per_scale))
+    return {"scales_median_s": scales, "outside_scales_median_s": outside}
 
 
 class _QuietStderr:
@@ -364,10 +377,10 @@ def render_markdown(res: dict[str, Any]) -> str:
     L = [f"# stagevar bench: {cfg['model']}", "",
          f"{cfg['resolution']}px, {cfg['num_scales']} scales, {cfg['num_layers']} layers"
          f"{' (random weights)' if cfg['random_weights'] else ''}; {cfg['device_name']} ({cfg['device']}), {cfg['dtype']}; "
-         f"torch {cfg['torch']}, {cfg['threads']} CPU threads; {cfg['date']}", "",
+         f"torch {cfg['torch']}, {cfg['threads']} CPU threads, {cfg.get('allocator', 'system default')}; {cfg['date']}", "",
          f"Latency: batch {cfg['batch_size']}, median / p90 of {cfg['repeats']} interleaved rounds after a warm-up round, "
          "device-synchronised, prompt encoding excluded, VAE decoding included. Speedup = full median / method median.", ""]
-    head = ["method", "kind", "median s", "p90 s", "speedup", "peak MiB"]
+    head = ["method", "kind", "median s", "p90 s", "outside scales s", "speedup", "peak MiB"]
     if quality:
         head += ["SSIM mean", "SSIM min", "HF ratio"]
         if evaluator:
@@ -381,7 +394,8 @@ def render_markdown(res: dict[str, Any]) -> str:
     for r in rows:
         lat = r["latency"]
         cells = [f"`{r['name']}`", r["kind"], _f(lat["median_s"], ".4f"), _f(lat["p90_s"], ".4f"),
-                 _f(r["speedup"], ".2f") + "x", _f(r.get("peak_mem_mib"), ".1f")]
+                 _f(lat.get("outside_scales_median_s"), ".4f"), _f(r["speedup"], ".2f") + "x",
+                 _f(r.get("peak_mem_mib"), ".1f")]
         if quality:
             q = r["quality"]
             cells += [_f(q["ssim_mean"], ".3f"), _f(q["ssim_min"], ".3f"), _f(q["hf_ratio_mean"], ".3f")]
@@ -392,6 +406,8 @@ def render_markdown(res: dict[str, Any]) -> str:
             cells += ["-" if r["kind"] == "full" else f"\"{w['prompt']}\" (seed #{w['seed_index']}, {w['ssim']:.3f})"]
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
+    L.append("Outside scales: the median time spent outside every scale's loop (conditioning setup and VAE "
+             "decoding), which no policy shortens; per-scale medians are in bench.json.")
     L.append(f"Peak memory: {cfg['peak_mem_method']}.")
     if quality:
         L.append(f"Quality: {cfg['quality_images']} images per method ({cfg['prompts']} held-out prompts x {cfg['seeds']} "
@@ -508,10 +524,12 @@ def _device_name(device) -> str:
 def cmd_bench(args) -> int:
     import torch
     from stagevar.models.registry import load_model
+    from stagevar.perf import allocator_setting, steady_allocator
     from stagevar.policy import predicted_work_skipped
     from stagevar.runtime import Runtime
 
     _check_args(args)
+    steady_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -528,7 +546,7 @@ def cmd_bench(args) -> int:
     items = bench_prompts(adapter, args.prompts)
     lat_prompts = [items[i % len(items)]["prompt"] for i in range(args.batch_size)]
     condition = adapter.encode_prompts(lat_prompts)
-    samples = time_methods(runtimes, condition, 0, args.repeats)
+    samples, per_scale = time_methods(runtimes, condition, 0, args.repeats)
 
     mem: dict[str, dict[str, Any]] = {}
     if not args.no_memory:
@@ -550,7 +568,8 @@ def cmd_bench(args) -> int:
         point = m.point if m.point is not None else None
         skipped = predicted_work_skipped(point, schedule, adapter.num_layers, guided) if point is not None else 0.0
         row = {"name": m.name, "kind": m.kind, "source": m.source, "plan": m.plan,
-               "latency": {"median_s": med, "p90_s": _percentile(s, 0.9), "samples_s": s},
+               "latency": {"median_s": med, "p90_s": _percentile(s, 0.9), "samples_s": s,
+                           **scale_breakdown(s, per_scale[m.name])},
                "speedup": full_med / med if med > 0 else None,
                "predicted_work_skipped": skipped,
                "operating_point": point.to_dict() if point is not None else None}
@@ -564,7 +583,7 @@ def cmd_bench(args) -> int:
            "num_layers": adapter.num_layers, "scale_schedule": [list(x) for x in schedule],
            "random_weights": bool(args.random_weights), "device": str(device), "device_name": _device_name(device),
            "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "batch_size": args.batch_size, "repeats": args.repeats, "warmup_rounds": 1,
+           "allocator": allocator_setting(), "batch_size": args.batch_size, "repeats": args.repeats, "warmup_rounds": 1,
            "latency_prompts": lat_prompts, "prompts": args.prompts, "seeds": args.seeds,
            "quality_batch_size": args.quality_batch_size, "no_quality": bool(args.no_quality),
            "quality_images": args.prompts * args.seeds, "evaluator": bool(use_eval and not args.no_quality),

@@ -149,8 +149,15 @@ def test_bench_speed_only(tiny, tmp_path, capsys):
     res = json.loads((out / "bench.json").read_text())
     full = res["methods"][0]
     assert full["speedup"] == pytest.approx(1.0)
+    n_scales = res["config"]["num_scales"]
     for m in res["methods"]:
-        assert m["latency"]["median_s"] > 0 and len(m["latency"]["samples_s"]) == 1
+        lat = m["latency"]
+        assert lat["median_s"] > 0 and len(lat["samples_s"]) == 1
+        # per-scale breakdown: skipped scales are absent, and scales + outside add up to the total
+        skips = sum(p.get("skip", False) for p in (m["operating_point"] or {}).get("plans", []))
+        assert len(lat["scales_median_s"]) == n_scales - skips
+        assert 0 < lat["outside_scales_median_s"] < lat["median_s"]
+        assert sum(lat["scales_median_s"]) + lat["outside_scales_median_s"] == pytest.approx(lat["median_s"])
         assert m["peak_mem_mib"] is None or m["peak_mem_mib"] > 0
         assert "quality" not in m
     assert res["config"]["repeats"] == 1 and res["config"]["no_quality"]
@@ -199,13 +206,27 @@ def test_bench_errors_are_one_paragraph(tiny, tmp_path, capsys):
     assert rc == 1 and "--repeats must be >= 1" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu.sh end to end on the CPU, in bfloat16 as on the GPU (weights in bf16 under autocast)."""
     env = dict(os.environ, STAGEVAR_BENCH_MODEL="infinity-tiny", STAGEVAR_BENCH_DEVICE="cpu",
-               STAGEVAR_BENCH_DTYPE="float32", STAGEVAR_BENCH_REPEATS="1", STAGEVAR_BENCH_EXTRA="--threads 1",
+               STAGEVAR_BENCH_DTYPE="bfloat16", STAGEVAR_BENCH_REPEATS="1", STAGEVAR_BENCH_EXTRA="--threads 1",
                OUT=str(tmp_path), PYTHON=sys.executable)
     res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "| `fastvar` |" in res.stdout and "| `paper` |" in res.stdout
     for f in ("env.txt", "bench.log", "bench.md", "bench.json"):
         assert (tmp_path / f).is_file(), f
+
+
+def test_steady_allocator_is_applied_and_reported(monkeypatch):
+    from stagevar import perf
+    monkeypatch.setattr(perf, "_setting", "system default")
+    monkeypatch.setenv("STAGEVAR_MALLOC", "system")
+    assert perf.steady_allocator() == "system default (STAGEVAR_MALLOC=system)" == perf.allocator_setting()
+    monkeypatch.delenv("STAGEVAR_MALLOC")
+    import platform
+    got = perf.steady_allocator()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert got == "glibc malloc: no mmap, no trim"
+    else:
+        assert got == "system default"

@@ -30,7 +30,7 @@ from calibrate.measure.stages import detect_stages
 from calibrate.metrics import CodeAgreementScorer, scorer_for
 from calibrate.record import RECORD_VERSION, CalibrationRecord, RecordError, UnitStore, content_key
 from calibrate.search import (BudgetError, Objective, enqueue_seeds, feasible_ranked, open_study, parse_budget,
-                              parse_budgets, seed_params, suggest_policy)
+                              parse_budgets, search_bounds, seed_params, suggest_policy)
 from stagevar.models.registry import load_model
 from stagevar.policy import ScalePlan, load_policy
 
@@ -475,9 +475,22 @@ def test_seed_policies_expected_plans():
 
     fv = suggest_policy(optuna.trial.FixedTrial(seeds["fastvar-like"]), rec)
     assert all(p.is_identity for p in fv.plans[:3])
-    assert [p.keep for p in fv.plans[3:]] == [0.6, 0.5, 0.1, 0.1]
-    assert all(p.selection == "deviation" and p.guidance == "cfg" for p in fv.plans[3:])
+    assert [p.keep for p in fv.plans[3:5]] == [0.6, 0.5] and all(p.skip for p in fv.plans[5:])
+    assert all(p.selection == "deviation" and p.guidance == "cfg" for p in fv.plans[3:5])
     assert fv.stages["refinement"] == (3, 6)
+
+
+def test_search_reaches_the_span_of_the_published_policies():
+    """Stages measured late (refinement = the last scale only) still leave the last four scales to
+    the search, so the FastVAR-like seed is the published FastVAR plan, not a truncated one."""
+    from stagevar.baselines import fastvar_policy
+    rec = _hand_record(n=10, depth=8, refinement_start=9)
+    assert search_bounds(rec) == (6, 10)
+    assert search_bounds(_hand_record(n=10, depth=8, refinement_start=5)) == (4, 10)   # early stages: earlier
+    fv = suggest_policy(optuna.trial.FixedTrial(seed_params(rec)["fastvar-like"]), rec)
+    ref = fastvar_policy(load_model("infinity-mini"))
+    for got, want in zip(fv.plans, ref.plans):
+        assert (got.skip, got.keep, got.selection, got.guidance) == (want.skip, want.keep, want.selection, want.guidance)
 
 
 def test_verification_candidates_are_distinct_policies():
@@ -499,10 +512,38 @@ def test_verification_candidates_are_distinct_policies():
     assert [t.number for t, _ in distinct_candidates(rec, ranked, 10)] == [0, 2, 4, 5]
 
 
+def test_verification_also_measures_trials_just_over_the_budget():
+    """Trials predicted up to 10% over the budget are verified too (the latency model's error band),
+    best quality first and never the same policy twice; trials further out are not."""
+    from calibrate.search import verification_candidates
+    rec = _hand_record(n=7, depth=2, refinement_start=4)
+    seeds = seed_params(rec)
+    rows = [(seeds["paper-like"], 0.80, 0.90),                      # 0 feasible
+            (seeds["fastvar-like"], 0.95, 1.05),                    # 1 near
+            (seeds["identity"], 1.00, 1.30),                        # 2 too slow even for the margin
+            (dict(seeds["paper-like"], keep_6=0.1), 0.99, 1.08),    # 3 near
+            (dict(seeds["paper-like"], keep_3=0.1), 0.97, 1.02)]    # 4 near, but trial 0's policy (scale 3 not accelerated)
+    study = optuna.create_study(direction="maximize")
+    for params, _, _ in rows:
+        study.enqueue_trial(params)
+
+    def objective(trial):
+        suggest_policy(trial, rec)
+        _, quality, predicted = rows[trial.number]
+        trial.set_user_attr("predicted_latency_s", predicted)
+        trial.set_constraint("latency", predicted - 1.0)
+        return quality
+
+    study.optimize(objective, n_trials=len(rows))
+    got = verification_candidates(rec, study, 1.0, k=3, k_near=2)
+    assert [t.number for t, _ in got] == [0, 3, 1]
+    assert [t.number for t, _ in verification_candidates(rec, study, 1.0, k=3, k_near=0)] == [0]
+
+
 def test_fastvar_seed_uses_middle_layers_on_deep_models():
     rec = _hand_record(n=7, depth=32, refinement_start=4)
     fv = suggest_policy(optuna.trial.FixedTrial(seed_params(rec)["fastvar-like"]), rec)
-    assert all(p.layers == (3, 32) for p in fv.plans[3:])
+    assert all(p.layers == (3, 32) for p in fv.plans[3:5])
 
 
 def test_search_space_is_fixed_size(record):

@@ -137,3 +137,22 @@ def test_generation_is_deterministic_for_a_seed():
     a = Runtime(model, pt).generate(["a red circle"], seed=5).images
     b = Runtime(model, pt).generate(["a red circle"], seed=5).images
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_reduced_precision_weights_generate(name):
+    """bfloat16 weights (the GPU benchmark's setting): the first scale's logits stay close to the
+    float32 model's, and an accelerated policy generates finite images of the same shape."""
+    m32, m16 = load_model(name), load_model(name, dtype=torch.bfloat16)
+    logits = []
+    for m in (m32, m16):
+        st = m.prepare(m.encode_prompts(PROMPTS[m.family]), guidance=m.default_guidance, seed=0)
+        x = m.forward_layers(st, 0, m.scale_input(st, 0), range(m.num_layers))
+        logits.append(m.head(st, 0, x).float())
+        m.finish(st)
+    assert (logits[0] - logits[1]).norm() / logits[0].norm() < 0.05
+    n = len(m16.scale_schedule)
+    point = _point(m16, [ScalePlan(n - 1, guidance="cond_only", keep=0.5)])
+    ref = Runtime(m32).generate(PROMPTS[m32.family], seed=0).images
+    out = Runtime(m16, point).generate(PROMPTS[m16.family], seed=0).images
+    assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()

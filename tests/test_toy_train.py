@@ -68,3 +68,46 @@ def test_export_cli_errors(tmp_path, capsys):
         tt.main(["--export", str(tmp_path / "missing.pt")])            # no --out
     with pytest.raises(SystemExit, match="no such checkpoint"):
         tt.main(["--export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "w")])
+
+
+def test_warm_start_from_weights(arch, tmp_path):
+    """--init: training goes on from exported weights (no VAE phase; the VAE stays as it was) and the
+    training record names where it started."""
+    torch.set_num_threads(1)
+    first = tt.train(arch, tmp_path / "a", max_minutes=0.05, threads=1, quiet=True)
+    final = tt.train(arch, tmp_path / "b", max_minutes=0.03, threads=1, quiet=True, init=first)
+    assert {r["phase"] for r in _log(tmp_path / "b")} == {"transformer"}
+    a, b = load_mini(first), load_mini(final)
+    for k, v in a.vae.state_dict().items():
+        assert torch.equal(v, b.vae.state_dict()[k]), k
+    assert any(not torch.equal(v, b.transformer.state_dict()[k]) for k, v in a.transformer.state_dict().items())
+    rec = json.loads((final / "config.json").read_text())["training"]
+    assert rec["init"]["from"] == str(first) and rec["init"]["training"]["transformer_steps"] > 0
+    # a different architecture is refused, naming the section
+    other = copy.deepcopy(arch)
+    other["transformer"]["depth"] = 2
+    with pytest.raises(SystemExit, match="'transformer'"):
+        tt.train(other, tmp_path / "c", max_minutes=0.02, threads=1, quiet=True, init=first)
+
+
+def test_rendering_workers_give_the_same_stream():
+    one, pool = tt.SceneStream(3, 32), tt.SceneStream(3, 32, workers=2)
+    try:
+        for n in (5, 11):
+            (p1, x1), (p2, x2) = one.batch(n), pool.batch(n)
+            assert p1 == p2 and torch.equal(x1, x2)
+    finally:
+        pool.close()
+
+
+def test_config_overrides(arch):
+    a = copy.deepcopy(arch)
+    tt.apply_override(a, "train.batch=64")
+    tt.apply_override(a, "train.lr=3.0e-4")
+    assert a["train"]["batch"] == 64 and a["train"]["lr"] == 3.0e-4
+    with pytest.raises(SystemExit, match="no key 'train.btch'"):
+        tt.apply_override(a, "train.btch=1")
+    with pytest.raises(SystemExit, match="no section 'trian'"):
+        tt.apply_override(a, "trian.batch=1")
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        tt.apply_override(a, "train.batch")

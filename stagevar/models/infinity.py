@@ -18,6 +18,7 @@ Legend: ``B`` rows, ``L`` tokens, ``C`` width, ``H`` heads, ``c`` head width, ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Sequence
@@ -471,6 +472,22 @@ class InfinityState(GenerationState):
     top_p: float = 0.0
 
 
+def _reduced_precision(method):
+    """Run an adapter step under autocast when the transformer holds bfloat16 / float16 weights
+    (as upstream: reduced-precision blocks under ``torch.autocast``; norms and the VAE stay float32).
+    A float32 model runs as written."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        dtype = self.compute_dtype
+        if dtype == torch.float32:
+            return method(self, *args, **kwargs)
+        with torch.autocast(self.device.type, dtype=dtype):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class InfinityAdapter(Adapter):
     """Runtime adapter for Infinity. Holds the transformer, the VAE and a text encoder."""
 
@@ -512,6 +529,11 @@ class InfinityAdapter(Adapter):
     def default_guidance(self) -> float:
         return self.cfg.cfg
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the transformer's matrices (float32, or bfloat16 / float16 under autocast)."""
+        return self.transformer.word_embed.weight.dtype
+
     def encode_prompts(self, prompts: Sequence[str]) -> TextCondition:
         if not prompts:
             raise ConditionError("no prompt given: pass at least one prompt")
@@ -519,9 +541,10 @@ class InfinityAdapter(Adapter):
             if not isinstance(p, str) or not p.strip():
                 raise ConditionError(f"empty prompt {p!r}: every prompt must contain words")
         cond = self.text_encoder(list(prompts))
-        return TextCondition(cond.kv_compact.to(self.device, self.dtype), list(cond.lens))
+        return TextCondition(cond.kv_compact.to(self.device, self.compute_dtype), list(cond.lens))
 
     # ---- generation steps
+    @_reduced_precision
     def prepare(self, condition: TextCondition, *, guidance: float, seed: int,
                 tau: float | None = None, top_k: int | None = None, top_p: float | None = None) -> InfinityState:
         tr = self.transformer
@@ -548,6 +571,7 @@ class InfinityAdapter(Adapter):
         assert state.rows == rows
         return state
 
+    @_reduced_precision
     def scale_input(self, state: InfinityState, k: int) -> torch.Tensor:
         tr = self.transformer
         rows = state.rows
@@ -558,6 +582,7 @@ class InfinityAdapter(Adapter):
             x = x.repeat(rows // x.shape[0], 1, 1)
         return x + tr.lvl_embed.weight[k]
 
+    @_reduced_precision
     def forward_layers(self, state: InfinityState, k: int, x_BLC: torch.Tensor, layers: range,
                        positions: torch.Tensor | None = None) -> torch.Tensor:
         table = self.transformer.rope_tables(x_BLC.device)[k]                  # (2, l, c/2)
@@ -570,8 +595,9 @@ class InfinityAdapter(Adapter):
             x_BLC = blocks[i](x_BLC, state.gss, state.text, state.text_kv[i], rope, state.caches[i])
         return x_BLC
 
+    @_reduced_precision
     def head(self, state: InfinityState, k: int, h_BLC: torch.Tensor) -> torch.Tensor:
-        return self.transformer.logits(h_BLC, state.cond_BD)
+        return self.transformer.logits(h_BLC, state.cond_BD).float()
 
     def guide(self, state: InfinityState, k: int, logits_BLV: torch.Tensor) -> torch.Tensor:
         logits_BLV = logits_BLV.mul(1 / state.tau)
@@ -630,6 +656,7 @@ class InfinityAdapter(Adapter):
 
     # ---- the plain sampler
     @torch.no_grad()
+    @_reduced_precision
     def reference_generate(self, condition: TextCondition, *, guidance: float, seed: int, trace: dict | None = None,
                            force_bits: list | None = None, **sampling) -> torch.Tensor:
         """Upstream ``autoregressive_infer_cfg`` (cfg on logits, constant cfg and tau) as one loop.
@@ -649,7 +676,7 @@ class InfinityAdapter(Adapter):
             rope = ropes[si][:, None, None]
             for i, blk in enumerate(blocks):
                 x = blk(x, st.gss, st.text, st.text_kv[i], rope, st.caches[i])
-            logits = tr.logits(x, st.cond_BD).mul(1 / st.tau)
+            logits = tr.logits(x, st.cond_BD).float().mul(1 / st.tau)
             if st.guided:
                 logits = st.cfg * logits[:B] + (1 - st.cfg) * logits[B:]
             guided_all.append(logits)
@@ -691,11 +718,20 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def _finish(adapter: "InfinityAdapter", device, dtype) -> "InfinityAdapter":
-    adapter = adapter.to(device=device)
+def set_compute_dtype_(adapter: "InfinityAdapter", dtype: torch.dtype) -> "InfinityAdapter":
+    """The transformer's weights in ``dtype`` (bfloat16 / float16 for speed), except its LayerNorms,
+    which stay float32 like the residual stream they normalise; the VAE and text encoder are
+    left as they are. Generation then runs under autocast (see ``_reduced_precision``)."""
     if dtype != torch.float32:
         adapter.transformer.to(dtype)
-    return adapter.eval()
+        for mod in adapter.transformer.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.float()
+    return adapter
+
+
+def _finish(adapter: "InfinityAdapter", device, dtype) -> "InfinityAdapter":
+    return set_compute_dtype_(adapter.to(device=device), dtype).eval()
 
 
 def _official(name: str, cfg: InfinityConfig, vae_cfg_name: str, ckpt_names: dict[str, str], weights, device, dtype,

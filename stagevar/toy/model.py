@@ -25,7 +25,7 @@ from torch import nn
 
 from stagevar.errors import StageVarError
 from stagevar.models.base import ConditionError
-from stagevar.models.infinity import InfinityAdapter, InfinityConfig, TextCondition
+from stagevar.models.infinity import InfinityAdapter, InfinityConfig, TextCondition, set_compute_dtype_
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHT_FILES = ("config.json", "transformer.safetensors", "vae.safetensors", "text.safetensors")
@@ -181,10 +181,7 @@ def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float
         raise
     except (OSError, ValueError, KeyError) as e:
         raise MiniWeightsError(f"cannot read infinity-mini weights from {wdir}: {e}") from None
-    adapter = adapter.to(device=device)
-    if dtype != torch.float32:
-        adapter.transformer.to(dtype)
-    return adapter.eval()
+    return set_compute_dtype_(adapter.to(device=device), dtype).eval()
 
 
 def _weights_dir(weights) -> Path | None:
@@ -216,10 +213,7 @@ def random_mini(device="cpu", dtype=torch.float32, seed: int = 0) -> InfinityAda
         for bname, buf in mod.named_buffers(recurse=False):
             if bname == "zero_k_bias":
                 buf.zero_()
-    adapter = adapter.to(device=device)
-    if dtype != torch.float32:
-        adapter.transformer.to(dtype)
-    return adapter.eval()
+    return set_compute_dtype_(adapter.to(device=device), dtype).eval()
 
 
 def _register() -> None:

@@ -9,6 +9,10 @@ Examples::
     # a 3-minute smoke run on a GPU
     python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/smoke --max-minutes 3 --device cuda
 
+    # continue trained weights on a GPU with larger batches (how the shipped weights were finished)
+    python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --init stagevar/toy/weights \
+        --out runs/gpu --device cuda --max-minutes 5 --workers 12 --set train.batch=64 --set train.short_batch=128
+
 Data are drawn on the fly (never stored): prompts of the ``train`` split grammar
 (:func:`stagevar.toy.prompts.make_split`, so no held-out combination is ever seen) and their
 ground-truth scenes rendered at ``image_size``.
@@ -58,9 +62,17 @@ class SceneStream:
 
     CHUNK = 4096
 
-    def __init__(self, seed: int, image_size: int):
+    def __init__(self, seed: int, image_size: int, workers: int = 0):
         self.seed, self.size = int(seed), int(image_size)
         self.chunk, self.pos, self.items = 0, 0, None
+        self.workers = int(workers)
+        self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
 
     def state(self) -> dict[str, int]:
         return {"chunk": self.chunk, "pos": self.pos}
@@ -79,15 +91,25 @@ class SceneStream:
         return it
 
     def batch(self, n: int) -> tuple[list[str], torch.Tensor]:
-        from stagevar.toy.prompts import scene_for_item
-        from stagevar.toy.scenes import render
-        prompts, imgs = [], []
-        for _ in range(n):
-            it = self._next_item()
-            prompts.append(it["prompt"])
-            imgs.append(render(scene_for_item(it), self.size))
+        """The next ``n`` pairs; with ``workers`` > 0 a process pool renders them (the same images)."""
+        items = [self._next_item() for _ in range(n)]
+        jobs = [(it, self.size) for it in items]
+        if self.workers > 0:
+            if self._pool is None:
+                import multiprocessing
+                self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            imgs = self._pool.map(_render_item, jobs, chunksize=max(1, n // (4 * self.workers)))
+        else:
+            imgs = [_render_item(j) for j in jobs]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        return prompts, x
+        return [it["prompt"] for it in items], x
+
+
+def _render_item(job: tuple[dict[str, Any], int]) -> np.ndarray:
+    from stagevar.toy.prompts import scene_for_item
+    from stagevar.toy.scenes import render
+    item, size = job
+    return render(scene_for_item(item), size)
 
 
 # ------------------------------------------------------------------------------------------ teacher forcing
@@ -111,7 +133,7 @@ def teacher_forcing_targets(vae, feats_BdHW: torch.Tensor, vae_sched, n_scales: 
         if si == n_scales - 1:
             break
         if flip_p > 0:
-            m = torch.rand(bits.shape, generator=gen, device="cpu").to(bits.device) < flip_p
+            m = _to_device(torch.rand(bits.shape, generator=gen, device="cpu"), bits.device) < flip_p
             bits = torch.where(m, 1 - bits, bits)
         summed, nxt = accumulate_step(summed, bits_to_codes(bits), si, vae_sched)
         inputs.append(nxt)
@@ -145,6 +167,13 @@ def bit_ce(logits_BLV: torch.Tensor, labels_BLd: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Host tensor -> ``dev``; to a GPU through pinned memory without waiting for the queued work."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -185,7 +214,9 @@ def _param_groups(model, wd: float):
 
 # ------------------------------------------------------------------------------------------ main
 def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: float | None = None,
-          threads: int = 2, quiet: bool = False) -> Path:
+          threads: int = 2, quiet: bool = False, init: Path | None = None, workers: int = 0) -> Path:
+    """Train (or resume ``out/ckpt.pt``); ``init``: start from a weights directory instead of from
+    scratch (its VAE and text encoder, its transformer as both raw and EMA weights; no VAE phase)."""
     from tqdm import tqdm
 
     tc = dict(arch["train"])
@@ -194,6 +225,9 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     budget_s = float(tc["max_minutes"]) * 60
     vae_budget_s = min(float(tc["vae_minutes"]) * 60, 0.25 * budget_s) if max_minutes is not None and \
         max_minutes < float(arch["train"]["max_minutes"]) else float(tc["vae_minutes"]) * 60
+    init_meta = _check_init(arch, init) if init is not None else None
+    if init_meta is not None:
+        vae_budget_s = 0.0
     if device == "cpu":
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -205,6 +239,12 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
 
     cfg, adapter = build_parts(arch)
     init_transformer_(adapter.transformer, seed)
+    if init_meta is not None:
+        from stagevar.toy.model import load_mini
+        start = load_mini(init)
+        for part in ("vae", "text_encoder", "transformer"):
+            getattr(adapter, part).load_state_dict(getattr(start, part).state_dict())
+        del start
     adapter.to(dev)
     vae, tr, text = adapter.vae, adapter.transformer, adapter.text_encoder
     vae_sched = [tuple(s) for s in cfg.scale_schedule]
@@ -216,9 +256,10 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     tr_opt = torch.optim.AdamW(_param_groups(tr, float(tc["weight_decay"])) + _param_groups(text, float(tc["weight_decay"])),
                                lr=float(tc["lr"]), betas=(0.9, 0.97))
     ema_tr = copy.deepcopy(tr).requires_grad_(False)
-    stream = SceneStream(seed, int(arch["image_size"]))
+    stream = SceneStream(seed, int(arch["image_size"]), workers=workers)
     gen = torch.Generator().manual_seed(seed + 1)
-    state = {"phase": "vae", "vae_step": 0, "tr_step": 0, "elapsed": 0.0, "vae_elapsed": 0.0}
+    state = {"phase": "vae" if init_meta is None else "transformer", "vae_step": 0, "tr_step": 0, "elapsed": 0.0,
+             "vae_elapsed": 0.0}
 
     ckpt_path = out / "ckpt.pt"
     if ckpt_path.exists():
@@ -311,6 +352,7 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     tr_budget = max(budget_s - state["vae_elapsed"], 1.0)
     base_lr, min_frac = float(tc["lr"]), float(tc["min_lr_frac"])
     hist = {"loss": None, "acc": None}
+    ema_params, tr_raw_params = list(ema_tr.parameters()), list(tr.parameters())
     while state["elapsed"] < budget_s:
         step = state["tr_step"]
         frac = min(1.0, (state["elapsed"] - state["vae_elapsed"]) / tr_budget)
@@ -321,7 +363,7 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
         n_sc = min(int(tc["short_scales"]), n_all) if short else n_all
         B = int(tc["short_batch"]) if short else int(tc["batch"])
         prompts, img = stream.batch(B)
-        img = img.to(dev)
+        img = _to_device(img, dev)
         with torch.no_grad():
             with torch.autocast(**amp):
                 feats = vae.encode(img)
@@ -348,31 +390,56 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
         tr_opt.step()
         with torch.no_grad():
             d = min(float(tc["ema"]), (1 + step) / (10 + step))
-            for pe, p in zip(ema_tr.parameters(), tr.parameters()):
-                pe.lerp_(p, 1 - d)
+            torch._foreach_lerp_(ema_params, tr_raw_params, 1 - d)
         state["tr_step"] += 1
-        with torch.no_grad():
-            acc = (logits.detach().float().view(*labels.shape, 2).argmax(-1) == labels).float().mean().item()
-            per_scale = [ce[:, level == s].mean().item() for s in range(n_sc)]
-        for k, v in (("loss", loss.item()), ("acc", acc)):
-            hist[k] = v if hist[k] is None else 0.97 * hist[k] + 0.03 * v
-        bar.set_postfix_str(f"step {step} {'S' if short else 'F'} loss {hist['loss']:.4f} acc {hist['acc']:.3f} lr {lr:.2e}")
         if step % int(tc["log_every"]) == 0 or step < 5:
+            # metrics only on logged steps: reading them waits for the device (keeps a GPU busy otherwise)
+            with torch.no_grad():
+                acc = (logits.detach().float().view(*labels.shape, 2).argmax(-1) == labels).float().mean().item()
+                per_scale = [ce[:, level == s].mean().item() for s in range(n_sc)]
+            for k, v in (("loss", loss.item()), ("acc", acc)):
+                hist[k] = v if hist[k] is None else 0.8 * hist[k] + 0.2 * v
+            bar.set_postfix_str(f"step {step} {'S' if short else 'F'} loss {hist['loss']:.4f} acc {hist['acc']:.3f} "
+                                f"lr {lr:.2e}")
             log({"phase": "transformer", "step": step, "short": short, "loss": loss.item(), "acc": acc,
                  "ce_per_scale": [round(v, 4) for v in per_scale], "lr": lr, "flip_p": flip_p,
                  "grad_norm": float(gn)})
         tick()
 
     bar.close()
+    stream.close()
     state["phase"] = "done"
     save_ckpt()
     meta = {"vae_steps": state["vae_step"], "transformer_steps": state["tr_step"],
-            "minutes": round(state["elapsed"] / 60, 1), "device": str(dev), "threads": threads,
-            "seed": seed}
+            "minutes": round(state["elapsed"] / 60, 1), "device": _device_label(dev), "threads": threads,
+            "seed": seed, "batch": int(tc["batch"]), "short_batch": int(tc["short_batch"]), "lr": float(tc["lr"])}
+    if init_meta is not None:
+        meta["init"] = init_meta
     export(out / "final", arch, adapter, ema_tr.state_dict(), {**meta, "transformer_weights": "ema"})
     export(out / "final_raw", arch, adapter, tr.state_dict(), {**meta, "transformer_weights": "raw"})
     print(f"done: {meta}; weights in {out / 'final'}", flush=True)
     return out / "final"
+
+
+def _device_label(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+def _check_init(arch: dict[str, Any], init: Path) -> dict[str, Any]:
+    """The training record of the weights directory ``init``, after checking that its architecture
+    is the config's (a warm start cannot change shapes)."""
+    cfg_path = Path(init) / "config.json"
+    if not cfg_path.is_file():
+        raise SystemExit(f"error: --init {init}: no config.json there (pass a weights directory such as "
+                         "stagevar/toy/weights or a run's final/)")
+    have = json.loads(cfg_path.read_text())
+    for key in ("image_size", "schedule", "vae", "text", "transformer"):
+        if have.get(key) != arch.get(key):
+            raise SystemExit(f"error: --init {init}: its {key!r} ({have.get(key)}) differs from the config's "
+                             f"({arch.get(key)}); a warm start needs the same architecture")
+    return {"from": str(init), "training": have.get("training", {})}
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, raw: bool = False) -> dict[str, Any]:
@@ -490,6 +557,23 @@ DEFAULT_GRID = [
 ] + [{"cfg": 3.0, "tau": 1.0, "top_k": 1, "top_p": 0.0}, {"cfg": 3.0, "tau": 1.0, "top_k": 0, "top_p": 0.9}]
 
 
+def apply_override(arch: dict[str, Any], item: str) -> None:
+    """``--set train.batch=64``: replace one existing value of the config (VALUE parsed as YAML)."""
+    import yaml
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE, e.g. --set train.batch=64")
+    node, parts = arch, key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise SystemExit(f"error: --set {item!r}: the config has no section {part!r}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise SystemExit(f"error: --set {item!r}: the config has no key {key!r} (known in that section: "
+                         f"{', '.join(sorted(node))})")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m stagevar.toy.train",
@@ -501,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                "  nohup python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/mini "
                "> runs/mini.log 2>&1 &\n"
                "  python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/smoke --max-minutes 2\n"
+               "  python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --init stagevar/toy/weights "
+               "--out runs/gpu --device cuda --max-minutes 5 --workers 12 --set train.batch=64\n"
                "  python -m stagevar.toy.train --sweep runs/mini/final --split calibration --n 48 --seeds 0\n"
                "  python -m stagevar.toy.train --export runs/mini/ckpt.pt --out runs/mini/interim\n"
                "  python -m stagevar.toy.train --finetune-decoder runs/mini/final 10 --out runs/mini/final_dec\n"
@@ -511,6 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run (overrides the YAML)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--init", type=Path, metavar="WEIGHTS_DIR",
+                   help="start from trained weights (same architecture) instead of from scratch; skips the VAE phase")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes rendering the training scenes (default 0: in the training process)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch=64 (repeatable; VALUE is YAML)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--export", metavar="CKPT",
                    help="write the weights of a run's checkpoint (e.g. one still training) to --out and exit")
@@ -564,7 +656,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--config and --out are required for training (or use --evaluate / --sweep)")
     import yaml
     arch = yaml.safe_load(Path(a.config).read_text())
-    train(arch, Path(a.out), device=a.device, max_minutes=a.max_minutes, threads=a.threads, quiet=a.quiet)
+    for item in a.set:
+        apply_override(arch, item)
+    train(arch, Path(a.out), device=a.device, max_minutes=a.max_minutes, threads=a.threads, quiet=a.quiet,
+          init=a.init, workers=a.workers)
     return 0
 
 
