@@ -51,7 +51,7 @@ EPILOG = textwrap.dedent("""\
     examples:
       stagevar bench                                     # infinity-mini: full, shipped policies, all baselines
       stagevar bench --model infinity-tiny --prompts 6 --repeats 3 --out out/bench-tiny
-      stagevar bench --policy policies/infinity-mini.128.3x.yaml --seeds 2 --out out/bench
+      stagevar bench --policy policies/infinity-mini.128.2x-3x-4x.yaml --seeds 2 --out out/bench
       stagevar bench --model infinity-2b --random-weights --device cuda --dtype bfloat16 \\
           --batch-size 1 --repeats 3 --no-quality --no-plot --baselines paper,fastvar
       PYTHONPATH=. python3 -m stagevar.bench --model infinity-tiny --no-quality --no-plot
