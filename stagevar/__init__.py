@@ -4,7 +4,7 @@ Public API::
 
     import stagevar
     model = stagevar.load_model("infinity-mini")                  # the embedded default model
-    policy = stagevar.load_policy("policies/infinity-mini.128.3x.yaml")
+    policy = stagevar.load_policy("policies/infinity-mini.128.2x-3x-4x.yaml")
     images = stagevar.generate(model, ["two green squares"], policy, seed=0)   # (B, 3, H, W) in [0, 1]
 
 Importing this package never imports ``calibrate``, optuna or scipy (the runtime stays light).

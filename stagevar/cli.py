@@ -19,8 +19,8 @@ log = logging.getLogger("stagevar")
 EPILOG_MAIN = """\
 examples:
   stagevar generate --prompt "two green squares" --seed 0 --out a.png
-  stagevar generate --prompt "a red circle left of a blue square" --policy policies/infinity-mini.128.3x.yaml --out out/
-  stagevar inspect policies/infinity-mini.128.3x.yaml
+  stagevar generate --prompt "a red circle left of a blue square" --policy policies/infinity-mini.128.2x-3x-4x.yaml --operating-point 3x --out out/
+  stagevar inspect policies/infinity-mini.128.2x-3x-4x.yaml
   stagevar validate my_policy.yaml --model infinity-mini
   stagevar check-reference ../shared/reference
   stagevar list-models
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         examples:
           stagevar generate --prompt "two green squares" --seed 0 --out a.png
           stagevar generate --prompt "a red circle" --prompt "three blue triangles" --out out/
-          stagevar generate --prompts prompts.txt --policy policies/infinity-mini.128.3x.yaml --operating-point 2x --out out/
+          stagevar generate --prompts prompts.txt --policy policies/infinity-mini.128.2x-3x-4x.yaml --operating-point 2x --out out/
           stagevar generate --model infinity-2b --weights ~/weights --prompt "a cat" --out cat.png --device cuda --dtype bfloat16
         With one prompt and an --out ending in .png, that file is written; otherwise --out is a
         directory and files are named NNN_<prompt>.png. Prompts for class-conditional models
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a policy file (schema, values; with --model, that it fits the model)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fmt("""\
         examples:
-          stagevar validate policies/infinity-mini.128.3x.yaml
+          stagevar validate policies/infinity-mini.128.2x-3x-4x.yaml
           stagevar validate my_policy.yaml --model infinity-mini
         Exit 0 when valid; 1 with a one-paragraph message naming the file, field and value."""))
     v.add_argument("policy", type=Path, help="policy YAML file")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="human summary of a policy: stages, per-scale plans, work skipped, provenance",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fmt("""\
         examples:
-          stagevar inspect policies/infinity-mini.128.3x.yaml
+          stagevar inspect policies/infinity-mini.128.2x-3x-4x.yaml
           stagevar inspect policies/infinity-2b.1024.paper.yaml --operating-point paper"""))
     i.add_argument("policy", type=Path, help="policy YAML file")
     i.add_argument("--operating-point", help="only this operating point")
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fmt("""\
         examples:
           stagevar evaluate                                  # held-out split, 4 seeds per prompt
-          stagevar evaluate --policy policies/infinity-mini.128.3x.yaml --limit 60 --seeds 2
+          stagevar evaluate --policy policies/infinity-mini.128.2x-3x-4x.yaml --operating-point 3x --limit 60 --seeds 2
           stagevar evaluate --images out/ --prompts prompts.jsonl
         Without --images, generates the held-out split with the embedded model and scores it."""))
     _model_args(e)

@@ -440,7 +440,7 @@ def load_policy(path: str | os.PathLike) -> Policy:
     """Read and validate a policy file.
 
     >>> from stagevar import load_model                      # doctest: +SKIP
-    >>> policy = load_policy("policies/infinity-mini.128.3x.yaml")  # doctest: +SKIP
+    >>> policy = load_policy("policies/infinity-mini.128.2x-3x-4x.yaml")  # doctest: +SKIP
     """
     p = Path(path)
     src = str(p)
