@@ -162,7 +162,7 @@ def cmd_calibrate(args) -> int:
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import write_report
     from calibrate.search import (Objective, enqueue_seeds, open_study, pareto_front, parse_budgets, point_from_params,
-                                  summarize_trial, verification_candidates)
+                                  measured_trials, summarize_trial, verification_candidates)
     from calibrate.verify import verify_candidates
     from calibrate.worker import STUDY_ATTR, open_storage
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
@@ -191,6 +191,7 @@ def cmd_calibrate(args) -> int:
     all_trials, chosen_trials, infeasible = [], {}, []
     held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance)
     held_cache: dict[str, Any] = {}
+    searched = []                                    # (budget, budget_s, study name, study)
     for budget in budgets:
         budget_s = budget.target_seconds(baseline_pred)
         name = args.study or f"{model.name}.{model.resolution}.{budget.name}.{rec.key}"
@@ -216,7 +217,14 @@ def cmd_calibrate(args) -> int:
         if remaining:
             log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
             study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
-        cand_points = verification_candidates(rec, study, budget_s, args.verify_candidates, args.verify_near)
+        searched.append((budget, budget_s, name, study))
+    # every trial measured in this run (same record, so comparable quality; absolute predicted
+    # latency) competes for every budget, whichever budget's study found it
+    pooled = [((name, budget.name), t) for budget, _, name, study in searched for t in measured_trials(study)]
+    found_by = {id(t): where for where, t in pooled}
+    for budget, budget_s, name, study in searched:
+        cand_points = verification_candidates(rec, [t for _, t in pooled], budget_s, args.verify_candidates,
+                                              args.verify_near)
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
             done_trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
@@ -224,12 +232,13 @@ def cmd_calibrate(args) -> int:
             cand_points = [(t, point_from_params(rec, t.params)) for t in best_effort]
         best = verify_candidates(model, held_subject, cand_points, budget, scorer, held_cache, progress=not args.quiet)
         trial, point, measured = best
+        study_name, study_budget = found_by.get(id(trial), (name, budget.name))
         measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),
-                         "calibration_quality": trial.value, "trial": trial.number, "study": name})
+                         "calibration_quality": trial.value, "trial": trial.number, "study": study_name})
         if not measured["feasible"]:
             infeasible.append((budget.name, measured["speedup"]))
         points[budget.name] = OperatingPoint(point.stages, point.plans, measured)
-        chosen_trials[budget.name] = trial.number
+        chosen_trials[budget.name] = {"study_budget": study_budget, "number": trial.number}
         all_trials += [dict(summarize_trial(t), budget=budget.name) for t in study.get_trials(deepcopy=False)
                        if t.values is not None]
     policy = Policy(model=binding_for(model), operating_points=points, default=budgets[0].name, provenance=base_provenance(

@@ -105,7 +105,7 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
     return files
 
 
-def plot_front(trials: list[dict[str, Any]], chosen: dict[str, int], out: Path) -> str | None:
+def plot_front(trials: list[dict[str, Any]], chosen: dict[str, Any], out: Path) -> str | None:
     pts = [t for t in trials if "predicted_speedup" in t and t.get("quality") is not None and not t.get("quality_estimated")]
     if not pts:
         return None
@@ -115,9 +115,10 @@ def plot_front(trials: list[dict[str, Any]], chosen: dict[str, int], out: Path) 
     from calibrate.search import pareto_front
     front = pareto_front([(t["quality"], 1 / t["predicted_speedup"], t) for t in pts])
     ax.plot([1 / f[1] for f in front], [f[0] for f in front], "r-", lw=1, label="Pareto front")
-    for name, num in chosen.items():
-        # trial numbers are per study (one study per budget)
-        t = next((t for t in pts if t["number"] == num and t.get("budget", name) == name), None)
+    for name, which in chosen.items():
+        # trial numbers are per study (one study per budget); a budget may choose another study's trial
+        num, study_budget = (which["number"], which["study_budget"]) if isinstance(which, dict) else (which, name)
+        t = next((t for t in pts if t["number"] == num and t.get("budget", study_budget) == study_budget), None)
         if t:
             ax.scatter([t["predicted_speedup"]], [t["quality"]], s=60, marker="*", label=f"chosen {name}")
     ax.set_xlabel("predicted speedup")

@@ -240,26 +240,33 @@ def feasible_ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(feas, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
 
 
-def near_feasible_ranked(study: optuna.Study, budget_s: float,
-                         margin: float = INFEASIBLE_MARGIN) -> list[optuna.trial.FrozenTrial]:
-    """Measured trials predicted over the budget by at most ``margin`` (the latency model's error
-    band), best quality first. Verification measures their real latency, so they compete for the
-    budget on measurements rather than on the prediction alone."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete trials whose quality was measured (not estimated from the sensitivities)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if not t.user_attrs.get("quality_estimated", False)]
-    near = [t for t in done if budget_s < t.user_attrs.get("predicted_latency_s", math.inf) <= budget_s * margin]
-    return sorted(near, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
 
 
-def verification_candidates(record: CalibrationRecord, study: optuna.Study, budget_s: float, k: int,
+def ranked_within(trials: list[optuna.trial.FrozenTrial], budget_s: float, low: float = 0.0,
+                  high: float = 1.0) -> list[optuna.trial.FrozenTrial]:
+    """Trials predicted in ``(budget_s * low, budget_s * high]``, best quality first. The predicted
+    latency is absolute, so trials of another budget's study on the same record rank here too."""
+    inside = [t for t in trials if budget_s * low < t.user_attrs.get("predicted_latency_s", math.inf) <= budget_s * high]
+    return sorted(inside, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
+
+
+def verification_candidates(record: CalibrationRecord, trials: list[optuna.trial.FrozenTrial], budget_s: float, k: int,
                             k_near: int) -> list[tuple]:
-    """The ``k`` best distinct feasible trials, then the ``k_near`` best distinct near-feasible ones
-    (:func:`near_feasible_ranked`) that are not the same policy as one already chosen."""
-    strict = distinct_candidates(record, feasible_ranked(study), k)
+    """What verification re-measures for one budget, from measured ``trials`` (this budget's study
+    and the other studies of the run, all on the same record): the ``k`` best distinct trials
+    predicted within the budget, then the ``k_near`` best distinct ones predicted up to
+    ``INFEASIBLE_MARGIN`` over it (the latency model's error band: verification measures their
+    real latency and keeps them only if it meets the budget), never the same policy twice."""
+    strict = distinct_candidates(record, ranked_within(trials, budget_s), k)
     if k_near <= 0:
         return strict
     seen = {_plan_key(point) for _, point in strict}
-    near = [(t, pt) for t, pt in distinct_candidates(record, near_feasible_ranked(study, budget_s), k_near + len(strict))
+    near_ranked = ranked_within(trials, budget_s, 1.0, INFEASIBLE_MARGIN)
+    near = [(t, pt) for t, pt in distinct_candidates(record, near_ranked, k_near + len(strict))
             if _plan_key(pt) not in seen][:k_near]
     return strict + near
 

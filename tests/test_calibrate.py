@@ -515,7 +515,7 @@ def test_verification_candidates_are_distinct_policies():
 def test_verification_also_measures_trials_just_over_the_budget():
     """Trials predicted up to 10% over the budget are verified too (the latency model's error band),
     best quality first and never the same policy twice; trials further out are not."""
-    from calibrate.search import verification_candidates
+    from calibrate.search import measured_trials, verification_candidates
     rec = _hand_record(n=7, depth=2, refinement_start=4)
     seeds = seed_params(rec)
     rows = [(seeds["paper-like"], 0.80, 0.90),                      # 0 feasible
@@ -535,9 +535,14 @@ def test_verification_also_measures_trials_just_over_the_budget():
         return quality
 
     study.optimize(objective, n_trials=len(rows))
-    got = verification_candidates(rec, study, 1.0, k=3, k_near=2)
+    trials = measured_trials(study)
+    got = verification_candidates(rec, trials, 1.0, k=3, k_near=2)
     assert [t.number for t, _ in got] == [0, 3, 1]
-    assert [t.number for t, _ in verification_candidates(rec, study, 1.0, k=3, k_near=0)] == [0]
+    assert [t.number for t, _ in verification_candidates(rec, trials, 1.0, k=3, k_near=0)] == [0]
+    # the predicted latency is absolute: for a budget of 1.1 s, trials 3 and 4 are within it, and
+    # trial 4 (trial 0's policy) counts once; a trial from another budget's study ranks the same way
+    got = verification_candidates(rec, trials, 1.1, k=3, k_near=0)
+    assert [t.number for t, _ in got] == [3, 4, 1]
 
 
 def test_fastvar_seed_uses_middle_layers_on_deep_models():
