@@ -220,11 +220,13 @@ def cmd_calibrate(args) -> int:
         searched.append((budget, budget_s, name, study))
     # every trial measured in this run (same record, so comparable quality; absolute predicted
     # latency) competes for every budget, whichever budget's study found it
-    pooled = [((name, budget.name), t) for budget, _, name, study in searched for t in measured_trials(study)]
-    found_by = {id(t): where for where, t in pooled}
+    pooled, found_by = [], {}                        # trials; id(trial) -> (study name, its budget)
+    for budget, _, name, study in searched:
+        for t in measured_trials(study):
+            pooled.append(t)
+            found_by[id(t)] = (name, budget.name)
     for budget, budget_s, name, study in searched:
-        cand_points = verification_candidates(rec, [t for _, t in pooled], budget_s, args.verify_candidates,
-                                              args.verify_near)
+        cand_points = verification_candidates(rec, pooled, budget_s, args.verify_candidates, args.verify_near)
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
             done_trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]

@@ -234,10 +234,12 @@ class Objective:
 def feasible_ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Complete, measured (not estimated), feasible trials, best quality first."""
     from optuna.study._constrained_optimization import _get_feasible_trials
-    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if not t.user_attrs.get("quality_estimated", False)]
-    feas = _get_feasible_trials(done)
-    return sorted(feas, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
+    return _best_first(_get_feasible_trials(measured_trials(study)))
+
+
+def _best_first(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Best quality first; among equals, the lowest predicted latency."""
+    return sorted(trials, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
 
 
 def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -250,8 +252,8 @@ def ranked_within(trials: list[optuna.trial.FrozenTrial], budget_s: float, low: 
                   high: float = 1.0) -> list[optuna.trial.FrozenTrial]:
     """Trials predicted in ``(budget_s * low, budget_s * high]``, best quality first. The predicted
     latency is absolute, so trials of another budget's study on the same record rank here too."""
-    inside = [t for t in trials if budget_s * low < t.user_attrs.get("predicted_latency_s", math.inf) <= budget_s * high]
-    return sorted(inside, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
+    return _best_first([t for t in trials
+                        if budget_s * low < t.user_attrs.get("predicted_latency_s", math.inf) <= budget_s * high])
 
 
 def verification_candidates(record: CalibrationRecord, trials: list[optuna.trial.FrozenTrial], budget_s: float, k: int,

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from calibrate.measure.common import Variant, point_from_plans
+from stagevar.perf import allocator_setting
 from stagevar.policy import OperatingPoint
 
 
 def device_info(adapter) -> dict:
     dev = adapter.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    from stagevar.perf import allocator_setting
     return {"device": str(dev), "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "dtype": str(adapter.dtype).replace("torch.", ""), "allocator": allocator_setting()}
 
