@@ -76,10 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-prompts", type=Path, help="verification prompts (default: a bundled held-out set)")
     p.add_argument("--num-heldout", type=int, default=64,
                    help="bundled held-out prompts for verification (default 64: one image of 64 is 0.016 of a score)")
-    p.add_argument("--verify-candidates", type=int, default=3, help="best feasible trials re-measured end to end (default 3)")
+    p.add_argument("--verify-candidates", type=int, default=5, help="best feasible trials re-measured end to end (default 5)")
     p.add_argument("--verify-near", type=int, default=2,
-                   help="also re-measure this many best trials predicted up to 10%% over the budget (the latency "
-                        "model's error band); they are chosen only if their measured speedup meets it (default 2)")
+                   help="also re-measure this many best trials predicted up to 10%% over the target (the latency "
+                        "model's error band); they are chosen only if their measured speedup meets the budget (default 2)")
+    p.add_argument("--verify-repeats", type=int, default=5,
+                   help="timed rounds of the verification latency (full model and candidates interleaved; median; default 5)")
+    p.add_argument("--local-trials", type=int, default=30,
+                   help="trials per budget of the local search after the sampler: neighbours (one keep notch, one "
+                        "selection, one boundary moved) of the best trial, while they improve (default 30; 0: none)")
+    p.add_argument("--latency-margin", type=float, default=0.05,
+                   help="the local search and the choice of candidates aim this fraction under the budget's latency, "
+                        "so that a policy predicted just inside it still meets it when measured (default 0.05)")
     p.add_argument("--frontier", action="store_true", help="also report the quality / latency Pareto front of all trials")
     p.add_argument("--policy-out", type=Path, help="policy file (default policies/<model>.<resolution>.<budgets>.yaml)")
     p.add_argument("--json", action="store_true", help="print one machine-readable summary on stdout")
@@ -162,7 +170,7 @@ def cmd_calibrate(args) -> int:
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import write_report
     from calibrate.search import (Objective, enqueue_seeds, open_study, pareto_front, parse_budgets, point_from_params,
-                                  measured_trials, summarize_trial, verification_candidates)
+                                  measured_trials, local_search, summarize_trial, verification_candidates)
     from calibrate.verify import verify_candidates
     from calibrate.worker import STUDY_ATTR, open_storage
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
@@ -170,6 +178,12 @@ def cmd_calibrate(args) -> int:
     budgets = parse_budgets(args.budget)
     if args.trials < 1:
         raise StageVarError(f"--trials must be >= 1, got {args.trials}.")
+    if args.verify_repeats < 1:
+        raise StageVarError(f"--verify-repeats must be >= 1, got {args.verify_repeats}.")
+    if args.local_trials < 0:
+        raise StageVarError(f"--local-trials must be >= 0, got {args.local_trials}.")
+    if not 0.0 <= args.latency_margin < 0.5:
+        raise StageVarError(f"--latency-margin must be in [0, 0.5), got {args.latency_margin} (0.03 aims 3% under the budget).")
     storage = open_storage(args.storage) if args.storage else None      # a bad URL fails before any work
     model, prompts, seeds = _setup(args)
     heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "heldout", args.num_heldout)
@@ -192,6 +206,7 @@ def cmd_calibrate(args) -> int:
     held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance)
     held_cache: dict[str, Any] = {}
     searched = []                                    # (budget, budget_s, study name, study)
+    objective_for: dict[str, Objective] = {}         # study name -> its objective
     for budget in budgets:
         budget_s = budget.target_seconds(baseline_pred)
         name = args.study or f"{model.name}.{model.resolution}.{budget.name}.{rec.key}"
@@ -211,9 +226,10 @@ def cmd_calibrate(args) -> int:
             _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
         enqueue_seeds(study, rec)
         # failed trials do not count: an interrupted one was queued again and its retry takes its place
-        done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)])
+        done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                    and "local_from" not in t.user_attrs])
         remaining = max(0, args.trials - done)
-        objective = Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem)
+        objective = objective_for[name] = Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem)
         if remaining:
             log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
             study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
@@ -226,13 +242,22 @@ def cmd_calibrate(args) -> int:
             pooled.append(t)
             found_by[id(t)] = (name, budget.name)
     for budget, budget_s, name, study in searched:
-        cand_points = verification_candidates(rec, pooled, budget_s, args.verify_candidates, args.verify_near)
+        if args.local_trials:
+            log.info("budget %s: local search (up to %d trials)", budget.name, args.local_trials)
+            for t in local_search(study, objective_for[name], rec, pooled, budget_s * (1 - args.latency_margin),
+                                  args.local_trials, progress=not args.quiet):
+                pooled.append(t)
+                found_by[id(t)] = (name, budget.name)
+    for budget, budget_s, name, study in searched:
+        target_s = budget_s * (1 - args.latency_margin)
+        cand_points = verification_candidates(rec, pooled, target_s, args.verify_candidates, args.verify_near)
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
             done_trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
             best_effort = sorted(done_trials, key=lambda t: t.user_attrs.get("predicted_latency_s", float("inf")))[:1]
             cand_points = [(t, point_from_params(rec, t.params)) for t in best_effort]
-        best = verify_candidates(model, held_subject, cand_points, budget, scorer, held_cache, progress=not args.quiet)
+        best = verify_candidates(model, held_subject, cand_points, budget, scorer, held_cache, repeats=args.verify_repeats,
+                                 progress=not args.quiet)
         trial, point, measured = best
         study_name, study_budget = found_by.get(id(trial), (name, budget.name))
         measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),

@@ -14,6 +14,8 @@
   a FastVAR-like policy (deviation-selected tokens in the middle layers at the two scales before
   the last two, 60% / 50% kept, the last two skipped: :func:`stagevar.baselines.fastvar_policy`
   within this search space).
+* After the sampler, :func:`local_search` hill-climbs from the best trial through one-move
+  neighbours (:func:`neighbours`) predicted within the target (the budget less a margin).
 * Storage is resumable: a journal file in the output directory by default, or any Optuna storage
   URL (``sqlite:///...``, ``postgresql://...``) for several workers.
 """
@@ -139,8 +141,12 @@ def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord) -> 
             plans.append(ScalePlan(k, skip=True))
             continue
         keep = keeps[k]
-        plans.append(ScalePlan(k, guidance="cond_only" if k >= cond_from else "cfg", keep=keep, selection=sels[k],
-                               restore=restore, layers=(layer_start, depth) if keep < 1.0 and layer_start > 0 else None))
+        guidance = "cond_only" if k >= cond_from else "cfg"
+        if keep >= 1.0:                          # all tokens computed: selection, restoration, layers do not apply
+            plans.append(ScalePlan(k, guidance=guidance))
+            continue
+        plans.append(ScalePlan(k, guidance=guidance, keep=keep, selection=sels[k], restore=restore,
+                               layers=(layer_start, depth) if layer_start > 0 else None))
     return OperatingPoint(stages_for(record, first), tuple(plans))
 
 
@@ -293,6 +299,74 @@ def distinct_candidates(record: CalibrationRecord, ranked: list[optuna.trial.Fro
         if len(out) == k:
             break
     return out
+
+
+# ----------------------------------------------------------------------------------------- local search
+def neighbours(record: CalibrationRecord, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every parameter set one move away from ``params``: a keep ratio one notch up or down, another
+    token selection at one scale, the first accelerated scale / guidance-drop scale / first skipped
+    scale / first pruned layer moved by one, or the other restoration. Moves stay in the space."""
+    lo, n = search_bounds(record)
+    top_layer = max(0, record.inputs["num_layers"] // 4)
+    out = []
+    for name, low, high in (("first_accelerated", lo, n), ("cond_only_from", lo, n), ("skip_from", lo, n),
+                            ("layer_start", 0, top_layer)):
+        out += [dict(params, **{name: params[name] + d}) for d in (-1, 1) if low <= params[name] + d <= high]
+    out += [dict(params, restore=r) for r in RESTORES if r != params["restore"]]
+    for k in range(lo, n):
+        i = KEEPS.index(params[f"keep_{k}"])
+        out += [dict(params, **{f"keep_{k}": KEEPS[j]}) for j in (i - 1, i + 1) if 0 <= j < len(KEEPS)]
+        out += [dict(params, **{f"selection_{k}": s}) for s in SELECTIONS if s != params[f"selection_{k}"]]
+    return out
+
+
+def local_search(study: optuna.Study, objective: "Objective", record: CalibrationRecord, pooled: list[optuna.trial.FrozenTrial],
+           target_s: float, max_trials: int, progress: bool = False) -> list[optuna.trial.FrozenTrial]:
+    """Local search after the sampler: hill-climb from the best measured trial predicted within
+    ``target_s`` (and, in the first round, from the best one predicted up to
+    :data:`INFEASIBLE_MARGIN` over it), measuring every neighbour (:func:`neighbours`) predicted
+    within ``target_s`` that is a policy not measured yet, and moving to the best one while it
+    improves. ``pooled``: measured trials of every study of the run (same record), so a climb may
+    start from a trial another budget's study found. The neighbours run as trials of ``study``
+    (user attribute ``local_from``), so the local search is stored and resumes like the rest.
+    Returns the trials this call measured; ``max_trials`` bounds the study's local-search trials
+    across resumes (an interrupted search resumes: measured policies are not measured again).
+
+    The sampler explores a large space with few trials; near the budget, good policies differ by
+    one notch of one scale, and the best trial it found is often just over the budget."""
+    tokens = objective.tokens
+    found = list(pooled)
+    seen = {_plan_key(point_from_params(record, t.params)) for t in found}
+    added: list[optuna.trial.FrozenTrial] = []
+    left = max_trials - sum(1 for t in study.get_trials(deepcopy=False) if "local_from" in t.user_attrs)
+    first_round = True
+    while left > 0:
+        best = ranked_within(found, target_s)[:1]
+        starts = best + (ranked_within(found, target_s, 1.0, INFEASIBLE_MARGIN)[:1] if first_round else [])
+        first_round = False
+        queue = []
+        for start in starts:
+            for params in neighbours(record, start.params):
+                point = point_from_params(record, params)
+                key = _plan_key(point)
+                if key in seen or objective.latency.predict(point, tokens) > target_s:
+                    continue
+                seen.add(key)
+                queue.append((params, start.number))
+        queue = queue[:left]
+        if not queue:
+            break
+        known = {t.number for t in study.get_trials(deepcopy=False)}
+        for params, origin in queue:
+            study.enqueue_trial(params, user_attrs={"local_from": origin})
+        study.optimize(objective, n_trials=len(queue), show_progress_bar=progress, gc_after_trial=False)
+        left -= len(queue)
+        new = [t for t in measured_trials(study) if t.number not in known]
+        found += new
+        added += new
+        if not best or not new or max(t.value for t in new) <= best[0].value:
+            break
+    return added
 
 
 def pareto_front(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:

@@ -177,6 +177,9 @@ CASES = [
     # --- calibrate arguments
     case("calibrate-unknown-command", C, ["frobnicate"], 2, "frobnicate"),
     case("calibrate-trials-0", C, [*TINY, *CAL, "--trials", "0", "--out", "{work}/cal"], 1, "--trials"),
+    case("calibrate-local-trials-negative", C, [*TINY, *CAL, "--local-trials", "-1", "--out", "{work}/cal"], 1, "--local-trials"),
+    case("calibrate-latency-margin-1", C, [*TINY, *CAL, "--latency-margin", "1", "--out", "{work}/cal"], 1, "--latency-margin"),
+    case("calibrate-verify-repeats-0", C, [*TINY, *CAL, "--verify-repeats", "0", "--out", "{work}/cal"], 1, "--verify-repeats"),
     case("calibrate-batch-size-0", C, [*TINY, *CAL, "--batch-size", "0", "--out", "{work}/cal"], 1, "--batch-size"),
     case("calibrate-bad-seeds", C, [*TINY, *CAL, "--seeds", "a,b", "--out", "{work}/cal"], 1, "--seeds"),
     case("calibrate-unknown-model", C, ["--model", "nope", *CAL, "--out", "{work}/cal"], 1, "nope"),

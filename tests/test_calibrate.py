@@ -29,8 +29,8 @@ from calibrate.measure.spectra import effective_rank, spectra_rows
 from calibrate.measure.stages import detect_stages
 from calibrate.metrics import CodeAgreementScorer, scorer_for
 from calibrate.record import RECORD_VERSION, CalibrationRecord, RecordError, UnitStore, content_key
-from calibrate.search import (BudgetError, Objective, enqueue_seeds, feasible_ranked, open_study, parse_budget,
-                              parse_budgets, search_bounds, seed_params, suggest_policy)
+from calibrate.search import (BudgetError, Objective, enqueue_seeds, feasible_ranked, neighbours, open_study, parse_budget,
+                              parse_budgets, point_from_params, search_bounds, seed_params, suggest_policy)
 from stagevar.models.registry import load_model
 from stagevar.policy import ScalePlan, load_policy
 
@@ -545,6 +545,117 @@ def test_verification_also_measures_trials_just_over_the_budget():
     assert [t.number for t, _ in got] == [3, 4, 1]
 
 
+def test_neighbours_are_single_moves_inside_the_space():
+    from calibrate.search import KEEPS
+    rec = _hand_record(n=7, depth=8, refinement_start=4)
+    params = dict(seed_params(rec)["paper-like"], keep_5=0.5, layer_start=2)
+    got = neighbours(rec, params)
+    for nb in got:
+        assert set(nb) == set(params)
+        assert sum(nb[k] != params[k] for k in params) == 1
+        suggest_policy(optuna.trial.FixedTrial(nb), rec)            # a valid point of the space
+    moved = [next(k for k in params if nb[k] != params[k]) for nb in got]
+    # 4 searched scales: keep 0.5 -> 0.6 / 0.4, keep 1.0 -> 0.75 only; two other selections each
+    assert sorted(nb["keep_5"] for nb in got if moved[got.index(nb)] == "keep_5") == [0.4, 0.6]
+    assert [nb["keep_3"] for nb, m in zip(got, moved) if m == "keep_3"] == [KEEPS[1]]
+    assert moved.count("selection_6") == 2 and moved.count("restore") == 1
+    assert sorted(nb["layer_start"] for nb, m in zip(got, moved) if m == "layer_start") == [1]   # 2 is the top (8 // 4)
+    assert sorted(nb["first_accelerated"] for nb, m in zip(got, moved) if m == "first_accelerated") == [3, 5]
+    assert len({json.dumps(nb, sort_keys=True) for nb in got}) == len(got)
+
+
+def test_scales_computed_in_full_carry_no_token_settings():
+    """Selection, restoration and layer range mean nothing for a scale computed in full: they are
+    not written, so two parameter sets differing only there are the same policy."""
+    rec = _hand_record(n=7, depth=8, refinement_start=4)
+    params = dict(seed_params(rec)["paper-like"], keep_6=1.0, selection_6="uniform", restore="cached_output", layer_start=2)
+    point = point_from_params(rec, params)
+    assert point.plans[6] == ScalePlan(6, guidance="cond_only")
+    assert point.plans[5].keep == 0.5 and point.plans[5].layers == (2, 8) and point.plans[5].restore == "cached_output"
+    other = point_from_params(rec, dict(params, selection_6="deviation"))
+    assert other == point
+
+
+class _ToyObjective:
+    """Stands in for :class:`Objective`: latency and quality are known functions of the point."""
+
+    tokens = None
+
+    def __init__(self, rec):
+        self.rec, self.calls = rec, []
+        self.latency = type("L", (), {"predict": staticmethod(lambda point, tokens: self.cost(point))})()
+
+    @staticmethod
+    def cost(point):
+        return sum(0.0 if p.skip else 2.0 ** p.scale * p.keep * (0.5 if p.guidance == "cond_only" else 1.0)
+                   for p in point.plans)
+
+    @staticmethod
+    def quality(point):
+        damage = 0.0
+        for p in point.plans:
+            if p.skip:
+                damage += 0.4
+            elif not p.is_identity:
+                damage += (1 - p.keep) * (0.05 if p.selection == "deviation" else 0.2) + (0.02 if p.guidance == "cond_only" else 0)
+        return 1.0 - damage
+
+    def __call__(self, trial):
+        point = suggest_policy(trial, self.rec)
+        self.calls.append(json.dumps([p.to_dict() for p in point.plans], sort_keys=True))
+        trial.set_user_attr("predicted_latency_s", self.cost(point))
+        return self.quality(point)
+
+
+def test_local_search_climbs_to_a_better_policy_within_the_target():
+    from calibrate.search import local_search, measured_trials, ranked_within
+    rec = _hand_record(n=7, depth=2, refinement_start=4)
+    obj = _ToyObjective(rec)
+    full = obj.cost(point_from_params(rec, seed_params(rec)["identity"]))
+    target = 0.6 * full
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    # the sampler's result: random-projection subsets, the best of them just over the target
+    start = dict(seed_params(rec)["identity"], first_accelerated=5, keep_5=0.5, keep_6=0.5)
+    inside = dict(start, keep_6=0.3)
+    for params in (start, inside):
+        study.enqueue_trial(params)
+    study.optimize(obj, n_trials=2)
+    sampled = measured_trials(study)
+    assert sampled[0].user_attrs["predicted_latency_s"] > target >= sampled[1].user_attrs["predicted_latency_s"]
+    before = ranked_within(sampled, target)[0].value
+    obj.calls.clear()
+    added = local_search(study, obj, rec, sampled, target, max_trials=200)
+    assert added and all("local_from" in t.user_attrs for t in added)
+    assert all(t.user_attrs["predicted_latency_s"] <= target for t in added)     # nothing over the target is measured
+    assert len(set(obj.calls)) == len(obj.calls)                              # no policy measured twice
+    best = ranked_within(measured_trials(study), target)[0]
+    assert best.value > before
+    best_point = point_from_params(rec, best.params)
+    assert best_point.plans[6].selection == "deviation"                       # the cheap, better selection was found
+    # a local optimum: no unmeasured neighbour within the target is better
+    for nb in neighbours(rec, best.params):
+        pt = point_from_params(rec, nb)
+        if obj.cost(pt) <= target:
+            assert obj.quality(pt) <= best.value + 1e-12
+    # resumed: the study already holds the climb, so nothing is measured again
+    obj.calls.clear()
+    assert local_search(study, obj, rec, measured_trials(study), target, max_trials=200) == []
+    assert obj.calls == []
+
+
+def test_local_search_respects_its_trial_budget_across_calls():
+    from calibrate.search import local_search, measured_trials
+    rec = _hand_record(n=7, depth=2, refinement_start=4)
+    obj = _ToyObjective(rec)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(dict(seed_params(rec)["identity"], first_accelerated=5, keep_5=0.5, keep_6=0.5))
+    study.optimize(obj, n_trials=1)
+    target = obj.cost(point_from_params(rec, seed_params(rec)["identity"]))
+    assert len(local_search(study, obj, rec, measured_trials(study), target, max_trials=3)) == 3
+    assert local_search(study, obj, rec, measured_trials(study), target, max_trials=3) == []
+    assert len(local_search(study, obj, rec, measured_trials(study), target, max_trials=5)) <= 2
+
+
 def test_fastvar_seed_uses_middle_layers_on_deep_models():
     rec = _hand_record(n=7, depth=32, refinement_start=4)
     fv = suggest_policy(optuna.trial.FixedTrial(seed_params(rec)["fastvar-like"]), rec)
@@ -742,6 +853,48 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     study = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
     assert len(study.trials) == 4
     assert load_policy(policy_path).operating_point().measured["trial"] == point.measured["trial"]
+
+
+def test_cli_local_search_after_the_sampler_and_resume(measured, tmp_path, small_cli, monkeypatch, capsys):
+    """With a budget the sampler can meet, the local search adds trials marked ``local_from`` to the
+    budget's study, within the target; they do not count against --trials, and a re-run measures
+    nothing new."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from calibrate.cli import main as calibrate_main
+    out_dir, rec = measured
+    work = tmp_path / "cal"
+    work.mkdir()
+    shutil.copytree(record_dir(out_dir, rec.key), record_dir(work, rec.key))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    argv = ["--model", "infinity-tiny", "--budget", "1.05x", "--prompts", str(prompts), "--num-prompts", "2",
+            "--batch-size", "2", "--num-heldout", "2", "--trials", "4", "--local-trials", "3", "--verify-candidates", "1",
+            "--verify-near", "0", "--verify-repeats", "1", "--out", str(work), "--policy-out", str(work / "p.yaml"), "--quiet"]
+    calibrate_main(argv)
+    capsys.readouterr()
+    name = f"infinity-tiny.256.1.05x.{rec.key}"
+
+    def load():
+        return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
+
+    study = load()
+    local = [t for t in study.trials if "local_from" in t.user_attrs]
+    sampled = [t for t in study.trials if "local_from" not in t.user_attrs]
+    assert len(sampled) == 4 and 1 <= len(local) <= 3
+    target = study.user_attrs["stagevar"]["budget_s"] * (1 - 0.05)
+    assert all(t.user_attrs["predicted_latency_s"] <= target for t in local)
+    assert all(not t.user_attrs["quality_estimated"] for t in local)
+
+    def no_trial(self, trial):
+        raise AssertionError("a trial ran on re-run")
+
+    monkeypatch.setattr(Objective, "__call__", no_trial)      # the climb ended: its neighbours are all measured
+    calibrate_main(argv)
+    again = load()
+    assert len([t for t in again.trials if "local_from" not in t.user_attrs]) == 4
+    assert len([t for t in again.trials if "local_from" in t.user_attrs]) <= 3
 
 
 # ------------------------------------------------------------------------- 11. CLI help/usage

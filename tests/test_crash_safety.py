@@ -130,7 +130,7 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
     done_before = {t.number: (t.value, t.datetime_complete) for t in study.trials if t.state == TrialState.COMPLETE}
     assert 2 <= len(done_before) < TRIALS
 
-    # 3. during verification: the search is over, the policy not written yet
+    # 3. after the sampler's trials: during the local search or verification, the policy not written yet
     c = Child(argv, tmp_path / "run3.log")
     c.kill_when(lambda: _complete(journal) >= TRIALS)      # 8 held-out prompts: verification takes seconds
     assert not policy_path.exists(), "verification finished before the kill: nothing was killed mid-verify"
@@ -155,8 +155,11 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
     assert policy.provenance["calibration_record"] == rec.key
     assert (rec_dir / "report.md").is_file()
     study = _load_study(journal)
-    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                and "local_from" not in t.user_attrs]
     assert len(finished) == TRIALS, [(t.number, t.state) for t in study.trials]     # not reset, not run again
+    local = [t for t in study.trials if "local_from" in t.user_attrs and t.state == TrialState.COMPLETE]
+    assert len(local) <= 30 and len({json.dumps(t.params, sort_keys=True) for t in local}) == len(local)
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]          # killed trials were re-queued
     for number, (value, when) in done_before.items():                             # trials before the kill are kept
         t = study.trials[number]

@@ -150,13 +150,15 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
         (t.number, t.state, t.user_attrs, t.system_attrs) for t in trials]     # enqueued exactly once
     n_before = len(trials)
 
-    # the normal command picks the finished study up: no new trials, verify, write the policy
+    # the normal command picks the finished study up: no new sampler trials, its local search
+    # (bounded by --local-trials), verify, write the policy
     from calibrate.cli import main
     policy_path = tmp_path / "policy.yaml"
     capsys.readouterr()
     rc = main(["--model", "infinity-tiny", "--num-prompts", "2", "--batch-size", "1", "--seeds", "0", "--out", str(out),
                "--budget", BUDGET, "--storage", postgres.url, "--study", study_name, "--trials", str(TRIALS),
-               "--num-heldout", "2", "--verify-candidates", "1", "--policy-out", str(policy_path), "--quiet", "--threads", "1"])
+               "--num-heldout", "2", "--verify-candidates", "1", "--local-trials", "4", "--policy-out", str(policy_path),
+               "--quiet", "--threads", "1"])
     o, e = capsys.readouterr()
     assert rc in (0, 3), (rc, o, e)
     assert "Traceback" not in e
@@ -166,7 +168,9 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     assert point.measured["study"] == study_name
     assert policy.provenance["calibration_record"] == rec.key
     assert "s3cret" not in policy_path.read_text()                 # the storage URL is stored redacted
-    assert len(_study(postgres.url, study_name).get_trials(deepcopy=False)) == n_before
+    after = _study(postgres.url, study_name).get_trials(deepcopy=False)
+    added = after[n_before:]
+    assert len(added) <= 4 and all("local_from" in t.user_attrs for t in added)
     assert time.time() - t_start < 150
 
 
