@@ -6,6 +6,7 @@ is measured is what ships. See :mod:`calibrate.record` for caching and resume.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -52,9 +53,27 @@ def _progress(total: int, desc: str, enabled: bool):
         return _Null()
 
 
+def weights_hash(adapter) -> str:
+    """What identifies the weights: the loader's file hash when it set one (``weights_sha256``),
+    else a hash of the state dict (models up to 200 M parameters; larger ones are not hashed)."""
+    h = getattr(adapter, "weights_sha256", None)
+    if h:
+        return h
+    if sum(p.numel() for p in adapter.parameters()) > 200_000_000:
+        return "unknown (large model; not hashed)"
+    d = hashlib.sha256()
+    for k, v in sorted(adapter.state_dict().items()):
+        d.update(k.encode())
+        d.update(v.detach().float().cpu().numpy().tobytes())
+    return "state_dict:" + d.hexdigest()[:16]
+
+
 def record_inputs(adapter, prompts, seeds, batch_size, guidance, settings: MeasureSettings) -> dict[str, Any]:
+    """Everything a calibration record depends on; its key is their hash, so other weights (the
+    same architecture retrained) get a new record instead of reusing one measured on the old."""
     info = device_info(adapter)
-    return {"model": adapter.fingerprint().to_dict(), "num_layers": adapter.num_layers, "prompts": list(prompts),
+    return {"model": adapter.fingerprint().to_dict(), "weights": weights_hash(adapter),
+            "num_layers": adapter.num_layers, "prompts": list(prompts),
             "seeds": list(seeds), "batch_size": batch_size, "guidance": guidance,
             "device": info["device_name"], "device_type": adapter.device.type, "dtype": info["dtype"],
             "settings": settings.to_dict()}

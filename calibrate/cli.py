@@ -11,7 +11,6 @@ Exit codes: 0 ok; 1 error; 2 usage (including a malformed budget); 3 a budget co
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -127,17 +126,8 @@ def _setup(args):
 
 
 def _weights_hash(model) -> str:
-    h = getattr(model, "weights_sha256", None)
-    if h:
-        return h
-    n = sum(p.numel() for p in model.parameters())
-    if n > 200_000_000:
-        return "unknown (large model; not hashed)"
-    d = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        d.update(k.encode())
-        d.update(v.detach().float().cpu().numpy().tobytes())
-    return "state_dict:" + d.hexdigest()[:16]
+    from calibrate.calibration import weights_hash
+    return weights_hash(model)
 
 
 def _redact(url: str | None) -> str | None:

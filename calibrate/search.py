@@ -320,8 +320,9 @@ def neighbours(record: CalibrationRecord, params: dict[str, Any]) -> list[dict[s
     return out
 
 
-def local_search(study: optuna.Study, objective: "Objective", record: CalibrationRecord, pooled: list[optuna.trial.FrozenTrial],
-           target_s: float, max_trials: int, progress: bool = False) -> list[optuna.trial.FrozenTrial]:
+def local_search(study: optuna.Study, objective: "Objective", record: CalibrationRecord,
+                 pooled: list[optuna.trial.FrozenTrial], target_s: float, max_trials: int,
+                 progress: bool = False) -> list[optuna.trial.FrozenTrial]:
     """Local search after the sampler: hill-climb from the best measured trial predicted within
     ``target_s`` (and, in the first round, from the best one predicted up to
     :data:`INFEASIBLE_MARGIN` over it), measuring every neighbour (:func:`neighbours`) predicted
@@ -364,8 +365,8 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
         new = [t for t in measured_trials(study) if t.number not in known]
         found += new
         added += new
-        if not best or not new or max(t.value for t in new) <= best[0].value:
-            break
+        if not new or max(t.value for t in new) <= (best[0].value if best else -math.inf):
+            break                                # no better neighbour: a local optimum (or nothing ran)
     return added
 
 

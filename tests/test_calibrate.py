@@ -224,6 +224,13 @@ def test_key_depends_on_every_input(model, record):
         "sensitivity_from": key(settings=dataclasses.replace(SETTINGS, sensitivity_from=4)),
         "latency_repeats": key(settings=dataclasses.replace(SETTINGS, latency_repeats=2)),
     }
+    param = next(model.parameters())
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.add_(0.5)                                      # other weights, same architecture
+        changed["weights"] = key()
+        param.copy_(saved)
+    assert key() == base
     for what, k in changed.items():
         assert k != base, what
     assert len(set(changed.values())) == len(changed)

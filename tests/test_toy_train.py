@@ -100,6 +100,30 @@ def test_rendering_workers_give_the_same_stream():
         pool.close()
 
 
+def test_category_weights_reweight_the_stream():
+    from collections import Counter
+
+    from stagevar.toy.prompts import CATEGORIES, make_split
+    plain = tt.SceneStream(5, 32)
+    assert [plain._next_item() for _ in range(50)] == make_split("train", tt.SceneStream.CHUNK, 5 * 100_003)[:50]
+    weighted = tt.SceneStream(5, 32, category_weights={"counting": 3})
+    items = [weighted._next_item() for _ in range(3000)]
+    counts = Counter(it["spec"]["category"] for it in items)
+    assert set(counts) == set(CATEGORIES)
+    others = [counts[c] for c in CATEGORIES if c != "counting"]
+    assert 2.5 < counts["counting"] / (sum(others) / len(others)) < 3.5
+    assert len({(it["prompt"], it["seed"]) for it in items}) == len(items)          # distinct items, no repeats
+    again = tt.SceneStream(5, 32, category_weights={"counting": 3})
+    again.load_state(weighted.state())
+    weighted2 = tt.SceneStream(5, 32, category_weights={"counting": 3})
+    [weighted2._next_item() for _ in range(3000)]
+    assert [again._next_item() for _ in range(20)] == [weighted2._next_item() for _ in range(20)]   # resumable
+    with pytest.raises(SystemExit, match="category_weights: countng"):
+        tt.SceneStream(5, 32, category_weights={"countng": 2})
+    with pytest.raises(SystemExit, match="category_weights: colors"):
+        tt.SceneStream(5, 32, category_weights={"colors": 0})
+
+
 def test_config_overrides(arch):
     a = copy.deepcopy(arch)
     tt.apply_override(a, "train.batch=64")

@@ -62,11 +62,17 @@ class SceneStream:
 
     CHUNK = 4096
 
-    def __init__(self, seed: int, image_size: int, workers: int = 0):
+    def __init__(self, seed: int, image_size: int, workers: int = 0, category_weights: dict[str, float] | None = None):
+        from stagevar.toy.prompts import CATEGORIES
         self.seed, self.size = int(seed), int(image_size)
         self.chunk, self.pos, self.items = 0, 0, None
         self.workers = int(workers)
         self._pool = None
+        self.weights = {str(k): float(v) for k, v in (category_weights or {}).items()}
+        bad = sorted(k for k, v in self.weights.items() if k not in CATEGORIES or not v > 0)
+        if bad:
+            raise SystemExit(f"error: train.category_weights: {', '.join(bad)}: each key must be one of "
+                             f"{', '.join(CATEGORIES)} with a positive weight (categories not named weigh 1)")
 
     def close(self) -> None:
         if self._pool is not None:
@@ -80,13 +86,25 @@ class SceneStream:
     def load_state(self, st: dict[str, int]) -> None:
         self.chunk, self.pos, self.items = int(st["chunk"]), int(st["pos"]), None
 
-    def _next_item(self) -> dict[str, Any]:
+    def _chunk_items(self) -> list[dict[str, Any]]:
+        """One chunk of the stream. With ``category_weights`` the chunk is drawn from a split
+        ``max(weight)`` times larger, keeping each item with probability ``weight / max(weight)``
+        of its category (distinct items, not repeats); without, the split itself."""
         from stagevar.toy.prompts import make_split
+        top = max([1.0, *self.weights.values()])
+        items = make_split("train", math.ceil(self.CHUNK * top), self.seed * 100_003 + self.chunk)
+        if not self.weights:
+            return items
+        rng = np.random.default_rng([self.seed, self.chunk, 1])
+        keep = rng.random(len(items))
+        return [it for it, u in zip(items, keep) if u < self.weights.get(it["spec"]["category"], 1.0) / top]
+
+    def _next_item(self) -> dict[str, Any]:
         if self.items is None:
-            self.items = make_split("train", self.CHUNK, self.seed * 100_003 + self.chunk)
+            self.items = self._chunk_items()
         it = self.items[self.pos]
         self.pos += 1
-        if self.pos == self.CHUNK:
+        if self.pos == len(self.items):
             self.chunk, self.pos, self.items = self.chunk + 1, 0, None
         return it
 
@@ -256,7 +274,7 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     tr_opt = torch.optim.AdamW(_param_groups(tr, float(tc["weight_decay"])) + _param_groups(text, float(tc["weight_decay"])),
                                lr=float(tc["lr"]), betas=(0.9, 0.97))
     ema_tr = copy.deepcopy(tr).requires_grad_(False)
-    stream = SceneStream(seed, int(arch["image_size"]), workers=workers)
+    stream = SceneStream(seed, int(arch["image_size"]), workers=workers, category_weights=tc.get("category_weights"))
     gen = torch.Generator().manual_seed(seed + 1)
     state = {"phase": "vae" if init_meta is None else "transformer", "vae_step": 0, "tr_step": 0, "elapsed": 0.0,
              "vae_elapsed": 0.0}
@@ -413,6 +431,8 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     meta = {"vae_steps": state["vae_step"], "transformer_steps": state["tr_step"],
             "minutes": round(state["elapsed"] / 60, 1), "device": _device_label(dev), "threads": threads,
             "seed": seed, "batch": int(tc["batch"]), "short_batch": int(tc["short_batch"]), "lr": float(tc["lr"])}
+    if tc.get("category_weights"):
+        meta["category_weights"] = {str(k): float(v) for k, v in tc["category_weights"].items()}
     if init_meta is not None:
         meta["init"] = init_meta
     export(out / "final", arch, adapter, ema_tr.state_dict(), {**meta, "transformer_weights": "ema"})
