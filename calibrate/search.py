@@ -337,9 +337,19 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
     one notch of one scale, and the best trial it found is often just over the budget."""
     tokens = objective.tokens
     found = list(pooled)
-    seen = {_plan_key(point_from_params(record, t.params)) for t in found}
     added: list[optuna.trial.FrozenTrial] = []
-    left = max_trials - sum(1 for t in study.get_trials(deepcopy=False) if "local_from" in t.user_attrs)
+    # an interrupted run left neighbours queued (or queued again after a kill): run them first,
+    # so that they are measured once and not queued a second time
+    pending = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+               if "local_from" in t.user_attrs]
+    if pending:
+        numbers = {t.number for t in pending}
+        study.optimize(objective, n_trials=len(pending), show_progress_bar=progress, gc_after_trial=False)
+        added += [t for t in measured_trials(study) if t.number in numbers]
+        found += added
+    seen = {_plan_key(point_from_params(record, t.params)) for t in found}
+    left = max_trials - sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                            if "local_from" in t.user_attrs)
     first_round = True
     while left > 0:
         best = ranked_within(found, target_s)[:1]

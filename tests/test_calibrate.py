@@ -650,6 +650,27 @@ def test_local_search_climbs_to_a_better_policy_within_the_target():
     assert obj.calls == []
 
 
+def test_local_search_runs_neighbours_an_interrupted_run_left_queued_once():
+    from calibrate.search import _plan_key, local_search, measured_trials
+    rec = _hand_record(n=7, depth=2, refinement_start=4)
+    obj = _ToyObjective(rec)
+    study = optuna.create_study(direction="maximize")
+    start = dict(seed_params(rec)["identity"], first_accelerated=5, keep_5=0.5, keep_6=0.5)
+    study.enqueue_trial(start)
+    study.optimize(obj, n_trials=1)
+    target = obj.cost(point_from_params(rec, seed_params(rec)["identity"]))
+    left_over = [nb for nb in neighbours(rec, start) if obj.cost(point_from_params(rec, nb)) <= target][:2]
+    for nb in left_over:                                          # queued, then the run was killed
+        study.enqueue_trial(nb, user_attrs={"local_from": 0})
+    local_search(study, obj, rec, measured_trials(study), target, max_trials=40)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.WAITING not in states
+    local = [t for t in measured_trials(study) if "local_from" in t.user_attrs]
+    keys = [_plan_key(point_from_params(rec, t.params)) for t in local]
+    assert len(set(keys)) == len(keys)                            # each policy measured once
+    assert {_plan_key(point_from_params(rec, nb)) for nb in left_over} <= set(keys)
+
+
 def test_local_search_respects_its_trial_budget_across_calls():
     from calibrate.search import local_search, measured_trials
     rec = _hand_record(n=7, depth=2, refinement_start=4)
