@@ -125,11 +125,6 @@ def _setup(args):
     return model, prompts, seeds
 
 
-def _weights_hash(model) -> str:
-    from calibrate.calibration import weights_hash
-    return weights_hash(model)
-
-
 def _redact(url: str | None) -> str | None:
     import re
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url) if url else url
@@ -153,14 +148,15 @@ def cmd_measure(args) -> int:
 def cmd_calibrate(args) -> int:
     import optuna
 
-    from calibrate.calibration import measure, record_dir
+    from calibrate.calibration import measure, record_dir, weights_hash
     from calibrate.measure.common import Subject, variant_grid
     from calibrate.measure.latency import LatencyModel
     from calibrate.metrics import scorer_for
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import write_report
-    from calibrate.search import (Objective, enqueue_seeds, open_study, pareto_front, parse_budgets, point_from_params,
-                                  measured_trials, local_search, summarize_trial, verification_candidates)
+    from calibrate.search import (Objective, enqueue_seeds, is_local, local_search, measured_trials, open_study,
+                                  pareto_front, parse_budgets, point_from_params, summarize_trial,
+                                  verification_candidates)
     from calibrate.verify import verify_candidates
     from calibrate.worker import STUDY_ATTR, open_storage
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
@@ -195,7 +191,7 @@ def cmd_calibrate(args) -> int:
     all_trials, chosen_trials, infeasible = [], {}, []
     held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance)
     held_cache: dict[str, Any] = {}
-    searched = []                                    # (budget, budget_s, study name, study)
+    searched = []                                    # (budget, target_s: budget less the margin, study name, study)
     objective_for: dict[str, Objective] = {}         # study name -> its objective
     for budget in budgets:
         budget_s = budget.target_seconds(baseline_pred)
@@ -217,13 +213,13 @@ def cmd_calibrate(args) -> int:
         enqueue_seeds(study, rec)
         # failed trials do not count: an interrupted one was queued again and its retry takes its place
         done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                    and "local_from" not in t.user_attrs])
+                    and not is_local(t)])
         remaining = max(0, args.trials - done)
         objective = objective_for[name] = Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem)
         if remaining:
             log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
             study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
-        searched.append((budget, budget_s, name, study))
+        searched.append((budget, budget_s * (1 - args.latency_margin), name, study))
     # every trial measured in this run (same record, so comparable quality; absolute predicted
     # latency) competes for every budget, whichever budget's study found it
     pooled, found_by = [], {}                        # trials; id(trial) -> (study name, its budget)
@@ -231,15 +227,14 @@ def cmd_calibrate(args) -> int:
         for t in measured_trials(study):
             pooled.append(t)
             found_by[id(t)] = (name, budget.name)
-    for budget, budget_s, name, study in searched:
+    for budget, target_s, name, study in searched:
         if args.local_trials:
             log.info("budget %s: local search (up to %d trials)", budget.name, args.local_trials)
-            for t in local_search(study, objective_for[name], rec, pooled, budget_s * (1 - args.latency_margin),
-                                  args.local_trials, progress=not args.quiet):
+            for t in local_search(study, objective_for[name], rec, pooled, target_s, args.local_trials,
+                                  progress=not args.quiet):
                 pooled.append(t)
                 found_by[id(t)] = (name, budget.name)
-    for budget, budget_s, name, study in searched:
-        target_s = budget_s * (1 - args.latency_margin)
+    for budget, target_s, name, study in searched:
         cand_points = verification_candidates(rec, pooled, target_s, args.verify_candidates, args.verify_near)
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
@@ -260,7 +255,7 @@ def cmd_calibrate(args) -> int:
                        if t.values is not None]
     policy = Policy(model=binding_for(model), operating_points=points, default=budgets[0].name, provenance=base_provenance(
         model=model.name, device=rec.inputs["device"], device_type=rec.inputs["device_type"], dtype=rec.inputs["dtype"],
-        batch_size=args.batch_size, weights_sha256=_weights_hash(model), calibrated=True,
+        batch_size=args.batch_size, weights_sha256=weights_hash(model), calibrated=True,
         calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
         verification_prompts=len(heldout), seeds=seeds, optuna_storage=_redact(args.storage) or "journal file in --out",
         optuna_sampler_seed=args.seed, trials_per_budget=args.trials))

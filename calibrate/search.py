@@ -302,6 +302,15 @@ def distinct_candidates(record: CalibrationRecord, ranked: list[optuna.trial.Fro
 
 
 # ----------------------------------------------------------------------------------------- local search
+#: user attribute of a local-search trial (the number of the trial it was a neighbour of)
+LOCAL_ATTR = "local_from"
+
+
+def is_local(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial of :func:`local_search`, not of the sampler (it does not count against ``--trials``)."""
+    return LOCAL_ATTR in t.user_attrs
+
+
 def neighbours(record: CalibrationRecord, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Every parameter set one move away from ``params``: a keep ratio one notch up or down, another
     token selection at one scale, the first accelerated scale / guidance-drop scale / first skipped
@@ -329,27 +338,20 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
     within ``target_s`` that is a policy not measured yet, and moving to the best one while it
     improves. ``pooled``: measured trials of every study of the run (same record), so a climb may
     start from a trial another budget's study found. The neighbours run as trials of ``study``
-    (user attribute ``local_from``), so the local search is stored and resumes like the rest.
+    (user attribute :data:`LOCAL_ATTR`), so the local search is stored and resumes like the rest.
     Returns the trials this call measured; ``max_trials`` bounds the study's local-search trials
     across resumes (an interrupted search resumes: measured policies are not measured again).
 
     The sampler explores a large space with few trials; near the budget, good policies differ by
     one notch of one scale, and the best trial it found is often just over the budget."""
     tokens = objective.tokens
-    found = list(pooled)
-    added: list[optuna.trial.FrozenTrial] = []
     # an interrupted run left neighbours queued (or queued again after a kill): run them first,
     # so that they are measured once and not queued a second time
-    pending = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-               if "local_from" in t.user_attrs]
-    if pending:
-        numbers = {t.number for t in pending}
-        study.optimize(objective, n_trials=len(pending), show_progress_bar=progress, gc_after_trial=False)
-        added += [t for t in measured_trials(study) if t.number in numbers]
-        found += added
+    added = _run_queued_neighbours(study, objective, progress)
+    found = list(pooled) + added
     seen = {_plan_key(point_from_params(record, t.params)) for t in found}
     left = max_trials - sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                            if "local_from" in t.user_attrs)
+                            if is_local(t))
     first_round = True
     while left > 0:
         best = ranked_within(found, target_s)[:1]
@@ -367,17 +369,24 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
         queue = queue[:left]
         if not queue:
             break
-        known = {t.number for t in study.get_trials(deepcopy=False)}
         for params, origin in queue:
-            study.enqueue_trial(params, user_attrs={"local_from": origin})
-        study.optimize(objective, n_trials=len(queue), show_progress_bar=progress, gc_after_trial=False)
+            study.enqueue_trial(params, user_attrs={LOCAL_ATTR: origin})
+        new = _run_queued_neighbours(study, objective, progress)
         left -= len(queue)
-        new = [t for t in measured_trials(study) if t.number not in known]
         found += new
         added += new
         if not new or max(t.value for t in new) <= (best[0].value if best else -math.inf):
             break                                # no better neighbour: a local optimum (or nothing ran)
     return added
+
+
+def _run_queued_neighbours(study: optuna.Study, objective, progress: bool) -> list[optuna.trial.FrozenTrial]:
+    """Run the study's queued local-search trials; the measured ones."""
+    numbers = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+               if is_local(t)}
+    if numbers:
+        study.optimize(objective, n_trials=len(numbers), show_progress_bar=progress, gc_after_trial=False)
+    return [t for t in measured_trials(study) if t.number in numbers]
 
 
 def pareto_front(points: list[tuple[float, float, Any]]) -> list[tuple[float, float, Any]]:

@@ -445,9 +445,11 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
 
 def study_counts(study) -> dict[str, int]:
     from optuna.trial import TrialState
+
+    from calibrate.search import is_local
     c = {"complete": 0, "pruned": 0, "fail": 0, "running": 0, "waiting": 0, "retry_waiting": 0}
     for t in study.get_trials(deepcopy=False):
-        if "local_from" in t.user_attrs:        # the coordinator's local search, not the sampler's trials
+        if is_local(t):                         # the coordinator's local search, not the sampler's trials
             continue
         if t.state == TrialState.COMPLETE:
             c["complete"] += 1

@@ -431,8 +431,8 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     meta = {"vae_steps": state["vae_step"], "transformer_steps": state["tr_step"],
             "minutes": round(state["elapsed"] / 60, 1), "device": _device_label(dev), "threads": threads,
             "seed": seed, "batch": int(tc["batch"]), "short_batch": int(tc["short_batch"]), "lr": float(tc["lr"])}
-    if tc.get("category_weights"):
-        meta["category_weights"] = {str(k): float(v) for k, v in tc["category_weights"].items()}
+    if stream.weights:
+        meta["category_weights"] = stream.weights
     if init_meta is not None:
         meta["init"] = init_meta
     export(out / "final", arch, adapter, ema_tr.state_dict(), {**meta, "transformer_weights": "ema"})
