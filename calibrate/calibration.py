@@ -23,6 +23,7 @@ from calibrate.measure.spectra import spectra_rows
 from calibrate.measure.stages import detect_stages
 from calibrate.metrics import scorer_for
 from calibrate.record import CalibrationRecord, UnitStore, content_key
+from stagevar.guidance import parse_guidance
 from stagevar.policy import ScalePlan
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,12 @@ def record_dir(out: str | Path, key: str) -> Path:
 
 
 def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, batch_size: int = 8,
-            guidance: float | None = None, settings: MeasureSettings = MeasureSettings(),
+            guidance: float | list[float] | None = None, settings: MeasureSettings = MeasureSettings(),
             progress: bool = True, interrupt_after: int | None = None) -> CalibrationRecord:
     """Run (or resume, or reuse) the calibration pass. ``interrupt_after`` stops after that many
     new units (tests use it to simulate an interruption)."""
-    guidance = adapter.default_guidance if guidance is None else float(guidance)
+    guidance = parse_guidance(adapter.default_guidance if guidance is None else guidance)
+    guidance = guidance if isinstance(guidance, float) else list(guidance)
     inputs = record_inputs(adapter, prompts, seeds, batch_size, guidance, settings)
     key = content_key(inputs)
     directory = record_dir(out, key)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from stagevar.errors import StageVarError, run_command
+from stagevar.guidance import GUIDANCE_HELP, guidance_argument
 
 log = logging.getLogger("stagevar.calibrate")
 
@@ -56,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=8, help="bundled calibration prompts used (default 8)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generated batch; latency budgets refer to it (default 8)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--guidance", type=guidance_argument, help=GUIDANCE_HELP)
     p.add_argument("--out", type=Path, default=Path("runs/calibration"), help="working directory: record, study, report (default runs/calibration)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from calibrate.record import CalibrationRecord
+from stagevar.guidance import format_guidance
 from stagevar.policy import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
     st = record.stages
     lines = [f"# Calibration report: {inp['model']['model']}", "",
              f"Device {inp['device']} ({inp['device_type']}, {inp['dtype']}), batch {inp['batch_size']}, "
-             f"{len(inp['prompts'])} prompts x {len(inp['seeds'])} seed(s), guidance {inp['guidance']}. Record `{record.key}`.", "",
+             f"{len(inp['prompts'])} prompts x {len(inp['seeds'])} seed(s), guidance {format_guidance(inp['guidance'])}. Record `{record.key}`.", "",
              "## Stages", "",
              f"semantic {st['semantic'][0]}-{st['semantic'][1]}, structure {st['structure'][0]}-{st['structure'][1]}, "
              f"refinement {st['refinement'][0]}-{st['refinement'][1]}.", "", f"Rule: {st['rule']}.", "",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from stagevar.bench import add_bench_parser, cmd_bench
 from stagevar.errors import StageVarError, run_command
+from stagevar.guidance import GUIDANCE_HELP, guidance_argument
 
 log = logging.getLogger("stagevar")
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--operating-point", help="operating point of the policy (default: the policy's default)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, default=8, help="images generated per batch (default 8)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    g.add_argument("--guidance", type=guidance_argument, help=GUIDANCE_HELP)
     g.add_argument("--out", type=Path, default=Path("out"), help="output .png file (one prompt) or directory (default out/)")
 
     v = sub.add_parser("validate", help="check a policy file (schema, values; with --model, that it fits the model)",

@@ -115,13 +115,14 @@ class Runtime:
             torch.cuda.synchronize()
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str] | None = None, *, condition: Any = None, guidance: float | None = None,
+    def generate(self, prompts: Sequence[str] | None = None, *, condition: Any = None,
+                 guidance: float | Sequence[float] | None = None,
                  seed: int = 0, observer: Observer | None = None, **sampling) -> GenerationResult:
         """Generate one image per prompt (or per item of a pre-encoded ``condition``)."""
         ad = self.adapter
         if condition is None:
             condition = ad.encode_prompts(list(prompts))
-        guidance = ad.default_guidance if guidance is None else float(guidance)
+        guidance = ad.default_guidance if guidance is None else guidance
         t0 = time.perf_counter()
         state = ad.prepare(condition, guidance=guidance, seed=seed, **sampling)
         records: list[ScaleRecord] = []
@@ -196,6 +197,6 @@ class Runtime:
 
 
 def generate(adapter, prompts: Sequence[str], policy: Policy | None = None, operating_point: str | None = None,
-             *, seed: int = 0, guidance: float | None = None, **sampling) -> torch.Tensor:
+             *, seed: int = 0, guidance: float | Sequence[float] | None = None, **sampling) -> torch.Tensor:
     """One-call generation: images (B, 3, H, W) in [0, 1]."""
     return Runtime(adapter, policy, operating_point).generate(prompts, seed=seed, guidance=guidance, **sampling).images

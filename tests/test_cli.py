@@ -190,6 +190,19 @@ def test_generate_policy_for_other_model(capsys, tmp_path, policy_files):
     assert_one_paragraph_error(err, "model.name", "some-other-model")
 
 
+def test_generate_per_scale_guidance(capsys, tmp_path, tiny):
+    n = len(tiny.scale_schedule)
+    per_scale = ",".join(["1"] * 2 + ["4"] * (n - 2))
+    rc, out, err = run_cli(capsys, "generate", "--model", "infinity-tiny", "--prompt", "a red circle",
+                           "--guidance", per_scale, "--out", str(tmp_path / "a.png"))
+    assert rc == 0, err
+    rc, _, err = run_cli(capsys, "generate", "--model", "infinity-tiny", "--prompt", "a red circle",
+                         "--guidance", "1,4", "--out", str(tmp_path / "b.png"))
+    assert rc == 1
+    assert_one_paragraph_error(err, "guidance", "2 values", f"{n} scales")
+    assert not (tmp_path / "b.png").exists()
+
+
 def test_generate_without_prompt(capsys, tmp_path):
     rc, _, err = run_cli(capsys, "generate", "--model", "infinity-tiny", "--out", str(tmp_path / "x.png"))
     assert rc == 1

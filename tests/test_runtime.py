@@ -156,3 +156,28 @@ def test_reduced_precision_weights_generate(name):
     ref = Runtime(m32).generate(PROMPTS[m32.family], seed=0).images
     out = Runtime(m16, point).generate(PROMPTS[m16.family], seed=0).images
     assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()
+
+
+def test_per_scale_guidance_runs_in_runtime_and_reference_alike():
+    """A per-scale guidance list (upstream Infinity's cfg_list): the runtime reproduces the
+    reference loop; a constant list equals the number; unguided early scales change the image."""
+    model = load_model("infinity-tiny")
+    cond = _cond(model)
+    n = len(model.scale_schedule)
+    per_scale = [1.0, 1.0] + [4.0] * (n - 2)
+    ref = model.reference_generate(cond, guidance=per_scale, seed=5)
+    assert torch.equal(Runtime(model).generate(condition=cond, guidance=per_scale, seed=5).images, ref)
+    const = model.reference_generate(cond, guidance=4.0, seed=5)
+    assert torch.equal(model.reference_generate(cond, guidance=[4.0] * n, seed=5), const)
+    assert not torch.equal(ref, const)
+
+
+def test_guidance_list_of_the_wrong_length_is_refused_by_name():
+    from stagevar.guidance import GuidanceError
+    model = load_model("infinity-tiny")
+    n = len(model.scale_schedule)
+    with pytest.raises(GuidanceError, match=f"lists 2 values .* has {n} scales"):
+        Runtime(model).generate(condition=_cond(model), guidance=[1.0, 2.0], seed=0)
+    var = load_model("var-tiny")
+    with pytest.raises(GuidanceError, match="VAR takes one number"):
+        Runtime(var).generate(condition=_cond(var), guidance=[1.0] * len(var.scale_schedule), seed=0)

@@ -135,3 +135,50 @@ def test_config_overrides(arch):
         tt.apply_override(a, "trian.batch=1")
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         tt.apply_override(a, "train.batch")
+
+
+def test_self_sampled_prefix_relabels_only_the_chosen_rows(arch, tmp_path):
+    """teacher_forcing_targets with own_bits: rows outside own_rows keep the plain labels; rows in
+    it accumulate the given bits on the first own_scales scales, so their later labels become the
+    residual after those bits (own bits equal to the labels change nothing)."""
+    from stagevar.toy.model import build_parts
+    _, ad = build_parts(arch)
+    sched = [tuple(s) for s in ad.cfg.scale_schedule]
+    _, img = tt.SceneStream(1, 32).batch(4)
+    with torch.no_grad():
+        feats = ad.vae.encode(img).float()
+    plain, x_plain = tt.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None)
+    offs = [0]
+    for _, h, w in sched:
+        offs.append(offs[-1] + h * w)
+
+    def labels_of(si):
+        return plain[:, offs[si]:offs[si + 1]].reshape(4, 1, *sched[si][1:], -1)
+
+    rows = torch.tensor([True, False, True, False])
+    same, _ = tt.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None, own_rows=rows, own_scales=2,
+                                         own_bits=lambda si, x: labels_of(si))
+    assert torch.equal(same, plain)
+    seen = []
+
+    def inverted(si, prefix):
+        seen.append(prefix.shape[1])
+        return 1 - labels_of(si)
+
+    mixed, x_mixed = tt.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None, own_rows=rows,
+                                                own_scales=1, own_bits=inverted)
+    assert seen == [0]                                     # scale 0 sampled from an empty prefix only
+    assert torch.equal(mixed[~rows], plain[~rows]) and torch.equal(x_mixed[~rows], x_plain[~rows])
+    assert torch.equal(mixed[rows, :offs[1]], plain[rows, :offs[1]])        # scale 0's labels themselves stay
+    assert not torch.equal(mixed[rows, offs[1]:], plain[rows, offs[1]:])    # later labels repair the prefix
+
+
+def test_training_with_self_sampled_prefix_runs_and_is_recorded(arch, tmp_path):
+    torch.set_num_threads(1)
+    arch["train"].update(self_prefix_scales=2, self_prefix_prob=0.5)
+    final = tt.train(arch, tmp_path / "run", max_minutes=0.04, threads=1, quiet=True)
+    rec = json.loads((final / "config.json").read_text())["training"]
+    assert rec["self_prefix"] == {"scales": 2, "prob": 0.5}
+    arch["train"].update(self_prefix_prob=1.5)
+    with pytest.raises(SystemExit, match="self_prefix_prob=1.5"):
+        tt.train(arch, tmp_path / "bad", max_minutes=0.02, threads=1, quiet=True)

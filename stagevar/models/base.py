@@ -171,7 +171,8 @@ class Adapter(nn.Module, abc.ABC):
         condition object ``prepare`` takes. Raises :class:`ConditionError` naming a bad prompt."""
 
     @property
-    def default_guidance(self) -> float:
+    def default_guidance(self) -> float | tuple[float, ...]:
+        """The model's guidance: one number, or one per scale (see :func:`parse_guidance`)."""
         return 1.0
 
     # ----------------------------------------------------------------------------- the steps

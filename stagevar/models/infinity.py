@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stagevar.guidance import guidance_per_scale, parse_guidance
 from stagevar.models.layers import FFN
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.ops.sampling import sample_top_k_top_p
@@ -99,8 +100,9 @@ class InfinityConfig:
     pad_to_multiplier: int = 128
     lvl_embed_rows: int = 15
     vae_stride: int = 16                 # pixels per transformer token
-    # sampling defaults (upstream scripts): cfg on logits, constant over scales
-    cfg: float = 3.0
+    # sampling defaults (upstream scripts): cfg on logits, constant over scales, or one value per
+    # scale (upstream ``cfg_list``)
+    cfg: float | tuple[float, ...] = 3.0
     tau: float = 0.5
     top_k: int = 900
     top_p: float = 0.97
@@ -130,6 +132,8 @@ class InfinityConfig:
         d = dataclasses.asdict(self)
         d["scale_schedule"] = [list(s) for s in self.scale_schedule]
         d["rope_grid"] = list(self.rope_grid)
+        if isinstance(self.cfg, tuple):
+            d["cfg"] = list(self.cfg)
         return d
 
     @classmethod
@@ -141,6 +145,8 @@ class InfinityConfig:
         d = dict(d)
         d["scale_schedule"] = tuple(tuple(int(v) for v in s) for s in d["scale_schedule"])
         d["rope_grid"] = tuple(int(v) for v in d["rope_grid"])
+        if "cfg" in d:
+            d["cfg"] = parse_guidance(d["cfg"])
         return cls(**d)
 
 
@@ -466,7 +472,7 @@ class InfinityState(GenerationState):
     caches: list = None                   # per layer [k, v] self-attention cache
     next_input: torch.Tensor = None       # (B, h*w, d_token) codes-space input of the next scale
     summed_codes: torch.Tensor = None     # (B, d, 1, H, W)
-    cfg: float = 1.0
+    cfg: tuple = ()                       # guidance per scale
     tau: float = 1.0
     top_k: int = 0
     top_p: float = 0.0
@@ -526,7 +532,7 @@ class InfinityAdapter(Adapter):
         return d
 
     @property
-    def default_guidance(self) -> float:
+    def default_guidance(self) -> float | tuple[float, ...]:
         return self.cfg.cfg
 
     @property
@@ -545,11 +551,14 @@ class InfinityAdapter(Adapter):
 
     # ---- generation steps
     @_reduced_precision
-    def prepare(self, condition: TextCondition, *, guidance: float, seed: int,
+    def prepare(self, condition: TextCondition, *, guidance: float | Sequence[float], seed: int,
                 tau: float | None = None, top_k: int | None = None, top_p: float | None = None) -> InfinityState:
+        """``guidance``: one scale, or one per scale (upstream ``cfg_list``); the unconditional
+        branch runs when any scale is guided (its KV cache serves the later scales)."""
         tr = self.transformer
         B = condition.batch_size
-        guided = guidance != 1.0
+        cfg_list = guidance_per_scale(guidance, len(self.cfg.scale_schedule))
+        guided = any(c != 1.0 for c in cfg_list)
         kv, lens = condition.kv_compact, list(condition.lens)
         if guided:
             kv = torch.cat((kv, tr.unconditional_text(lens).to(kv.dtype)), dim=0)
@@ -564,7 +573,7 @@ class InfinityAdapter(Adapter):
             text_kv=[blk.ca.text_kv(text) for blk in tr.layers],
             caches=[[] for _ in tr.layers],
             next_input=None, summed_codes=None,
-            cfg=float(guidance), tau=self.cfg.tau if tau is None else float(tau),
+            cfg=cfg_list, tau=self.cfg.tau if tau is None else float(tau),
             top_k=self.cfg.top_k if top_k is None else int(top_k),
             top_p=self.cfg.top_p if top_p is None else float(top_p),
         )
@@ -602,7 +611,7 @@ class InfinityAdapter(Adapter):
     def guide(self, state: InfinityState, k: int, logits_BLV: torch.Tensor) -> torch.Tensor:
         logits_BLV = logits_BLV.mul(1 / state.tau)
         if state.guided:
-            B, cfg = state.batch_size, state.cfg
+            B, cfg = state.batch_size, state.cfg[k]
             return cfg * logits_BLV[:B] + (1 - cfg) * logits_BLV[B:]
         return logits_BLV
 
@@ -659,7 +668,7 @@ class InfinityAdapter(Adapter):
     @_reduced_precision
     def reference_generate(self, condition: TextCondition, *, guidance: float, seed: int, trace: dict | None = None,
                            force_bits: list | None = None, **sampling) -> torch.Tensor:
-        """Upstream ``autoregressive_infer_cfg`` (cfg on logits, constant cfg and tau) as one loop.
+        """Upstream ``autoregressive_infer_cfg`` (cfg on logits, per-scale cfg, constant tau) as one loop.
 
         ``trace`` (optional dict) receives ``guided_logits`` (B, L, V), ``bits`` (per scale),
         ``summed_codes``; ``force_bits`` replaces the sampled bits of each scale (teacher-forced
@@ -678,7 +687,7 @@ class InfinityAdapter(Adapter):
                 x = blk(x, st.gss, st.text, st.text_kv[i], rope, st.caches[i])
             logits = tr.logits(x, st.cond_BD).float().mul(1 / st.tau)
             if st.guided:
-                logits = st.cfg * logits[:B] + (1 - st.cfg) * logits[B:]
+                logits = st.cfg[si] * logits[:B] + (1 - st.cfg[si]) * logits[B:]
             guided_all.append(logits)
             bits = self.sample(st, si, logits) if force_bits is None else force_bits[si]
             if trace is not None:

@@ -37,6 +37,7 @@ from torch import nn
 
 from stagevar.models.layers import FFN
 from stagevar.models import imagenet
+from stagevar.guidance import GuidanceError, parse_guidance
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.models.registry import WeightsError, register_model
 from stagevar.models.vqvae import VQVAE
@@ -521,6 +522,10 @@ class VARAdapter(Adapter):
         """Class embeddings for the cond rows and the unconditional rows (always both, as upstream),
         the per-block AdaLN modulations, empty KV caches and a zero latent; seeds the RNG."""
         tr = self.transformer
+        cfg = parse_guidance(guidance)
+        if not isinstance(cfg, float):
+            raise GuidanceError(f"guidance {','.join(f'{v:g}' for v in cfg)}: VAR takes one number; it ramps the "
+                                "guidance over the scales itself (upstream's t = cfg * k / (N - 1))")
         labels = self._labels(condition)
         B = labels.shape[0]
         cond_BD = tr.class_emb(torch.cat((labels, torch.full_like(labels, tr.num_classes))))
@@ -529,7 +534,7 @@ class VARAdapter(Adapter):
         gen.manual_seed(int(seed))
         H = W = self.cfg.patch_nums[-1]
         return VARState(
-            batch_size=B, guided=True, generator=gen, labels=labels, cfg=float(guidance),
+            batch_size=B, guided=True, generator=gen, labels=labels, cfg=cfg,
             top_k=self.cfg.top_k if top_k is None else int(top_k),
             top_p=self.cfg.top_p if top_p is None else float(top_p),
             cond_BD=cond_BD, block_mods=[blk.modulation(cond) for blk in tr.blocks],

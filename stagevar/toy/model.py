@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from stagevar.errors import StageVarError
+from stagevar.guidance import parse_guidance
 from stagevar.models.base import ConditionError
 from stagevar.models.infinity import InfinityAdapter, InfinityConfig, TextCondition, set_compute_dtype_
 
@@ -117,7 +118,7 @@ def infinity_config(arch: dict[str, Any]) -> InfinityConfig:
         text_channels=int(arch["text"]["width"]), codebook_dim=int(arch["vae"]["codebook_dim"]),
         scale_schedule=sched, rope_grid=(sched[-1][1], sched[-1][2]), mlp_ratio=float(t.get("mlp_ratio", 4.0)),
         text_maxlen=int(arch["text"].get("max_tokens", 12)) + 1, vae_stride=int(arch["vae"]["patch_size"]),
-        cfg=float(sampling.get("cfg", 3.0)), tau=float(sampling.get("tau", 1.0)),
+        cfg=parse_guidance(sampling.get("cfg", 3.0)), tau=float(sampling.get("tau", 1.0)),
         top_k=int(sampling.get("top_k", 0)), top_p=float(sampling.get("top_p", 0.0)),
     )
 

@@ -26,7 +26,11 @@ quantisation, the inputs are the accumulated codes resized to the next scale, an
 predicts all scales at once under the block-causal mask; loss = cross-entropy per bit (logit pairs).
 With bitwise self-correction (upstream ``BitwiseSelfCorrection``): a random fraction of each
 scale's bits is flipped before accumulating, and later scales' labels are re-quantised from the
-corrupted sum, so the model learns to correct its own sampling errors. Prompts are replaced by the
+corrupted sum, so the model learns to correct its own sampling errors. With a self-sampled prefix
+(``self_prefix_scales`` > 0, off by default), a fraction ``self_prefix_prob`` of the rows takes the
+EMA model's own sampled bits on the first scales instead (sampled scale by scale from its
+teacher-forced prediction), so later scales learn to repair the coarse layouts the model really
+draws, whose tokens are sampled independently of each other. Prompts are replaced by the
 learned null text with probability ``cond_drop`` (classifier-free guidance). Half of the steps
 (``short_prob``) train only the first ``short_scales`` scales (cheap, and those scales decide
 layout, colour and count). An EMA of the transformer is kept and exported.
@@ -52,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stagevar.guidance import GUIDANCE_HELP, guidance_argument
 from stagevar.models.bsq_vae import accumulate_step, bits_to_codes
 from stagevar.toy.model import MiniTextEncoder, build_parts, init_transformer_
 
@@ -132,12 +137,18 @@ def _render_item(job: tuple[dict[str, Any], int]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ teacher forcing
 def teacher_forcing_targets(vae, feats_BdHW: torch.Tensor, vae_sched, n_scales: int, flip_p: float,
-                            gen: torch.Generator | None):
+                            gen: torch.Generator | None, own_bits=None, own_rows: torch.Tensor | None = None,
+                            own_scales: int = 0):
     """Bit labels per scale and the teacher-forcing input (B, L-1, d), with bitwise self-correction.
 
     Upstream ``BitwiseSelfCorrection.flip_requant``: residual = features - sum of the (possibly
     corrupted) codes so far, area-downsampled to the scale, quantised -> labels; a fraction
-    ``flip_p`` of the labels is flipped before the codes are accumulated (not on the last scale)."""
+    ``flip_p`` of the labels is flipped before the codes are accumulated (not on the last scale).
+
+    Self-sampled prefix (``own_bits``): on the first ``own_scales`` scales, the rows in
+    ``own_rows`` accumulate the model's own sampled bits instead of (flipped) labels, so the
+    later labels teach it to repair the coarse layouts it actually draws. ``own_bits(si, x)``
+    gets the teacher-forcing input so far (B, l, d) and returns bits shaped like the labels'."""
     feats = feats_BdHW.float().unsqueeze(2)
     full = tuple(vae_sched[-1])
     summed = None
@@ -153,6 +164,11 @@ def teacher_forcing_targets(vae, feats_BdHW: torch.Tensor, vae_sched, n_scales: 
         if flip_p > 0:
             m = _to_device(torch.rand(bits.shape, generator=gen, device="cpu"), bits.device) < flip_p
             bits = torch.where(m, 1 - bits, bits)
+        if own_bits is not None and si < own_scales:
+            prefix = torch.cat(inputs, 1) if inputs else feats.new_zeros(feats.shape[0], 0, feats.shape[1])
+            mine = own_bits(si, prefix).to(bits.dtype).reshape(bits.shape)
+            rows = own_rows.view(-1, *([1] * (bits.ndim - 1)))
+            bits = torch.where(rows, mine, bits)
         summed, nxt = accumulate_step(summed, bits_to_codes(bits), si, vae_sched)
         inputs.append(nxt)
     return torch.cat(labels, 1), torch.cat(inputs, 1)
@@ -175,6 +191,19 @@ def teacher_forced_logits(tr, kv_compact, lens, x_BLC_wo_prefix, n_scales: int):
     for blk, kv in zip(tr.layers, text_kv):
         x = blk(x, gss, text, kv, rope, None, mask)
     return tr.logits(x, cond_BD), level
+
+
+def own_bit_sampler(tr, kv_compact, lens, gen: torch.Generator | None, amp: dict):
+    """``own_bits`` for :func:`teacher_forcing_targets`: bits of scale ``si`` sampled (tau 1, no
+    guidance) from ``tr``'s teacher-forced prediction given the input so far."""
+    def sample(si: int, prefix: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(**amp):
+            logits, level = teacher_forced_logits(tr, kv_compact, lens, prefix, si + 1)
+        pairs = logits[:, level == si].float().reshape(logits.shape[0], -1, 2)
+        p1 = torch.softmax(pairs, -1)[..., 1]
+        u = _to_device(torch.rand(p1.shape, generator=gen, device="cpu"), p1.device)
+        return (u < p1).long()
+    return sample
 
 
 def bit_ce(logits_BLV: torch.Tensor, labels_BLd: torch.Tensor) -> torch.Tensor:
@@ -241,6 +270,11 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     if max_minutes is not None:
         tc["max_minutes"] = float(max_minutes)
     budget_s = float(tc["max_minutes"]) * 60
+    own_scales, own_prob = int(tc.get("self_prefix_scales", 0)), float(tc.get("self_prefix_prob", 0.0))
+    if own_scales < 0 or not 0.0 <= own_prob <= 1.0:
+        raise SystemExit(f"error: train.self_prefix_scales={own_scales} must be >= 0 and train.self_prefix_prob="
+                         f"{own_prob} in [0, 1]")
+    own_scales = own_scales if own_prob > 0 else 0
     vae_budget_s = min(float(tc["vae_minutes"]) * 60, 0.25 * budget_s) if max_minutes is not None and \
         max_minutes < float(arch["train"]["max_minutes"]) else float(tc["vae_minutes"]) * 60
     init_meta = _check_init(arch, init) if init is not None else None
@@ -386,7 +420,6 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
             with torch.autocast(**amp):
                 feats = vae.encode(img)
             flip_p = float(torch.rand((), generator=gen)) * float(tc["flip_max"])
-            labels, x_in = teacher_forcing_targets(vae, feats.float(), vae_sched, n_sc, flip_p, gen)
         ids, nw = MiniTextEncoder.tokenize(prompts)
         cond = text.encode_ids(ids, nw)
         kv, lens = cond.kv_compact, cond.lens
@@ -397,6 +430,12 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
                 parts.append(tr.cfg_uncond[:n] if drop[r] else kv[start:start + n])
                 start += n
             kv = torch.cat(parts, 0)
+        with torch.no_grad():
+            own = {}
+            if own_scales > 0:
+                own = dict(own_bits=own_bit_sampler(ema_tr, kv.detach(), lens, gen, amp), own_scales=own_scales,
+                           own_rows=_to_device(torch.rand(B, generator=gen) < own_prob, dev))
+            labels, x_in = teacher_forcing_targets(vae, feats.float(), vae_sched, n_sc, flip_p, gen, **own)
         with torch.autocast(**amp):
             logits, level = teacher_forced_logits(tr, kv, lens, x_in, n_sc)
         ce = bit_ce(logits, labels)                                        # (B, L)
@@ -433,6 +472,8 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
             "seed": seed, "batch": int(tc["batch"]), "short_batch": int(tc["short_batch"]), "lr": float(tc["lr"])}
     if stream.weights:
         meta["category_weights"] = stream.weights
+    if own_scales:
+        meta["self_prefix"] = {"scales": own_scales, "prob": own_prob}
     if init_meta is not None:
         meta["init"] = init_meta
     export(out / "final", arch, adapter, ema_tr.state_dict(), {**meta, "transformer_weights": "ema"})
@@ -545,7 +586,7 @@ def generate_images(adapter, prompts: list[str], seed: int, batch: int = 32, **s
         chunk = prompts[i:i + batch]
         with torch.no_grad():
             cond = adapter.encode_prompts(chunk)
-            img = adapter.reference_generate(cond, guidance=float(guidance), seed=seed * 1000 + i, **sampling)
+            img = adapter.reference_generate(cond, guidance=guidance, seed=seed * 1000 + i, **sampling)
         out += list(img.permute(0, 2, 3, 1).float().cpu().numpy())
     return out
 
@@ -571,10 +612,14 @@ def evaluate_weights(adapter, split: str = "heldout", n: int = 60, seeds=(0, 1, 
     return res
 
 
-DEFAULT_GRID = [
-    {"cfg": c, "tau": t, "top_k": k, "top_p": 0.0}
-    for c in (1.5, 3.0, 5.0) for t in (0.5, 1.0) for k in (0,)
-] + [{"cfg": 3.0, "tau": 1.0, "top_k": 1, "top_p": 0.0}, {"cfg": 3.0, "tau": 1.0, "top_k": 0, "top_p": 0.9}]
+def default_grid(n_scales: int) -> list[dict[str, Any]]:
+    """The ``--sweep`` settings: constant guidance x tau, greedy bits, top-p, and per-scale guidance
+    that leaves the first 2 or 3 scales unguided (1) and guides the rest with 3 or 5."""
+    grid = [{"cfg": c, "tau": t, "top_k": 0, "top_p": 0.0} for c in (1.5, 3.0, 5.0) for t in (0.5, 1.0)]
+    grid += [{"cfg": 3.0, "tau": 1.0, "top_k": 1, "top_p": 0.0}, {"cfg": 3.0, "tau": 1.0, "top_k": 0, "top_p": 0.9}]
+    grid += [{"cfg": (1.0,) * k + (c,) * (n_scales - k), "tau": 1.0, "top_k": 0, "top_p": 0.0}
+             for k in (2, 3) for c in (3.0, 5.0)]
+    return grid
 
 
 def apply_override(arch: dict[str, Any], item: str) -> None:
@@ -635,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--split", default="heldout", help="prompt split (train, calibration, heldout)")
     g.add_argument("--n", type=int, default=60, help="prompts (categories round-robin)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="sampling seeds per prompt")
-    g.add_argument("--cfg", type=float, default=None)
+    g.add_argument("--cfg", type=guidance_argument, default=None, help=GUIDANCE_HELP)
     g.add_argument("--tau", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
@@ -662,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
             over = {k: v for k, v in (("cfg", a.cfg), ("tau", a.tau), ("top_k", a.top_k), ("top_p", a.top_p)) if v is not None}
             grid = [over]
         else:
-            grid = DEFAULT_GRID
+            grid = default_grid(len(adapter.scale_schedule))
         for sampling in grid:
             res = evaluate_weights(adapter, a.split, a.n, tuple(a.seeds), **sampling)
             res["weights"] = str(a.evaluate or a.sweep)
