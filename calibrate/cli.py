@@ -256,7 +256,7 @@ def cmd_calibrate(args) -> int:
                        if t.values is not None]
     policy = Policy(model=binding_for(model), operating_points=points, default=budgets[0].name, provenance=base_provenance(
         model=model.name, device=rec.inputs["device"], device_type=rec.inputs["device_type"], dtype=rec.inputs["dtype"],
-        batch_size=args.batch_size, weights_sha256=weights_hash(model), calibrated=True,
+        batch_size=args.batch_size, guidance=rec.inputs["guidance"], weights_sha256=weights_hash(model), calibrated=True,
         calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
         verification_prompts=len(heldout), seeds=seeds, optuna_storage=_redact(args.storage) or "journal file in --out",
         optuna_sampler_seed=args.seed, trials_per_budget=args.trials))
