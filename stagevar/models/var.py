@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stagevar.guidance import GuidanceError, format_guidance, parse_guidance
 from stagevar.models.layers import FFN
 from stagevar.models import imagenet
-from stagevar.guidance import GuidanceError, parse_guidance
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.models.registry import WeightsError, register_model
 from stagevar.models.vqvae import VQVAE
@@ -524,7 +524,7 @@ class VARAdapter(Adapter):
         tr = self.transformer
         cfg = parse_guidance(guidance)
         if not isinstance(cfg, float):
-            raise GuidanceError(f"guidance {','.join(f'{v:g}' for v in cfg)}: VAR takes one number; it ramps the "
+            raise GuidanceError(f"guidance {format_guidance(cfg)}: VAR takes one number; it ramps the "
                                 "guidance over the scales itself (upstream's t = cfg * k / (N - 1))")
         labels = self._labels(condition)
         B = labels.shape[0]
