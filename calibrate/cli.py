@@ -31,6 +31,7 @@ examples:
   stagevar-calibrate --budget 700ms --trials 80
   stagevar-calibrate --model infinity-2b --weights ~/weights --budget 3x --device cuda --dtype bfloat16
   stagevar-calibrate --budget 3x --storage sqlite:///study.db           # any Optuna storage URL
+  stagevar-calibrate --budget 2x,3x,4x --warm-start policies/infinity-mini.128.2x-3x-4x.yaml   # recalibrate
   stagevar-calibrate measure --model infinity-mini --out runs/cal       # calibration pass only
 A budget is a speedup over the full model (3x) or a latency per batch of --batch-size images
 (700ms, 1.5s); several budgets (2x,3x,4x) give one policy file with one operating point each,
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "so that a policy predicted just inside it still meets it when measured (default 0.05)")
     p.add_argument("--frontier", action="store_true", help="also report the quality / latency Pareto front of all trials")
     p.add_argument("--policy-out", type=Path, help="policy file (default policies/<model>.<resolution>.<budgets>.yaml)")
+    p.add_argument("--warm-start", type=Path, metavar="POLICY",
+                   help="also try the operating points of this earlier policy first (e.g. the shipped one, when "
+                        "recalibrating after new weights or another guidance); points outside the search space are left out")
     p.add_argument("--json", action="store_true", help="print one machine-readable summary on stdout")
     return p
 
@@ -160,7 +164,7 @@ def cmd_calibrate(args) -> int:
                                   verification_candidates)
     from calibrate.verify import verify_candidates
     from calibrate.worker import STUDY_ATTR, open_storage
-    from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for
+    from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for, load_policy
 
     budgets = parse_budgets(args.budget)
     if args.trials < 1:
@@ -172,7 +176,10 @@ def cmd_calibrate(args) -> int:
     if not 0.0 <= args.latency_margin < 0.5:
         raise StageVarError(f"--latency-margin must be in [0, 0.5), got {args.latency_margin} (0.03 aims 3% under the budget).")
     storage = open_storage(args.storage) if args.storage else None      # a bad URL fails before any work
+    warm = load_policy(args.warm_start) if args.warm_start else None      # a bad file too
     model, prompts, seeds = _setup(args)
+    if warm is not None:
+        warm.check_compatible(model)
     heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "heldout", args.num_heldout)
     model.encode_prompts(heldout)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -211,7 +218,10 @@ def cmd_calibrate(args) -> int:
                                              "budget_s": budget_s, "model": model.name, "trials": args.trials})
         if not args.storage:
             _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
-        enqueue_seeds(study, rec)
+        left_out = enqueue_seeds(study, rec, dict(warm.operating_points) if warm is not None else None)
+        if left_out:
+            log.warning("--warm-start: operating point(s) %s of %s lie outside this search space and were left out",
+                        ", ".join(left_out), args.warm_start)
         # failed trials do not count: an interrupted one was queued again and its retry takes its place
         done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                     and not is_local(t)])

@@ -14,6 +14,10 @@
   a FastVAR-like policy (deviation-selected tokens in the middle layers at the two scales before
   the last two, 60% / 50% kept, the last two skipped: :func:`stagevar.baselines.fastvar_policy`
   within this search space).
+* ``--warm-start POLICY`` also enqueues the operating points of an earlier policy
+  (:func:`params_for_point`), so recalibrating after a change (new weights, another default
+  guidance) starts from the plans that worked before; the sampler and the local search go on
+  from there.
 * After the sampler, :func:`local_search` hill-climbs from the best trial through one-move
   neighbours (:func:`neighbours`) predicted within the target (the budget less a margin).
 * Storage is resumable: a journal file in the output directory by default, or any Optuna storage
@@ -410,13 +414,61 @@ def open_study(name: str, storage, direction_multi: bool, seed: int) -> optuna.S
     return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler, direction="maximize")
 
 
-def enqueue_seeds(study: optuna.Study, record: CalibrationRecord) -> None:
-    """Enqueue the baselines once (a resumed or joined study already has them)."""
+def params_for_point(record: CalibrationRecord, point: OperatingPoint) -> dict[str, Any] | None:
+    """The search parameters that describe ``point`` (e.g. an operating point of an earlier
+    policy), or None when it lies outside this record's search space (it accelerates a scale
+    before the search range, uses a keep ratio the space lacks, or mixes restore modes / layer
+    ranges across scales). The inverse of :func:`point_from_params` on the plans."""
+    lo, n = search_bounds(record)
+    depth = record.inputs["num_layers"]
+    plans = list(point.plans)
+    if len(plans) != n:
+        return None
+    changed = [p.scale for p in plans if not p.is_identity]
+    if any(k < lo for k in changed):
+        return None
+    subsets = [p for p in plans if p.is_subset and not p.skip]
+    params: dict[str, Any] = {
+        "first_accelerated": min(changed, default=n),
+        "cond_only_from": min((p.scale for p in plans if p.guidance == "cond_only" and not p.skip), default=n),
+        "skip_from": min((p.scale for p in plans if p.skip), default=n),
+        "restore": subsets[0].restore if subsets else "cached_update",
+        "layer_start": subsets[0].layers[0] if subsets and subsets[0].layers else 0,
+    }
+    if params["restore"] not in RESTORES or params["layer_start"] > max(0, depth // 4):
+        return None
+    for k in range(lo, n):
+        pl = plans[k]
+        use = pl.is_subset and not pl.skip
+        params[f"keep_{k}"] = pl.keep if use else 1.0
+        params[f"selection_{k}"] = pl.selection if use else "random_projection"
+        if params[f"keep_{k}"] not in KEEPS or params[f"selection_{k}"] not in SELECTIONS:
+            return None
+    try:
+        replay = point_from_params(record, params)
+    except (ValueError, KeyError):
+        return None
+    return params if replay.plans == tuple(plans) else None
+
+
+def enqueue_seeds(study: optuna.Study, record: CalibrationRecord,
+                  warm_start: dict[str, OperatingPoint] | None = None) -> list[str]:
+    """Enqueue the baselines once (a resumed or joined study already has them), and the operating
+    points of ``warm_start`` (e.g. the policy being recalibrated) that fit the search space.
+    Returns the names of the warm-start points that did not fit (they are left out)."""
     if study.user_attrs.get("seeded"):
-        return
+        return []
     for name, params in seed_params(record).items():
         study.enqueue_trial(params, user_attrs={"seed_policy": name}, skip_if_exists=True)
+    left_out = []
+    for name, point in (warm_start or {}).items():
+        params = params_for_point(record, point)
+        if params is None:
+            left_out.append(name)
+            continue
+        study.enqueue_trial(params, user_attrs={"seed_policy": f"warm-start:{name}"}, skip_if_exists=True)
     study.set_user_attr("seeded", True)
+    return left_out
 
 
 def point_from_params(record: CalibrationRecord, params: dict[str, Any]) -> OperatingPoint:

@@ -88,7 +88,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -775,7 +775,7 @@ def _variant_items(subject, ref, scale, variant, scorer, ref_sem) -> dict[str, A
 
 
 def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: int, num_shards: int, *, out: str | Path,
-                  batch_size: int = 8, guidance: float | None = None, settings=None, progress: bool = True) -> Path:
+                  batch_size: int = 8, guidance: float | Sequence[float] | None = None, settings=None, progress: bool = True) -> Path:
     """Measure one shard of the calibration pass (resumable); returns its directory, holding a
     self-contained ``shard.json`` to give to :func:`merge_records`.
 
@@ -790,10 +790,12 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     from calibrate.measure.latency import device_info
     from calibrate.metrics import scorer_for
     from calibrate.record import UnitStore, content_key
+    from stagevar.guidance import parse_guidance
     from stagevar.policy import atomic_write_text
 
     settings = settings or MeasureSettings()
-    guidance = adapter.default_guidance if guidance is None else float(guidance)
+    guidance = parse_guidance(adapter.default_guidance if guidance is None else guidance)
+    guidance = guidance if isinstance(guidance, float) else list(guidance)      # as measure() records it
     inputs = record_inputs(adapter, prompts, seeds, batch_size, guidance, settings)
     key = content_key(inputs)
     start, stop = shard_range(len(prompts), batch_size, shard_index, num_shards)

@@ -56,3 +56,18 @@ def format_guidance(value: Any) -> str:
     """Guidance for messages and tables: ``5`` or ``1,1,1,5,...``."""
     g = parse_guidance(value)
     return f"{g:g}" if isinstance(g, float) else ",".join(f"{v:g}" for v in g)
+
+
+def same_guidance(a: Any, b: Any, n_scales: int, tol: float = 1e-6) -> bool:
+    """Whether two guidance settings give every one of ``n_scales`` scales the same value
+    (``5`` and ``5,5,...,5`` are the same setting)."""
+    return all(abs(x - y) <= tol for x, y in zip(guidance_per_scale(a, n_scales), guidance_per_scale(b, n_scales)))
+
+
+def guidance_ramp(peak: float, n_scales: int) -> tuple[float, ...]:
+    """Upstream VAR's guidance schedule in Infinity's convention: a linear ramp from 1 (no
+    guidance) on the first scale to ``peak`` on the last (VAR's ``t = cfg * k / (N - 1)`` with
+    ``logits = (1 + t) * cond - t * uncond``, i.e. ``peak = 1 + cfg``)."""
+    if n_scales < 2:
+        return (float(peak),) * n_scales
+    return tuple(round(1.0 + (peak - 1.0) * k / (n_scales - 1), 3) for k in range(n_scales))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from stagevar.guidance import format_guidance, same_guidance
 from stagevar.ops.tokens import restore_tokens, select_tokens, upsample_hidden
 from stagevar.policy import OperatingPoint, Policy, ScalePlan
 
@@ -88,11 +89,15 @@ class Runtime:
                  *, synchronize: bool = False, observe_layers: Sequence[int] = ()):
         self.adapter = adapter
         n = len(adapter.scale_schedule)
+        # the guidance a calibrated policy was measured with (its provenance), if it says
+        self.calibrated_guidance = None
+        self._guidance_warned: set[str] = set()
         if policy is None:
             self.plans = identity_plans(n)
         elif isinstance(policy, Policy):
             policy.check_compatible(adapter)
             self.plans = list(policy.operating_point(operating_point).plans)
+            self.calibrated_guidance = policy.provenance.get("guidance")
         else:
             if len(policy.plans) != n:
                 raise ValueError(f"operating point has {len(policy.plans)} plans, model has {n} scales")
@@ -123,6 +128,7 @@ class Runtime:
         if condition is None:
             condition = ad.encode_prompts(list(prompts))
         guidance = ad.default_guidance if guidance is None else guidance
+        self._check_guidance(guidance)
         t0 = time.perf_counter()
         state = ad.prepare(condition, guidance=guidance, seed=seed, **sampling)
         records: list[ScaleRecord] = []
@@ -133,6 +139,25 @@ class Runtime:
             ad.finish(state)
         self._sync()
         return GenerationResult(images, records, time.perf_counter() - t0)
+
+    def _check_guidance(self, guidance: Any) -> None:
+        """Log a warning (once per setting) when the policy was calibrated with other guidance:
+        its measured speedup and quality hold for the guidance it was calibrated with."""
+        cal = self.calibrated_guidance
+        n = len(self.adapter.scale_schedule)
+        if cal is None or self.plans == identity_plans(n):
+            return
+        try:
+            if same_guidance(cal, guidance, n):
+                return
+        except ValueError:              # a malformed provenance entry, or a bad guidance the adapter will name
+            return
+        key = format_guidance(guidance)
+        if key not in self._guidance_warned:
+            self._guidance_warned.add(key)
+            log.warning("the policy was calibrated with guidance %s, but this run uses %s: its measured speedup and "
+                        "quality hold for guidance %s (calibrate again with --guidance %s for this setting)",
+                        format_guidance(cal), key, format_guidance(cal), key)
 
     def _segments(self, layers: range) -> list[range]:
         """Split a layer range at the recorded boundaries."""

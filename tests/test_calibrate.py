@@ -32,7 +32,7 @@ from calibrate.record import RECORD_VERSION, CalibrationRecord, RecordError, Uni
 from calibrate.search import (BudgetError, Objective, enqueue_seeds, feasible_ranked, neighbours, open_study, parse_budget,
                               parse_budgets, point_from_params, search_bounds, seed_params, suggest_policy)
 from stagevar.models.registry import load_model
-from stagevar.policy import ScalePlan, load_policy
+from stagevar.policy import OperatingPoint, ScalePlan, load_policy
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -487,6 +487,44 @@ def test_seed_policies_expected_plans():
     assert fv.stages["refinement"] == (3, 6)
 
 
+def test_warm_start_points_round_trip_through_the_search_space():
+    """An earlier policy's operating points become search parameters that replay to the same
+    plans; points outside the space are refused (None), and enqueue_seeds reports them."""
+    from calibrate.search import params_for_point
+    rec = _hand_record(n=7, depth=8, refinement_start=4)            # search range 3..6, layer_start <= 2
+    seeds = seed_params(rec)
+    rng = np.random.default_rng(0)
+    cases = list(seeds.values()) + [dict(seeds["paper-like"], first_accelerated=3, cond_only_from=5, skip_from=6,
+                                         keep_3=0.2, selection_3="deviation", keep_4=1.0, restore="cached_output",
+                                         layer_start=2)]
+    for _ in range(20):                                              # random points of the space
+        c = dict(seeds["identity"], first_accelerated=int(rng.integers(3, 8)), cond_only_from=int(rng.integers(3, 8)),
+                 skip_from=int(rng.integers(3, 8)), layer_start=int(rng.integers(0, 3)))
+        for k in range(3, 7):
+            c[f"keep_{k}"] = float(rng.choice([1.0, 0.5, 0.2, 0.1]))
+            c[f"selection_{k}"] = str(rng.choice(["random_projection", "deviation", "uniform"]))
+        cases.append(c)
+    for c in cases:
+        point = point_from_params(rec, c)
+        back = params_for_point(rec, point)
+        assert back is not None and point_from_params(rec, back).plans == point.plans, c
+    ident = point_from_params(rec, seeds["identity"])
+    early = OperatingPoint(ident.stages, (ScalePlan(0), ScalePlan(1, keep=0.5)) + ident.plans[2:])   # before the range
+    odd_keep = OperatingPoint(ident.stages, ident.plans[:5] + (ScalePlan(5, keep=0.33), ScalePlan(6)))
+    short = OperatingPoint(ident.stages, ident.plans[:6])
+    assert params_for_point(rec, early) is None and params_for_point(rec, odd_keep) is None
+    assert params_for_point(rec, short) is None
+
+    study = open_study("warm", optuna.storages.InMemoryStorage(), direction_multi=False, seed=0)
+    left_out = enqueue_seeds(study, rec, {"3x": point_from_params(rec, cases[-1]), "odd": odd_keep})
+    assert left_out == ["odd"]
+    queued = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [t.user_attrs["seed_policy"] for t in queued] == ["identity", "paper-like", "fastvar-like", "warm-start:3x"]
+    asked = [suggest_policy(study.ask(), rec) for _ in queued]          # the sampler hands out the queue in order
+    assert asked[-1].plans == point_from_params(rec, cases[-1]).plans
+    assert enqueue_seeds(study, rec, {"3x": point_from_params(rec, cases[-1])}) == []        # seeded once
+
+
 def test_search_reaches_the_span_of_the_published_policies():
     """Stages measured late (refinement = the last scale only) still leave the last four scales to
     the search, so the FastVAR-like seed is the published FastVAR plan, not a truncated one."""
@@ -919,11 +957,41 @@ def test_cli_local_search_after_the_sampler_and_resume(measured, tmp_path, small
     def no_trial(self, trial):
         raise AssertionError("a trial ran on re-run")
 
+    measure_trial = Objective.__call__
     monkeypatch.setattr(Objective, "__call__", no_trial)      # the climb ended: its neighbours are all measured
     calibrate_main(argv)
     again = load()
     assert len([t for t in again.trials if "local_from" not in t.user_attrs]) == 4
     assert len([t for t in again.trials if "local_from" in t.user_attrs]) <= 3
+    monkeypatch.setattr(Objective, "__call__", measure_trial)
+
+    # --warm-start: a fresh study (another --out) also tries the written policy's operating point
+    work2 = tmp_path / "cal2"
+    work2.mkdir()
+    shutil.copytree(record_dir(out_dir, rec.key), record_dir(work2, rec.key))
+    warm_argv = [a if a != str(work) else str(work2) for a in argv]
+    warm_argv[warm_argv.index("--policy-out") + 1] = str(work2 / "p.yaml")
+    warm_argv[warm_argv.index("--local-trials") + 1] = "0"
+    rc = calibrate_main(warm_argv + ["--warm-start", str(work / "p.yaml")])
+    captured = capsys.readouterr()
+    assert rc in (0, 3), captured.err
+    warm = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work2 / "study.journal"))))
+    seeded = [t for t in warm.trials if t.user_attrs.get("seed_policy") == "warm-start:1.05x"]
+    assert len(seeded) == 1 and seeded[0].state == optuna.trial.TrialState.COMPLETE
+    written = load_policy(work / "p.yaml").operating_point("1.05x")
+    assert point_from_params(rec, seeded[0].params).plans == written.plans
+
+
+def test_cli_warm_start_file_errors_are_one_paragraph(tmp_path, capsys, monkeypatch):
+    from calibrate.cli import main as calibrate_main
+    monkeypatch.setattr("stagevar.models.registry.load_model",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded before the file check")))
+    rc = calibrate_main(["--budget", "3x", "--model", "infinity-tiny", "--out", str(tmp_path / "out"), "--quiet",
+                         "--warm-start", str(tmp_path / "missing.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "missing.yaml" in err
+    assert "\n\n" not in err.strip() and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------- 11. CLI help/usage

@@ -3,7 +3,8 @@ import argparse
 
 import pytest
 
-from stagevar.guidance import GuidanceError, format_guidance, guidance_argument, guidance_per_scale, parse_guidance
+from stagevar.guidance import (GuidanceError, format_guidance, guidance_argument, guidance_per_scale, guidance_ramp,
+                               parse_guidance, same_guidance)
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -32,3 +33,20 @@ def test_format_and_argparse_type():
     assert guidance_argument("1,3") == (1.0, 3.0)
     with pytest.raises(argparse.ArgumentTypeError, match="comma-separated"):
         guidance_argument("x")
+
+
+def test_same_guidance_compares_per_scale_values():
+    assert same_guidance(5, [5.0] * 4, 4) and same_guidance("1,1,3,3", (1, 1, 3, 3), 4)
+    assert not same_guidance(5, "1,5,5,5", 4) and not same_guidance(3, 5, 4)
+    with pytest.raises(GuidanceError, match="has 4 scales"):
+        same_guidance("1,5", 5, 4)
+
+
+def test_guidance_ramp_is_upstream_vars_linear_schedule():
+    """VAR guides scale k of N with t = cfg * k / (N - 1), logits (1 + t) cond - t uncond: in
+    Infinity's convention 1 + t, from 1 on the first scale to the peak on the last."""
+    r = guidance_ramp(5.0, 10)
+    assert r[0] == 1.0 and r[-1] == 5.0 and len(r) == 10
+    assert all(abs(r[k] - (1 + 4.0 * k / 9)) < 1e-3 for k in range(10))
+    assert format_guidance(guidance_ramp(3.0, 10)) == "1,1.222,1.444,1.667,1.889,2.111,2.333,2.556,2.778,3"
+    assert guidance_ramp(3.0, 1) == (3.0,)

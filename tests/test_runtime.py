@@ -181,3 +181,34 @@ def test_guidance_list_of_the_wrong_length_is_refused_by_name():
     var = load_model("var-tiny")
     with pytest.raises(GuidanceError, match="VAR takes one number"):
         Runtime(var).generate(condition=_cond(var), guidance=[1.0] * len(var.scale_schedule), seed=0)
+
+
+def test_policy_calibrated_with_other_guidance_warns_once_per_setting(caplog):
+    """A policy's measured speedup and quality hold for the guidance in its provenance: running
+    it with another setting logs one warning naming both; the same setting (as a number or a
+    constant list) stays silent."""
+    from stagevar.policy import Policy, binding_for, base_provenance
+    model = load_model("infinity-tiny")
+    n = len(model.scale_schedule)
+    point = _point(model, [ScalePlan(n - 1, guidance="cond_only", keep=0.5)])
+    policy = Policy(model=binding_for(model), operating_points={"2x": point}, default="2x",
+                    provenance=base_provenance(guidance=3.0))
+    rt = Runtime(model, policy)
+    cond = _cond(model)
+    with caplog.at_level("WARNING", logger="stagevar.runtime"):
+        rt.generate(condition=cond, guidance=3.0, seed=0)
+        rt.generate(condition=cond, guidance=[3.0] * n, seed=0)
+        assert not caplog.records
+        other = [1.0] * 2 + [3.0] * (n - 2)
+        rt.generate(condition=cond, guidance=other, seed=0)
+        rt.generate(condition=cond, guidance=other, seed=1)
+    assert len(caplog.records) == 1
+    msg = caplog.records[0].getMessage()
+    assert "calibrated with guidance 3" in msg and "1,1," + ",".join(["3"] * (n - 2)) in msg
+    # a policy without recorded guidance (made before it was recorded) and the identity stay silent
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stagevar.runtime"):
+        Runtime(model, Policy(model=binding_for(model), operating_points={"2x": point}, default="2x")).generate(
+            condition=cond, guidance=other, seed=0)
+        Runtime(model).generate(condition=cond, guidance=other, seed=0)
+    assert not caplog.records

@@ -13,10 +13,11 @@ from stagevar.toy import model as mini
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 #: Measured on the shipped weights (see stagevar/toy/weights/MODEL_CARD.md): the fixed 12-prompt
-#: held-out subset below (make_split("heldout", 12, 0), seed 0, default sampling) scores 0.667
-#: (8 of 12 images pass); the threshold allows one more failure per the 1/12 granularity.
-FIXED_SUBSET_MEASURED = 8 / 12
-FIXED_SUBSET_THRESHOLD = 0.54
+#: held-out subset below (make_split("heldout", 12, 0), seed 0, default sampling) scores 0.833
+#: (10 of 12 images pass); the threshold allows two more failures (8 of 12 still pass), since
+#: another CPU may round differently and sample other bits.
+FIXED_SUBSET_MEASURED = 10 / 12
+FIXED_SUBSET_THRESHOLD = 0.64
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +85,5 @@ def test_heldout_subset_quality(adapter):
 
     res = evaluate_weights(adapter, "heldout", 12, (0,))
     assert res["overall"] >= FIXED_SUBSET_THRESHOLD, res
+    # per-image outcomes agree with the per-category table (2 images per category here)
+    assert len(res["passed"]) == 12 and res["passed"].count("1") / 12 == pytest.approx(res["overall"])

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stagevar.guidance import GUIDANCE_HELP, guidance_argument
+from stagevar.guidance import GUIDANCE_HELP, guidance_argument, guidance_ramp
 from stagevar.models.bsq_vae import accumulate_step, bits_to_codes
 from stagevar.toy.model import MiniTextEncoder, build_parts, init_transformer_
 
@@ -594,7 +594,7 @@ def generate_images(adapter, prompts: list[str], seed: int, batch: int = 32, **s
 def evaluate_weights(adapter, split: str = "heldout", n: int = 60, seeds=(0, 1, 2, 3), split_seed: int = 0,
                      **sampling) -> dict[str, Any]:
     """Judge scores (:func:`stagevar.toy.evaluate.evaluate`) on ``n`` prompts of ``split`` x ``seeds``."""
-    from stagevar.toy.evaluate import evaluate
+    from stagevar.toy.evaluate import evaluate, score
     from stagevar.toy.prompts import make_split
 
     items = make_split(split, n, split_seed)
@@ -605,20 +605,25 @@ def evaluate_weights(adapter, split: str = "heldout", n: int = 60, seeds=(0, 1, 
         images += generate_images(adapter, prompts, int(s), **dict(sampling))
         specs += [it["spec"] for it in items]
     res = evaluate(images, specs)
+    # per-image outcomes (seed-major, prompts in split order): settings scored on the same
+    # split, n and seeds can be compared image by image (paired differences)
+    res["passed"] = "".join("1" if score(im, sp) else "0" for im, sp in zip(images, specs))
     res["seconds"] = round(time.time() - t0, 1)
     res["sampling"] = {"cfg": sampling.get("cfg", adapter.cfg.cfg), "tau": sampling.get("tau", adapter.cfg.tau),
                        "top_k": sampling.get("top_k", adapter.cfg.top_k), "top_p": sampling.get("top_p", adapter.cfg.top_p)}
-    res["split"], res["n_prompts"], res["seeds"] = split, n, list(seeds)
+    res["split"], res["split_seed"], res["n_prompts"], res["seeds"] = split, split_seed, n, list(seeds)
     return res
 
 
 def default_grid(n_scales: int) -> list[dict[str, Any]]:
-    """The ``--sweep`` settings: constant guidance x tau, greedy bits, top-p, and per-scale guidance
-    that leaves the first 2 or 3 scales unguided (1) and guides the rest with 3 or 5."""
+    """The ``--sweep`` settings: constant guidance x tau, greedy bits, top-p; per-scale guidance
+    that leaves the first 2 or 3 scales unguided (1) and guides the rest with 3 or 5; and
+    upstream VAR's linear ramp from 1 on the first scale to 3 or 5 on the last."""
     grid = [{"cfg": c, "tau": t, "top_k": 0, "top_p": 0.0} for c in (1.5, 3.0, 5.0) for t in (0.5, 1.0)]
     grid += [{"cfg": 3.0, "tau": 1.0, "top_k": 1, "top_p": 0.0}, {"cfg": 3.0, "tau": 1.0, "top_k": 0, "top_p": 0.9}]
     grid += [{"cfg": (1.0,) * k + (c,) * (n_scales - k), "tau": 1.0, "top_k": 0, "top_p": 0.0}
              for k in (2, 3) for c in (3.0, 5.0)]
+    grid += [{"cfg": guidance_ramp(c, n_scales), "tau": 1.0, "top_k": 0, "top_p": 0.0} for c in (3.0, 5.0)]
     return grid
 
 
@@ -679,12 +684,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--sweep", metavar="WEIGHTS_DIR", help="score weights over a grid of cfg / tau / top_k / top_p")
     g.add_argument("--split", default="heldout", help="prompt split (train, calibration, heldout)")
     g.add_argument("--n", type=int, default=60, help="prompts (categories round-robin)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="which draw of the split (default 0; another seed gives other prompts of the same split)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="sampling seeds per prompt")
     g.add_argument("--cfg", type=guidance_argument, default=None, help=GUIDANCE_HELP)
     g.add_argument("--tau", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--json", help="append results (one JSON line each) to this file")
+    g.add_argument("--json", help="append results (one JSON line each, with per-image outcomes in 'passed') to this file")
     a = p.parse_args(argv)
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
@@ -709,13 +716,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             grid = default_grid(len(adapter.scale_schedule))
         for sampling in grid:
-            res = evaluate_weights(adapter, a.split, a.n, tuple(a.seeds), **sampling)
+            res = evaluate_weights(adapter, a.split, a.n, tuple(a.seeds), a.split_seed, **sampling)
             res["weights"] = str(a.evaluate or a.sweep)
-            line = json.dumps(res)
-            print(line, flush=True)
+            print(json.dumps({k: v for k, v in res.items() if k != "passed"}), flush=True)
             if a.json:
                 with open(a.json, "a") as f:
-                    f.write(line + "\n")
+                    f.write(json.dumps(res) + "\n")
         return 0
     if not a.config or not a.out:
         p.error("--config and --out are required for training (or use --evaluate / --sweep)")
