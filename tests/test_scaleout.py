@@ -6,6 +6,7 @@ Everything runs on ``infinity-tiny`` with tiny measurement settings, one torch t
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -407,3 +408,19 @@ def test_merge_refuses_incomplete_or_mismatched_shards(tmp_path):
         shard_range(2, 2, 0, 2)
     assert [shard_range(5, 2, i, 2) for i in range(2)] == [(0, 2), (2, 5)]       # whole batches, uneven
     assert [shard_range(3, 1, i, 3) for i in range(3)] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_shard_records_per_scale_guidance_as_measure_does(tmp_path, tiny, one_thread):
+    """A per-scale guidance list is accepted by a shard and recorded as ``measure`` records it
+    (a list), so the merged record's key matches the single-process one."""
+    from calibrate.calibration import record_inputs
+    from calibrate.record import content_key
+    from calibrate.worker import measure_shard
+    n = len(tiny.scale_schedule)
+    guidance = [1.0, 1.0] + [3.0] * (n - 2)
+    prompts = ["a red circle", "two blue squares"]
+    d = measure_shard(tiny, prompts, [0], 1, 2, out=tmp_path, batch_size=1, guidance=tuple(guidance),
+                      settings=tiny_settings(), progress=False)
+    shard = json.loads((d / "shard.json").read_text())
+    assert shard["inputs"]["guidance"] == guidance
+    assert shard["key"] == content_key(record_inputs(tiny, prompts, [0], 1, guidance, tiny_settings()))
