@@ -73,6 +73,8 @@ def record_inputs(adapter, prompts, seeds, batch_size, guidance, settings: Measu
     """Everything a calibration record depends on; its key is their hash, so other weights (the
     same architecture retrained) get a new record instead of reusing one measured on the old."""
     info = device_info(adapter)
+    guidance = parse_guidance(guidance)
+    guidance = guidance if isinstance(guidance, float) else list(guidance)     # JSON: a number or a list
     return {"model": adapter.fingerprint().to_dict(), "weights": weights_hash(adapter),
             "num_layers": adapter.num_layers, "prompts": list(prompts),
             "seeds": list(seeds), "batch_size": batch_size, "guidance": guidance,
@@ -89,9 +91,9 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
             progress: bool = True, interrupt_after: int | None = None) -> CalibrationRecord:
     """Run (or resume, or reuse) the calibration pass. ``interrupt_after`` stops after that many
     new units (tests use it to simulate an interruption)."""
-    guidance = parse_guidance(adapter.default_guidance if guidance is None else guidance)
-    guidance = guidance if isinstance(guidance, float) else list(guidance)
-    inputs = record_inputs(adapter, prompts, seeds, batch_size, guidance, settings)
+    inputs = record_inputs(adapter, prompts, seeds, batch_size,
+                           adapter.default_guidance if guidance is None else guidance, settings)
+    guidance = inputs["guidance"]
     key = content_key(inputs)
     directory = record_dir(out, key)
     if (directory / "record.json").is_file():

@@ -444,11 +444,7 @@ def params_for_point(record: CalibrationRecord, point: OperatingPoint) -> dict[s
         params[f"selection_{k}"] = pl.selection if use else "random_projection"
         if params[f"keep_{k}"] not in KEEPS or params[f"selection_{k}"] not in SELECTIONS:
             return None
-    try:
-        replay = point_from_params(record, params)
-    except (ValueError, KeyError):
-        return None
-    return params if replay.plans == tuple(plans) else None
+    return params if point_from_params(record, params).plans == tuple(plans) else None
 
 
 def enqueue_seeds(study: optuna.Study, record: CalibrationRecord,

@@ -790,13 +790,12 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     from calibrate.measure.latency import device_info
     from calibrate.metrics import scorer_for
     from calibrate.record import UnitStore, content_key
-    from stagevar.guidance import parse_guidance
     from stagevar.policy import atomic_write_text
 
     settings = settings or MeasureSettings()
-    guidance = parse_guidance(adapter.default_guidance if guidance is None else guidance)
-    guidance = guidance if isinstance(guidance, float) else list(guidance)      # as measure() records it
-    inputs = record_inputs(adapter, prompts, seeds, batch_size, guidance, settings)
+    inputs = record_inputs(adapter, prompts, seeds, batch_size,
+                           adapter.default_guidance if guidance is None else guidance, settings)
+    guidance = inputs["guidance"]
     key = content_key(inputs)
     start, stop = shard_range(len(prompts), batch_size, shard_index, num_shards)
     directory = shard_dir(out, key, shard_index, num_shards)

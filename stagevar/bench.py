@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stagevar.errors import StageVarError, run_command
-from stagevar.guidance import guidance_per_scale
+from stagevar.guidance import is_guided
 
 log = logging.getLogger("stagevar.bench")
 
@@ -542,7 +542,7 @@ def cmd_bench(args) -> int:
     runtimes = {m.name: Runtime(adapter, m.point, synchronize=True) for m in methods}
     fp = adapter.fingerprint()
     schedule = adapter.scale_schedule
-    guided = any(c != 1.0 for c in guidance_per_scale(adapter.default_guidance, len(schedule)))
+    guided = is_guided(adapter.default_guidance, len(schedule))
 
     items = bench_prompts(adapter, args.prompts)
     lat_prompts = [items[i % len(items)]["prompt"] for i in range(args.batch_size)]

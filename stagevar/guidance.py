@@ -39,6 +39,11 @@ def guidance_per_scale(value: Any, n_scales: int) -> tuple[float, ...]:
     return g
 
 
+def is_guided(value: Any, n_scales: int) -> bool:
+    """Whether any scale is guided (needs the unconditional branch)."""
+    return any(c != 1.0 for c in guidance_per_scale(value, n_scales))
+
+
 def guidance_argument(text: str) -> float | tuple[float, ...]:
     """``argparse`` type of the CLIs' ``--guidance``."""
     import argparse

@@ -89,7 +89,7 @@ class Runtime:
                  *, synchronize: bool = False, observe_layers: Sequence[int] = ()):
         self.adapter = adapter
         n = len(adapter.scale_schedule)
-        # the guidance a calibrated policy was measured with (its provenance), if it says
+        # the guidance an accelerating calibrated policy was measured with (its provenance), if it says
         self.calibrated_guidance = None
         self._guidance_warned: set[str] = set()
         if policy is None:
@@ -97,7 +97,8 @@ class Runtime:
         elif isinstance(policy, Policy):
             policy.check_compatible(adapter)
             self.plans = list(policy.operating_point(operating_point).plans)
-            self.calibrated_guidance = policy.provenance.get("guidance")
+            if any(not p.is_identity for p in self.plans):
+                self.calibrated_guidance = policy.provenance.get("guidance")
         else:
             if len(policy.plans) != n:
                 raise ValueError(f"operating point has {len(policy.plans)} plans, model has {n} scales")
@@ -145,7 +146,7 @@ class Runtime:
         its measured speedup and quality hold for the guidance it was calibrated with."""
         cal = self.calibrated_guidance
         n = len(self.adapter.scale_schedule)
-        if cal is None or self.plans == identity_plans(n):
+        if cal is None:
             return
         try:
             if same_guidance(cal, guidance, n):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stagevar.guidance import guidance_per_scale, parse_guidance
+from stagevar.guidance import guidance_per_scale, is_guided, parse_guidance
 from stagevar.models.layers import FFN
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.ops.sampling import sample_top_k_top_p
@@ -558,7 +558,7 @@ class InfinityAdapter(Adapter):
         tr = self.transformer
         B = condition.batch_size
         cfg_list = guidance_per_scale(guidance, len(self.cfg.scale_schedule))
-        guided = any(c != 1.0 for c in cfg_list)
+        guided = is_guided(cfg_list, len(cfg_list))
         kv, lens = condition.kv_compact, list(condition.lens)
         if guided:
             kv = torch.cat((kv, tr.unconditional_text(lens).to(kv.dtype)), dim=0)

@@ -323,11 +323,15 @@ def evaluate(images: Iterable[Any], specs: Iterable[dict[str, Any]]) -> dict[str
     with only the categories that occur; ``overall`` averages those (a warning is logged when
     some of the six are missing, since the number is then not comparable).
     """
+    specs = list(specs)
+    return tabulate([score(image, spec) for image, spec in zip(images, specs, strict=True)], specs)
+
+
+def tabulate(passed: Sequence[bool], specs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`evaluate`'s table from per-image outcomes already judged (``passed[i]`` for ``specs[i]``)."""
     hits: dict[str, list[bool]] = {}
-    n_img = 0
-    for image, spec in zip(images, specs, strict=True):
-        hits.setdefault(spec["category"], []).append(score(image, spec))
-        n_img += 1
+    for ok, spec in zip(passed, specs, strict=True):
+        hits.setdefault(spec["category"], []).append(bool(ok))
     result: dict[str, Any] = {}
     for cat in CATEGORIES:
         if cat in hits:
@@ -337,7 +341,7 @@ def evaluate(images: Iterable[Any], specs: Iterable[dict[str, Any]]) -> dict[str
         logger.warning("evaluation has no images for %s; 'overall' averages the other categories", ", ".join(missing))
     result["overall"] = float(np.mean([result[c] for c in hits])) if hits else float("nan")
     result["counts"] = {c: len(hits[c]) for c in CATEGORIES if c in hits}
-    result["num_images"] = n_img
+    result["num_images"] = len(passed)
     return result
 
 

@@ -594,7 +594,7 @@ def generate_images(adapter, prompts: list[str], seed: int, batch: int = 32, **s
 def evaluate_weights(adapter, split: str = "heldout", n: int = 60, seeds=(0, 1, 2, 3), split_seed: int = 0,
                      **sampling) -> dict[str, Any]:
     """Judge scores (:func:`stagevar.toy.evaluate.evaluate`) on ``n`` prompts of ``split`` x ``seeds``."""
-    from stagevar.toy.evaluate import evaluate, score
+    from stagevar.toy.evaluate import score, tabulate
     from stagevar.toy.prompts import make_split
 
     items = make_split(split, n, split_seed)
@@ -604,10 +604,11 @@ def evaluate_weights(adapter, split: str = "heldout", n: int = 60, seeds=(0, 1, 
     for s in seeds:
         images += generate_images(adapter, prompts, int(s), **dict(sampling))
         specs += [it["spec"] for it in items]
-    res = evaluate(images, specs)
+    passed = [score(im, sp) for im, sp in zip(images, specs)]
+    res = tabulate(passed, specs)
     # per-image outcomes (seed-major, prompts in split order): settings scored on the same
     # split, n and seeds can be compared image by image (paired differences)
-    res["passed"] = "".join("1" if score(im, sp) else "0" for im, sp in zip(images, specs))
+    res["passed"] = "".join("1" if ok else "0" for ok in passed)
     res["seconds"] = round(time.time() - t0, 1)
     res["sampling"] = {"cfg": sampling.get("cfg", adapter.cfg.cfg), "tau": sampling.get("tau", adapter.cfg.tau),
                        "top_k": sampling.get("top_k", adapter.cfg.top_k), "top_p": sampling.get("top_p", adapter.cfg.top_p)}
