@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--operating-point", help="operating point of the policy (default: the policy's default)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     g.add_argument("--batch-size", type=int, default=8, help="images generated per batch (default 8)")
-    g.add_argument("--guidance", type=guidance_argument, help=GUIDANCE_HELP)
+    g.add_argument("--guidance", type=guidance_argument,
+                   help=GUIDANCE_HELP[:-1] + "; with --policy, the guidance the policy was calibrated with)")
     g.add_argument("--out", type=Path, default=Path("out"), help="output .png file (one prompt) or directory (default out/)")
 
     v = sub.add_parser("validate", help="check a policy file (schema, values; with --model, that it fits the model)",

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from stagevar.errors import StageVarError
+from stagevar.guidance import GuidanceError, guidance_per_scale
 
 SCHEMA_VERSION = 1
 GUIDANCE = ("cfg", "cond_only")
@@ -339,6 +340,11 @@ class Policy:
         prov = d.get("provenance", {}) or {}
         if not isinstance(prov, Mapping):
             raise _fail(src, "provenance", f"must be a mapping, got {prov!r:.80}")
+        if prov.get("guidance") is not None:             # the runtime applies it by default
+            try:
+                guidance_per_scale(prov["guidance"], n)
+            except GuidanceError as exc:
+                raise _fail(src, "provenance.guidance", f"is not a guidance setting of this {n}-scale model: {exc}") from None
         return cls(binding, points, default, dict(prov), SCHEMA_VERSION, src)
 
 

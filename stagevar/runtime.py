@@ -89,7 +89,8 @@ class Runtime:
                  *, synchronize: bool = False, observe_layers: Sequence[int] = ()):
         self.adapter = adapter
         n = len(adapter.scale_schedule)
-        # the guidance an accelerating calibrated policy was measured with (its provenance), if it says
+        # the guidance an accelerating calibrated policy was measured with (its provenance), if it
+        # says: generation uses it unless the caller passes guidance
         self.calibrated_guidance = None
         self._guidance_warned: set[str] = set()
         if policy is None:
@@ -124,12 +125,18 @@ class Runtime:
     def generate(self, prompts: Sequence[str] | None = None, *, condition: Any = None,
                  guidance: float | Sequence[float] | None = None,
                  seed: int = 0, observer: Observer | None = None, **sampling) -> GenerationResult:
-        """Generate one image per prompt (or per item of a pre-encoded ``condition``)."""
+        """Generate one image per prompt (or per item of a pre-encoded ``condition``).
+
+        ``guidance`` None: the guidance an accelerating calibrated policy was measured with
+        (``provenance.guidance``), else the model's default. Other guidance than the policy's
+        logs a warning once per setting."""
         ad = self.adapter
         if condition is None:
             condition = ad.encode_prompts(list(prompts))
-        guidance = ad.default_guidance if guidance is None else guidance
-        self._check_guidance(guidance)
+        if guidance is None:
+            guidance = ad.default_guidance if self.calibrated_guidance is None else self.calibrated_guidance
+        else:
+            self._check_guidance(guidance)
         t0 = time.perf_counter()
         state = ad.prepare(condition, guidance=guidance, seed=seed, **sampling)
         records: list[ScaleRecord] = []
@@ -142,8 +149,8 @@ class Runtime:
         return GenerationResult(images, records, time.perf_counter() - t0)
 
     def _check_guidance(self, guidance: Any) -> None:
-        """Log a warning (once per setting) when the policy was calibrated with other guidance:
-        its measured speedup and quality hold for the guidance it was calibrated with."""
+        """Log a warning (once per setting) when the caller's guidance is not the one the policy
+        was calibrated with: its measured speedup and quality hold for that guidance."""
         cal = self.calibrated_guidance
         n = len(self.adapter.scale_schedule)
         if cal is None:
@@ -151,7 +158,7 @@ class Runtime:
         try:
             if same_guidance(cal, guidance, n):
                 return
-        except ValueError:              # a malformed provenance entry, or a bad guidance the adapter will name
+        except ValueError:              # a bad guidance: the adapter names it
             return
         key = format_guidance(guidance)
         if key not in self._guidance_warned:

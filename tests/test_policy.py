@@ -214,6 +214,7 @@ P0 = lambda d: _plans(d)[0]  # noqa: E731
 P5 = lambda d: _plans(d)[5]  # noqa: E731
 P6 = lambda d: _plans(d)[6]  # noqa: E731
 PT = lambda d: d["operating_points"]["3x"]  # noqa: E731
+PROV = lambda d: d.setdefault("provenance", {})  # noqa: E731
 PLANS3 = "operating_points.3x.plans"
 
 # (id, mutation of base_dict(), field path that must appear in the message, extra words that must appear)
@@ -276,6 +277,9 @@ BAD = [
     ("model_name_empty", _set(MODEL, "name", ""), "model.name", []),
     ("model_not_a_mapping", _set(ROOT, "model", "infinity-tiny"), "model", ["mapping"]),
     ("provenance_not_a_mapping", _set(ROOT, "provenance", ["a", "b"]), "provenance", ["mapping"]),
+    ("provenance_guidance_not_a_number", _set(PROV, "guidance", "strong"), "provenance.guidance", ["strong"]),
+    ("provenance_guidance_wrong_length", _set(PROV, "guidance", [1.0, 3.0]), "provenance.guidance",
+     ["2 values", "7 scales"]),
     ("measured_not_a_mapping", _set(PT, "measured", "fast"), "operating_points.3x.measured", ["mapping"]),
     ("root_not_a_mapping", lambda d: None, "<root>", ["mapping"]),   # handled specially below
 ]

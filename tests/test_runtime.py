@@ -4,6 +4,7 @@ import torch
 
 from stagevar.models.registry import list_models, load_model, model_entry
 from stagevar.policy import OperatingPoint, ScalePlan, default_stages
+from stagevar.guidance import same_guidance
 from stagevar.runtime import Runtime
 
 TINY = [n for n in list_models() if not model_entry(n).needs_weights and n.endswith("-tiny")]
@@ -212,3 +213,29 @@ def test_policy_calibrated_with_other_guidance_warns_once_per_setting(caplog):
             condition=cond, guidance=other, seed=0)
         Runtime(model).generate(condition=cond, guidance=other, seed=0)
     assert not caplog.records
+
+
+def test_policy_brings_its_calibrated_guidance_when_none_is_given(caplog):
+    """Without a guidance argument, an accelerating policy runs with the guidance it was
+    calibrated with (its measured numbers hold for it), not the model's default; an explicit
+    guidance still wins."""
+    from stagevar.policy import Policy, binding_for, base_provenance
+    model = load_model("infinity-tiny")
+    n = len(model.scale_schedule)
+    cal = [1.0, 1.0] + [2.0] * (n - 2)
+    assert not same_guidance(cal, model.default_guidance, n)
+    point = _point(model, [ScalePlan(n - 1, guidance="cond_only", keep=0.5)])
+    policy = Policy(model=binding_for(model), operating_points={"2x": point}, default="2x",
+                    provenance=base_provenance(guidance=cal))
+    cond = _cond(model)
+    with caplog.at_level("WARNING", logger="stagevar.runtime"):
+        got = Runtime(model, policy).generate(condition=cond, seed=0).images
+    assert not caplog.records
+    assert torch.equal(got, Runtime(model, point).generate(condition=cond, guidance=cal, seed=0).images)
+    default = Runtime(model, policy).generate(condition=cond, guidance=model.default_guidance, seed=0).images
+    assert not torch.equal(got, default)
+    # a policy that records no guidance, and the identity, use the model's default
+    bare = Policy(model=binding_for(model), operating_points={"2x": point}, default="2x")
+    assert torch.equal(Runtime(model, bare).generate(condition=cond, seed=0).images, default)
+    assert torch.equal(Runtime(model).generate(condition=cond, seed=0).images,
+                       Runtime(model).generate(condition=cond, guidance=model.default_guidance, seed=0).images)
