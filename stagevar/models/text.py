@@ -24,8 +24,14 @@ class T5TextEncoder(nn.Module):
             from transformers import AutoTokenizer, T5EncoderModel
         except ImportError:
             raise StageVarError("the flan-t5-xl text encoder needs the 'transformers' package: pip install 'stagevar[text]'") from None
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32).to(device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StageVarError(f"{path}: cannot load the flan-t5-xl text encoder (a local copy of google/flan-t5-xl: "
+                                f"config.json, the weights and the tokenizer files are needed): {first}") from None
+        self.encoder = self.encoder.to(device).eval()
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]):
