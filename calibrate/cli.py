@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--heldout-prompts", type=Path, help="verification prompts (default: a bundled held-out set)")
     p.add_argument("--num-heldout", type=int, default=64,
-                   help="bundled held-out prompts for verification (default 64: one image of 64 is 0.016 of a score)")
+                   help="bundled held-out prompts for verification, from a draw of the held-out split that "
+                        "'stagevar bench' and 'stagevar evaluate' do not score (default 64: one image of 64 is "
+                        "0.016 of a score)")
     p.add_argument("--verify-candidates", type=int, default=5, help="best feasible trials re-measured end to end (default 5)")
     p.add_argument("--verify-near", type=int, default=2,
                    help="also re-measure this many best trials predicted up to 10%% over the target (the latency "
@@ -159,9 +161,9 @@ def cmd_calibrate(args) -> int:
     from calibrate.metrics import scorer_for
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import write_report
-    from calibrate.search import (Objective, enqueue_seeds, is_local, local_search, measured_trials, open_study,
-                                  pareto_front, parse_budgets, point_from_params, summarize_trial,
-                                  verification_candidates)
+    from calibrate.search import (Objective, budget_seed_params, enqueue_seeds, is_local, local_search,
+                                  measured_trials, open_study, params_for_point, pareto_front, parse_budgets,
+                                  point_from_params, summarize_trial, verification_candidates)
     from calibrate.verify import verify_candidates
     from calibrate.worker import STUDY_ATTR, open_storage
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for, load_policy
@@ -180,7 +182,7 @@ def cmd_calibrate(args) -> int:
     model, prompts, seeds = _setup(args)
     if warm is not None:
         warm.check_compatible(model)
-    heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "heldout", args.num_heldout)
+    heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "verification", args.num_heldout)
     model.encode_prompts(heldout)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.time()
@@ -218,7 +220,10 @@ def cmd_calibrate(args) -> int:
                                              "budget_s": budget_s, "model": model.name, "trials": args.trials})
         if not args.storage:
             _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
-        left_out = enqueue_seeds(study, rec, dict(warm.operating_points) if warm is not None else None)
+        warm_points = dict(warm.operating_points) if warm is not None else {}
+        warm_params = [p for p in (params_for_point(rec, pt) for pt in warm_points.values()) if p is not None]
+        left_out = enqueue_seeds(study, rec, warm_points,
+                                 fitted=budget_seed_params(rec, lat_model, tokens, budget_s, warm_params))
         if left_out:
             log.warning("--warm-start: operating point(s) %s of %s lie outside this search space and were left out",
                         ", ".join(left_out), args.warm_start)

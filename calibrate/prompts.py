@@ -2,7 +2,9 @@
 
 * models of the procedural-scene world (``infinity-mini``, ``infinity-tiny``): the grammar's
   seeded ``calibration`` / ``heldout`` splits (held-out prompt combinations never appear in
-  calibration);
+  calibration); ``verification`` is another draw of the held-out split
+  (:data:`VERIFICATION_DRAW`), so the images calibration picks its operating points on are not
+  the ones ``stagevar bench`` and ``stagevar evaluate`` score (draw 0);
 * other text-to-image models: short GenEval-style prompts below;
 * class-conditional models (``var-*``): ImageNet class names spread over the label range (resolved by
   :func:`stagevar.models.imagenet.class_id`; a user file may mix names and ids).
@@ -33,12 +35,18 @@ CLASS_PROMPTS_CALIBRATION = ["goldfish", "macaw", "golden retriever", "Arctic fo
 CLASS_PROMPTS_HELDOUT = ["bald eagle", "flamingo", "lion", "giant panda", "convertible", "megalith", "sax", "bubble"]
 
 
+#: the draw of the held-out split that verification uses (benchmarks and evaluation score draw 0)
+VERIFICATION_DRAW = 1
+
+
 def bundled(model: str, split: str, n: int) -> list[str]:
-    """``n`` prompts of ``split`` ('calibration' or 'heldout') suitable for ``model``."""
-    if split not in ("calibration", "heldout"):
+    """``n`` prompts of ``split`` ('calibration', 'heldout' or 'verification') suitable for ``model``."""
+    if split not in ("calibration", "heldout", "verification"):
         raise ValueError(f"unknown split {split!r}")
     if model in SCENE_MODELS:
         from stagevar.toy.prompts import make_split
+        if split == "verification":
+            return [it["prompt"] for it in make_split("heldout", n, seed=VERIFICATION_DRAW)]
         return [it["prompt"] for it in make_split(split, n, seed=0)]
     if model.startswith("var-"):
         base = CLASS_PROMPTS_CALIBRATION if split == "calibration" else CLASS_PROMPTS_HELDOUT

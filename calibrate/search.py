@@ -14,6 +14,11 @@
   a FastVAR-like policy (deviation-selected tokens in the middle layers at the two scales before
   the last two, 60% / 50% kept, the last two skipped: :func:`stagevar.baselines.fastvar_policy`
   within this search space).
+* When no seed (nor warm-start point) meets the budget without skipping scales, budget-fitted
+  seeds (:func:`budget_seed_params`) are enqueued too: for each first accelerated scale of the
+  search range, guidance dropped there and the largest uniform keep ratio predicted to meet the
+  budget, so that plans accelerating every late scale a little are measured at tight budgets,
+  not only plans that skip scales.
 * ``--warm-start POLICY`` also enqueues the operating points of an earlier policy
   (:func:`params_for_point`), so recalibrating after a change (new weights, another default
   guidance) starts from the plans that worked before; the sampler and the local search go on
@@ -185,6 +190,53 @@ def seed_params(record: CalibrationRecord) -> dict[str, dict[str, Any]]:
         fastvar[f"keep_{k}"] = keep
         fastvar[f"selection_{k}"] = "deviation"
     return {"identity": identity, "paper-like": paper, "fastvar-like": fastvar}
+
+
+def least_damaging_selection(record: CalibrationRecord, scale: int, keep: float) -> str:
+    """The token selection whose measured damage at ``scale`` is lowest at the measured keep ratio
+    nearest to ``keep`` (random projection when the record measured none at that scale)."""
+    rows = [r for r in record.sensitivity if r["scale"] == scale and r["keep"] < 1.0 and r["selection"] in SELECTIONS]
+    if not rows:
+        return "random_projection"
+    near = min({r["keep"] for r in rows}, key=lambda r: (abs(r - keep), r))
+    return min((r for r in rows if r["keep"] == near), key=lambda r: r["damage"])["selection"]
+
+
+def budget_seed_params(record: CalibrationRecord, latency: LatencyModel, tokens: list[int], budget_s: float,
+                       enqueued: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Seeds that compute every scale within a budget that no other seed meets without skipping
+    scales: for each first accelerated scale ``s`` of the search range, guidance dropped from
+    ``s`` and the largest keep ratio of :data:`KEEPS`, the same on every scale from ``s``, whose
+    predicted latency meets ``budget_s`` (the paper-like seed refitted to the budget); each scale
+    takes the selection the sensitivity measurement found least damaging
+    (:func:`least_damaging_selection`). A start that cannot meet the budget even at the smallest
+    keep gives no seed. None are made when one of the fixed seeds (:func:`seed_params`) or of
+    ``enqueued`` (e.g. a warm start's points) skips no scale and is predicted to meet the budget.
+
+    The fixed seeds compute every scale only up to about 2x; at a tighter budget the sampler,
+    started from them, tends to reach the budget by skipping scales, and the plans that
+    accelerate every late scale a little lie far from anything it has measured. Where such a
+    plan is already enqueued, these seeds only move the search elsewhere: with the paper-like
+    seed meeting 2x, and with a warm start's 3x point, the searches that had them did worse
+    (``benchmarks/RESULTS.md``)."""
+    lo, n = search_bounds(record)
+    fixed = seed_params(record)
+    for params in [*fixed.values(), *(enqueued or [])]:
+        point = point_from_params(record, params)
+        if not any(p.skip for p in point.plans) and latency.predict(point, tokens) <= budget_s:
+            return {}
+    base = fixed["identity"]
+    out = {}
+    for s in range(lo, n):
+        for keep in KEEPS:
+            params = dict(base, first_accelerated=s, cond_only_from=s)
+            for k in range(s, n):
+                params[f"keep_{k}"] = keep
+                params[f"selection_{k}"] = least_damaging_selection(record, k, keep)
+            if latency.predict(point_from_params(record, params), tokens) <= budget_s:
+                out[f"fitted:{s}@{keep:g}"] = params
+                break
+    return out
 
 
 # ----------------------------------------------------------------------------------------- objective
@@ -448,13 +500,15 @@ def params_for_point(record: CalibrationRecord, point: OperatingPoint) -> dict[s
 
 
 def enqueue_seeds(study: optuna.Study, record: CalibrationRecord,
-                  warm_start: dict[str, OperatingPoint] | None = None) -> list[str]:
-    """Enqueue the baselines once (a resumed or joined study already has them), and the operating
-    points of ``warm_start`` (e.g. the policy being recalibrated) that fit the search space.
-    Returns the names of the warm-start points that did not fit (they are left out)."""
+                  warm_start: dict[str, OperatingPoint] | None = None,
+                  fitted: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Enqueue the baselines once (a resumed or joined study already has them), the budget-fitted
+    seeds ``fitted`` (:func:`budget_seed_params`), and the operating points of ``warm_start``
+    (e.g. the policy being recalibrated) that fit the search space. Returns the names of the
+    warm-start points that did not fit (they are left out)."""
     if study.user_attrs.get("seeded"):
         return []
-    for name, params in seed_params(record).items():
+    for name, params in {**seed_params(record), **(fitted or {})}.items():
         study.enqueue_trial(params, user_attrs={"seed_policy": name}, skip_if_exists=True)
     left_out = []
     for name, point in (warm_start or {}).items():

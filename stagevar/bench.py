@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stagevar.errors import StageVarError, run_command
-from stagevar.guidance import is_guided
+from stagevar.guidance import format_guidance, is_guided, same_guidance
 
 log = logging.getLogger("stagevar.bench")
 
@@ -75,6 +75,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-batch-size", type=int, default=8, help="images per generation in the quality runs (default 8)")
     p.add_argument("--prompts", type=int, default=24, metavar="N", help="held-out prompts for the quality runs (default 24)")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per prompt for the quality runs (default 1)")
+    p.add_argument("--prompt-draw", type=int, default=0, metavar="N",
+                   help="which draw of the held-out split the quality runs score (default 0, the draw of "
+                        "'stagevar evaluate'; calibration verifies its candidates on draw 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up round (default 5)")
     p.add_argument("--policy", type=Path, action="append", default=[], metavar="FILE",
                    help="searched policy to include, every operating point (repeatable; default: the policies "
@@ -169,6 +172,12 @@ def build_methods(adapter, args) -> list[Method]:
             continue
         stem = Path(f).name.rsplit(".", 1)[0]
         src = str(f) + (" (not calibrated)" if pol.provenance.get("calibrated") is False else "")
+        cal = pol.provenance.get("guidance")
+        if cal is not None and not same_guidance(cal, adapter.default_guidance, len(adapter.scale_schedule)):
+            _progress(f"note: {f} was calibrated with guidance {format_guidance(cal)}, but the bench runs every method "
+                      f"at the model's default guidance {format_guidance(adapter.default_guidance)}; its measured "
+                      "speedup and quality hold for the calibrated guidance")
+            src += f" (calibrated at guidance {format_guidance(cal)})"
         for pname, point in pol.operating_points.items():
             methods.append(Method(f"{stem}:{pname}", "policy", point, src, describe(point, depth)))
     for b in _baseline_names(args):
@@ -191,13 +200,13 @@ def build_methods(adapter, args) -> list[Method]:
 
 
 # ----------------------------------------------------------------------------------------- prompts
-def bench_prompts(adapter, n: int) -> list[dict[str, Any]]:
-    """``n`` prompts: the held-out split for text models, spread ImageNet class ids for class-
-    conditional ones. Items ``{"prompt", "category"}``."""
+def bench_prompts(adapter, n: int, draw: int = 0) -> list[dict[str, Any]]:
+    """``n`` prompts: draw ``draw`` of the held-out split for text models, spread ImageNet class ids
+    for class-conditional ones. Items ``{"prompt", "category"}``."""
     if getattr(adapter, "family", "") == "var":
-        return [{"prompt": str((i * 97 + 1) % 1000), "category": "class"} for i in range(n)]
+        return [{"prompt": str((i * 97 + 1 + draw) % 1000), "category": "class"} for i in range(n)]
     from stagevar.toy.prompts import make_split
-    return [{"prompt": it["prompt"], "category": it["spec"]["category"]} for it in make_split("heldout", n, seed=0)]
+    return [{"prompt": it["prompt"], "category": it["spec"]["category"]} for it in make_split("heldout", n, seed=draw)]
 
 
 # ----------------------------------------------------------------------------------------- measuring
@@ -411,7 +420,7 @@ def render_markdown(res: dict[str, Any]) -> str:
              "decoding), which no policy shortens; per-scale medians are in bench.json.")
     L.append(f"Peak memory: {cfg['peak_mem_method']}.")
     if quality:
-        L.append(f"Quality: {cfg['quality_images']} images per method ({cfg['prompts']} held-out prompts x {cfg['seeds']} "
+        L.append(f"Quality: {cfg['quality_images']} images per method ({cfg['prompts']} held-out prompts of draw {cfg.get('prompt_draw', 0)} x {cfg['seeds']} "
                  f"seed(s), batch {cfg['quality_batch_size']}), each compared with the full model's image of the same "
                  "prompt and seed: SSIM on luma; HF ratio = high-frequency energy / the full model's (1 = same, < 1 "
                  "lost detail)." + (" eval = the embedded evaluator's accuracy (mean over categories, GenEval-style)."
@@ -493,6 +502,8 @@ def _check_args(args) -> None:
         v = getattr(args, name)
         if v < lo:
             raise StageVarError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}.")
+    if args.prompt_draw < 0:
+        raise StageVarError(f"--prompt-draw must be >= 0, got {args.prompt_draw}.")
     if not 0.0 < args.paper_keep <= 1.0:
         raise StageVarError(f"--paper-keep must be in (0, 1], got {args.paper_keep}.")
     if args.threads is not None and args.threads < 1:
@@ -544,7 +555,7 @@ def cmd_bench(args) -> int:
     schedule = adapter.scale_schedule
     guided = is_guided(adapter.default_guidance, len(schedule))
 
-    items = bench_prompts(adapter, args.prompts)
+    items = bench_prompts(adapter, args.prompts, args.prompt_draw)
     lat_prompts = [items[i % len(items)]["prompt"] for i in range(args.batch_size)]
     condition = adapter.encode_prompts(lat_prompts)
     samples, per_scale = time_methods(runtimes, condition, 0, args.repeats)
@@ -585,7 +596,7 @@ def cmd_bench(args) -> int:
            "random_weights": bool(args.random_weights), "device": str(device), "device_name": _device_name(device),
            "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "allocator": allocator_setting(), "batch_size": args.batch_size, "repeats": args.repeats, "warmup_rounds": 1,
-           "latency_prompts": lat_prompts, "prompts": args.prompts, "seeds": args.seeds,
+           "latency_prompts": lat_prompts, "prompts": args.prompts, "prompt_draw": args.prompt_draw, "seeds": args.seeds,
            "quality_batch_size": args.quality_batch_size, "no_quality": bool(args.no_quality),
            "quality_images": args.prompts * args.seeds, "evaluator": bool(use_eval and not args.no_quality),
            "peak_mem_method": mem_method, "guidance": adapter.default_guidance,

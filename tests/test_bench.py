@@ -184,6 +184,50 @@ def test_bench_with_quality(tmp_path, capsys):
     assert "SSIM mean" in md and f'"{prompt}"' in md
 
 
+def test_verification_and_bench_score_different_draws_of_the_heldout_split(tmp_path, capsys):
+    """Calibration picks its operating points on held-out images; the bench and 'stagevar
+    evaluate' must not score the same images, or the searched policies gain a selection bias
+    that the baselines do not have."""
+    from calibrate.prompts import VERIFICATION_DRAW, bundled
+    from stagevar.bench import bench_prompts
+    from stagevar.toy.prompts import is_heldout, make_split
+    mini = load_model("infinity-mini", random_weights=True)
+    bench = [it["prompt"] for it in bench_prompts(mini, 120)]
+    verify = bundled("infinity-mini", "verification", 64)
+    assert bench == bundled("infinity-mini", "heldout", 120) and VERIFICATION_DRAW != 0
+    assert verify == [it["prompt"] for it in make_split("heldout", 64, seed=VERIFICATION_DRAW)]
+    # generation noise depends on the prompt's batch and place in it: no batch of 8 is shared
+    batches = {tuple(bench[i:i + 8]) for i in range(0, 120, 8)}
+    assert not batches & {tuple(verify[i:i + 8]) for i in range(0, 64, 8)}
+    assert sum(a == b for a, b in zip(bench, verify)) < 16                  # few coincide even by place
+    assert all(is_heldout(it["spec"]) for it in make_split("heldout", 64, seed=VERIFICATION_DRAW)
+               if it["spec"]["category"] in ("position", "color_attr", "counting"))
+    assert [it["prompt"] for it in bench_prompts(mini, 24, draw=VERIFICATION_DRAW)] == verify[:24]
+    rc = bench_main(TINY_ARGS + ["--prompt-draw", "-1", "--out", str(tmp_path)])
+    assert rc == 1 and "--prompt-draw must be >= 0" in capsys.readouterr().err
+
+
+def test_bench_notes_a_policy_calibrated_at_other_guidance(tiny, tmp_path, capsys):
+    """The bench runs every method at the model's default guidance; a policy calibrated at another
+    guidance is named, since its measured numbers hold for that guidance."""
+    from stagevar.policy import base_provenance
+    n = len(tiny.scale_schedule)
+    point = OperatingPoint(default_stages(n, n - 1), tuple(ScalePlan(k, guidance="cond_only", keep=0.5) if k == n - 1
+                                                          else ScalePlan(k) for k in range(n)))
+    for name, guidance in (("other.yaml", [1.0] * n), ("same.yaml", tiny.default_guidance)):
+        Policy(model=binding_for(tiny), operating_points={"2x": point}, default="2x",
+               provenance=base_provenance(guidance=guidance)).save(tmp_path / name)
+    rc = bench_main(TINY_ARGS + ["--no-quality", "--no-plot", "--no-memory", "--baselines", "none",
+                                 "--policy", str(tmp_path / "other.yaml"), "--policy", str(tmp_path / "same.yaml"),
+                                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if "was calibrated with guidance" in line]
+    assert len(notes) == 1 and "other.yaml" in notes[0] and "guidance 1" in notes[0]
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "other.yaml (calibrated at guidance 1,1," in md and "same.yaml (calibrated" not in md
+
+
 def test_bench_parser_registers_on_subparsers():
     p = argparse.ArgumentParser(prog="stagevar")
     sub = p.add_subparsers(dest="command")

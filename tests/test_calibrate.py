@@ -525,6 +525,73 @@ def test_warm_start_points_round_trip_through_the_search_space():
     assert enqueue_seeds(study, rec, {"3x": point_from_params(rec, cases[-1])}) == []        # seeded once
 
 
+def _linear_latency(n: int, tokens: list[int]) -> LatencyModel:
+    """Per-scale time proportional to the tokens computed: cfg 2 rows per token, cond 1, a subset
+    at keep r computes r of them (random projection and deviation alike)."""
+    variants = variant_grid((0.5, 0.25), ("random_projection", "deviation"))
+    rows = [{"scale": k, "variant": v.name, "seconds": 1e-3 * tokens[k] * (1 if v.guidance == "cond_only" else 2) * v.keep,
+             "p90": 0.0} for v in variants for k in range(n)]
+    return LatencyModel({"rows": rows, "overhead_s": 0.01}, variants, depth=2)
+
+
+def test_budget_seeds_fit_the_budget_with_the_largest_uniform_keep():
+    from calibrate.search import KEEPS, budget_seed_params, least_damaging_selection
+    rec = _hand_record(n=7, depth=2, refinement_start=4)                 # search range 3..6
+    rec.sensitivity = [{"scale": 5, "keep": 0.5, "selection": "deviation", "damage": 0.01},
+                       {"scale": 5, "keep": 0.5, "selection": "random_projection", "damage": 0.20},
+                       {"scale": 5, "keep": 0.25, "selection": "deviation", "damage": 0.30},
+                       {"scale": 5, "keep": 0.25, "selection": "random_projection", "damage": 0.10},
+                       {"scale": 6, "keep": 1.0, "selection": "random_projection", "damage": 0.00}]   # guidance row
+    assert least_damaging_selection(rec, 5, 0.6) == "deviation"           # nearest measured keep: 0.5
+    assert least_damaging_selection(rec, 5, 0.2) == "random_projection"   # nearest: 0.25
+    assert least_damaging_selection(rec, 6, 0.5) == "random_projection"   # nothing measured: the default
+    tokens = [1, 4, 16, 36, 64, 100, 169]
+    lm = _linear_latency(7, tokens)
+    full = lm.baseline(tokens)
+    paper = lm.predict(point_from_params(rec, seed_params(rec)["paper-like"]), tokens)   # 2.7x
+    assert budget_seed_params(rec, lm, tokens, paper) == {}               # the paper-like seed meets it: none added
+    for budget in (paper * 0.99, full / 3, full / 4, full / 5):
+        assert budget < paper
+        seeds = budget_seed_params(rec, lm, tokens, budget)
+        assert seeds
+        starts = []
+        for name, params in seeds.items():
+            point = point_from_params(rec, params)
+            s, keep = params["first_accelerated"], params[f"keep_{params['first_accelerated']}"]
+            starts.append(s)
+            assert name == f"fitted:{s}@{keep:g}"
+            assert lm.predict(point, tokens) <= budget
+            assert all(p.is_identity for p in point.plans[:s])
+            assert all(p.guidance == "cond_only" and not p.skip and p.keep == keep for p in point.plans[s:])
+            if keep < 1.0:
+                assert [p.selection for p in point.plans[s:]] == [least_damaging_selection(rec, k, keep) for k in range(s, 7)]
+            if keep != KEEPS[0]:                                          # one notch more tokens misses the budget
+                looser = dict(params, **{f"keep_{k}": KEEPS[KEEPS.index(keep) - 1] for k in range(s, 7)})
+                assert lm.predict(point_from_params(rec, looser), tokens) > budget
+        assert starts == sorted(starts) and set(starts) <= set(range(3, 7))
+        for s in set(range(3, 7)) - set(starts):                          # a missing start cannot meet the budget
+            tight = dict(seed_params(rec)["identity"], first_accelerated=s, cond_only_from=s,
+                         **{f"keep_{k}": KEEPS[-1] for k in range(s, 7)})
+            assert lm.predict(point_from_params(rec, tight), tokens) > budget
+    assert list(budget_seed_params(rec, lm, tokens, paper * 0.99)) == ["fitted:3@0.6", "fitted:4@0.4", "fitted:5@0.1"]
+    assert budget_seed_params(rec, lm, tokens, full / 100) == {}          # an impossible budget: none
+    # an enqueued plan (a warm start's point) that computes every scale within the budget: none;
+    # one that gets there by skipping scales does not count
+    budget = full / 4
+    fitted = budget_seed_params(rec, lm, tokens, budget)
+    every_scale = next(iter(fitted.values()))
+    skipping = dict(seed_params(rec)["identity"], first_accelerated=3, cond_only_from=3, skip_from=4)
+    assert lm.predict(point_from_params(rec, skipping), tokens) <= budget
+    assert budget_seed_params(rec, lm, tokens, budget, [every_scale]) == {}
+    assert budget_seed_params(rec, lm, tokens, budget, [skipping]) == fitted
+
+    study = open_study("fitted", optuna.storages.InMemoryStorage(), direction_multi=False, seed=0)
+    fitted = budget_seed_params(rec, lm, tokens, full / 3)
+    enqueue_seeds(study, rec, fitted=fitted)
+    queued = [t.user_attrs["seed_policy"] for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert queued == ["identity", "paper-like", "fastvar-like", *fitted]
+
+
 def test_search_reaches_the_span_of_the_published_policies():
     """Stages measured late (refinement = the last scale only) still leave the last four scales to
     the search, so the FastVAR-like seed is the published FastVAR plan, not a truncated one."""
