@@ -393,9 +393,11 @@ def _variants_of(rec):
     return variant_grid()
 
 
-def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sampler_seed: int, wait_s: float = 120.0):
+def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sampler_seed: int, wait_s: float = 120.0,
+               fitted: dict | None = None):
     """Create the study (exactly one process succeeds) or load it; check that it was made for the
-    same record and budget; enqueue the seed policies once."""
+    same record and budget; enqueue the seed policies once (with the budget-fitted seeds ``fitted``,
+    as :func:`calibrate.search.budget_seed_params` makes them)."""
     import optuna
     from calibrate.search import enqueue_seeds
 
@@ -415,7 +417,7 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
                             "Use another --study name.")
     if created:
         study.set_user_attr(STUDY_ATTR, info)
-        enqueue_seeds(study, rec)
+        enqueue_seeds(study, rec, fitted=fitted)
         log.info("created study %s", name)
         return study
     deadline = time.time() + wait_s
@@ -424,7 +426,7 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
             log.warning("study %s has no seed trials after %.0fs; enqueueing them", name, wait_s)
             if STUDY_ATTR not in study.user_attrs:
                 study.set_user_attr(STUDY_ATTR, info)
-            enqueue_seeds(study, rec)
+            enqueue_seeds(study, rec, fitted=fitted)
             break
         time.sleep(0.5)
     theirs = study.user_attrs.get(STUDY_ATTR)
@@ -539,18 +541,19 @@ def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
     from calibrate.metrics import scorer_for
-    from calibrate.search import Objective
+    from calibrate.search import Objective, budget_seed_params
 
     model, rec = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
     batch_size, guidance = rec.inputs["batch_size"], rec.inputs["guidance"]
     lat_model = LatencyModel(rec.latency, _variants_of(rec), model.num_layers)
-    baseline = lat_model.baseline(model.tokens_per_scale())
-    budget_s = budget.target_seconds(baseline)
+    tokens = model.tokens_per_scale()
+    budget_s = budget.target_seconds(lat_model.baseline(tokens))
     name = _study_name(args, model, rec, budget)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     with _storage_guard(args.storage):
-        study = join_study(name, storage, rec, budget, budget_s, args.trials, _sampler_seed(args.seed, args.worker_index))
+        study = join_study(name, storage, rec, budget, budget_s, args.trials, _sampler_seed(args.seed, args.worker_index),
+                           fitted=budget_seed_params(rec, lat_model, tokens, budget_s))
     subject = Subject(model, prompts, seeds, batch_size, guidance)
     scorer = scorer_for(model.name)
     reference = subject.run(None)
