@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stagevar.errors import StageVarError, run_command
-from stagevar.guidance import format_guidance, is_guided, same_guidance
+from stagevar.guidance import format_guidance, guidance_argument, guidance_per_scale, is_guided, same_guidance
 
 log = logging.getLogger("stagevar.bench")
 
@@ -75,6 +75,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-batch-size", type=int, default=8, help="images per generation in the quality runs (default 8)")
     p.add_argument("--prompts", type=int, default=24, metavar="N", help="held-out prompts for the quality runs (default 24)")
     p.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per prompt for the quality runs (default 1)")
+    p.add_argument("--guidance", type=guidance_argument, metavar="G",
+                   help="classifier-free guidance every method runs at: one scale, or one per scale comma-separated "
+                        "(default: the model's; give a policy's calibrated guidance to bench it as calibrated)")
     p.add_argument("--prompt-draw", type=int, default=0, metavar="N",
                    help="which draw of the held-out split the quality runs score (default 0, the draw of "
                         "'stagevar evaluate'; calibration verifies its candidates on draw 1)")
@@ -152,12 +155,31 @@ def _baseline_names(args) -> list[str]:
     return [b.strip() for b in args.baselines.split(",") if b.strip()]
 
 
+def bench_guidance(adapter, args):
+    """The guidance every method runs at: ``--guidance`` (checked against the model), else the model's."""
+    if args.guidance is None:
+        return adapter.default_guidance
+    guidance_per_scale(args.guidance, len(adapter.scale_schedule))      # a wrong length: one clear error
+    return args.guidance
+
+
+class _Guided:
+    """A runtime that always generates at the bench's guidance."""
+
+    def __init__(self, runtime, guidance):
+        self.runtime, self.guidance = runtime, guidance
+
+    def generate(self, **kwargs):
+        return self.runtime.generate(guidance=self.guidance, **kwargs)
+
+
 def build_methods(adapter, args) -> list[Method]:
     from stagevar.baselines import BASELINE_SOURCES, build_baseline, describe
     from stagevar.policy import PolicyError, load_policy
 
     depth = adapter.num_layers
     model_name = adapter.fingerprint().model
+    guidance = bench_guidance(adapter, args)
     methods = [Method("full", "full", None, "the unaccelerated model", "identity")]
     explicit = bool(args.policy)
     files = list(args.policy) if explicit else discover_policies(model_name, _default_policies_dirs(args.policies_dir))
@@ -173,10 +195,10 @@ def build_methods(adapter, args) -> list[Method]:
         stem = Path(f).name.rsplit(".", 1)[0]
         src = str(f) + (" (not calibrated)" if pol.provenance.get("calibrated") is False else "")
         cal = pol.provenance.get("guidance")
-        if cal is not None and not same_guidance(cal, adapter.default_guidance, len(adapter.scale_schedule)):
+        if cal is not None and not same_guidance(cal, guidance, len(adapter.scale_schedule)):
             _progress(f"note: {f} was calibrated with guidance {format_guidance(cal)}, but the bench runs every method "
-                      f"at the model's default guidance {format_guidance(adapter.default_guidance)}; its measured "
-                      "speedup and quality hold for the calibrated guidance")
+                      f"at guidance {format_guidance(guidance)}; its measured speedup and quality hold for the "
+                      f"calibrated guidance (--guidance {format_guidance(cal)} benches it so)")
             src += f" (calibrated at guidance {format_guidance(cal)})"
         for pname, point in pol.operating_points.items():
             methods.append(Method(f"{stem}:{pname}", "policy", point, src, describe(point, depth)))
@@ -389,7 +411,9 @@ def render_markdown(res: dict[str, Any]) -> str:
          f"{' (random weights)' if cfg['random_weights'] else ''}; {cfg['device_name']} ({cfg['device']}), {cfg['dtype']}; "
          f"torch {cfg['torch']}, {cfg['threads']} CPU threads, {cfg.get('allocator', 'system default')}; {cfg['date']}", "",
          f"Latency: batch {cfg['batch_size']}, median / p90 of {cfg['repeats']} interleaved rounds after a warm-up round, "
-         "device-synchronised, prompt encoding excluded, VAE decoding included. Speedup = full median / method median.", ""]
+         "device-synchronised, prompt encoding excluded, VAE decoding included. Speedup = full median / method median. "
+         f"Every method runs at guidance {format_guidance(cfg['guidance']) if 'guidance' in cfg else 'the model default'}.",
+         ""]
     head = ["method", "kind", "median s", "p90 s", "outside scales s", "speedup", "peak MiB"]
     if quality:
         head += ["SSIM mean", "SSIM min", "HF ratio"]
@@ -550,10 +574,11 @@ def cmd_bench(args) -> int:
     device = adapter.device
     methods = build_methods(adapter, args)
     _progress("methods: " + ", ".join(m.name for m in methods))
-    runtimes = {m.name: Runtime(adapter, m.point, synchronize=True) for m in methods}
+    guidance = bench_guidance(adapter, args)
+    runtimes = {m.name: _Guided(Runtime(adapter, m.point, synchronize=True), guidance) for m in methods}
     fp = adapter.fingerprint()
     schedule = adapter.scale_schedule
-    guided = is_guided(adapter.default_guidance, len(schedule))
+    guided = is_guided(guidance, len(schedule))
 
     items = bench_prompts(adapter, args.prompts, args.prompt_draw)
     lat_prompts = [items[i % len(items)]["prompt"] for i in range(args.batch_size)]
@@ -599,7 +624,8 @@ def cmd_bench(args) -> int:
            "latency_prompts": lat_prompts, "prompts": args.prompts, "prompt_draw": args.prompt_draw, "seeds": args.seeds,
            "quality_batch_size": args.quality_batch_size, "no_quality": bool(args.no_quality),
            "quality_images": args.prompts * args.seeds, "evaluator": bool(use_eval and not args.no_quality),
-           "peak_mem_method": mem_method, "guidance": adapter.default_guidance,
+           "peak_mem_method": mem_method,
+           "guidance": list(guidance) if isinstance(guidance, (list, tuple)) else guidance,
            "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
     from stagevar import __version__
     cfg["stagevar"] = __version__

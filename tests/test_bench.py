@@ -226,6 +226,19 @@ def test_bench_notes_a_policy_calibrated_at_other_guidance(tiny, tmp_path, capsy
     assert len(notes) == 1 and "other.yaml" in notes[0] and "guidance 1" in notes[0]
     md = (tmp_path / "out" / "bench.md").read_text()
     assert "other.yaml (calibrated at guidance 1,1," in md and "same.yaml (calibrated" not in md
+    # --guidance: every method runs at it, and then the other policy is the one benched as calibrated
+    rc = bench_main(TINY_ARGS + ["--no-quality", "--no-plot", "--no-memory", "--baselines", "none", "--guidance", "1",
+                                 "--policy", str(tmp_path / "other.yaml"), "--policy", str(tmp_path / "same.yaml"),
+                                 "--out", str(tmp_path / "out1")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if "was calibrated with guidance" in line]
+    assert len(notes) == 1 and "same.yaml" in notes[0]
+    res = json.loads((tmp_path / "out1" / "bench.json").read_text())
+    assert res["config"]["guidance"] == 1.0 and "runs at guidance 1." in (tmp_path / "out1" / "bench.md").read_text()
+    rc = bench_main(TINY_ARGS + ["--no-quality", "--guidance", "1,2", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 values" in err and "Traceback" not in err
 
 
 def test_bench_parser_registers_on_subparsers():
