@@ -989,7 +989,22 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     assert load_policy(policy_path).operating_point().measured["trial"] == point.measured["trial"]
 
 
-def test_cli_local_search_after_the_sampler_and_resume(measured, tmp_path, small_cli, monkeypatch, capsys):
+def _steady_latency(directory: Path, model) -> None:
+    """Replace a copied record's measured latency table by one proportional to the tokens each
+    scale computes (guided rows count twice), so a test of which policies meet a budget does not
+    depend on how busy the machine was when the module's record was measured."""
+    path = directory / "record.json"
+    d = json.loads(path.read_text())
+    tokens = model.tokens_per_scale()
+    variants = {v.name: v for v in _record_variants()}
+    for r in d["latency"]["rows"]:
+        v = variants[r["variant"]]
+        r["seconds"] = r["p90"] = 1e-3 + 1e-4 * tokens[r["scale"]] * v.keep * (1 if v.guidance == "cond_only" else 2)
+    d["latency"]["overhead_s"] = 0.01
+    path.write_text(json.dumps(d))
+
+
+def test_cli_local_search_after_the_sampler_and_resume(measured, model, tmp_path, small_cli, monkeypatch, capsys):
     """With a budget the sampler can meet, the local search adds trials marked ``local_from`` to the
     budget's study, within the target; they do not count against --trials, and a re-run measures
     nothing new."""
@@ -1001,6 +1016,7 @@ def test_cli_local_search_after_the_sampler_and_resume(measured, tmp_path, small
     work = tmp_path / "cal"
     work.mkdir()
     shutil.copytree(record_dir(out_dir, rec.key), record_dir(work, rec.key))
+    _steady_latency(record_dir(work, rec.key), model)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     argv = ["--model", "infinity-tiny", "--budget", "1.05x", "--prompts", str(prompts), "--num-prompts", "2",
@@ -1036,6 +1052,7 @@ def test_cli_local_search_after_the_sampler_and_resume(measured, tmp_path, small
     work2 = tmp_path / "cal2"
     work2.mkdir()
     shutil.copytree(record_dir(out_dir, rec.key), record_dir(work2, rec.key))
+    _steady_latency(record_dir(work2, rec.key), model)
     warm_argv = [a if a != str(work) else str(work2) for a in argv]
     warm_argv[warm_argv.index("--policy-out") + 1] = str(work2 / "p.yaml")
     warm_argv[warm_argv.index("--local-trials") + 1] = "0"
