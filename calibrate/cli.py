@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-trials", type=int, default=30,
                    help="trials per budget of the local search after the sampler: neighbours (one keep notch, one "
                         "selection, one boundary moved) of the best trial, while they improve (default 30; 0: none)")
-    p.add_argument("--latency-margin", type=float, default=0.05,
+    p.add_argument("--latency-margin", type=float, default=0.05,            # = calibrate.search.LATENCY_MARGIN
                    help="the local search and the choice of candidates aim this fraction under the budget's latency, "
                         "so that a policy predicted just inside it still meets it when measured (default 0.05)")
     p.add_argument("--frontier", action="store_true", help="also report the quality / latency Pareto front of all trials")
@@ -223,7 +223,8 @@ def cmd_calibrate(args) -> int:
         warm_points = dict(warm.operating_points) if warm is not None else {}
         warm_params = [p for p in (params_for_point(rec, pt) for pt in warm_points.values()) if p is not None]
         left_out = enqueue_seeds(study, rec, warm_points,
-                                 fitted=budget_seed_params(rec, lat_model, tokens, budget_s, warm_params))
+                                 fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - args.latency_margin),
+                                                           warm_params))
         if left_out:
             log.warning("--warm-start: operating point(s) %s of %s lie outside this search space and were left out",
                         ", ".join(left_out), args.warm_start)

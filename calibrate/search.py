@@ -17,8 +17,8 @@
 * When no seed (nor warm-start point) meets the budget without skipping scales, budget-fitted
   seeds (:func:`budget_seed_params`) are enqueued too: for each first accelerated scale of the
   search range, guidance dropped there and the largest uniform keep ratio predicted to meet the
-  budget, so that plans accelerating every late scale a little are measured at tight budgets,
-  not only plans that skip scales.
+  target, and variants that spend what is left on one scale, so that plans accelerating every
+  late scale are measured at tight budgets, not only plans that skip scales.
 * ``--warm-start POLICY`` also enqueues the operating points of an earlier policy
   (:func:`params_for_point`), so recalibrating after a change (new weights, another default
   guidance) starts from the plans that worked before; the sampler and the local search go on
@@ -53,6 +53,9 @@ KEEPS = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 SELECTIONS = ("random_projection", "deviation", "uniform")
 RESTORES = ("cached_update", "cached_output")
 INFEASIBLE_MARGIN = 1.10
+#: default share of the budget that the local search, the choice of candidates and the fitted
+#: seeds aim under (``--latency-margin``): a policy predicted just inside the budget often misses it
+LATENCY_MARGIN = 0.05
 
 
 class BudgetError(StageVarError):
@@ -209,9 +212,13 @@ def budget_seed_params(record: CalibrationRecord, latency: LatencyModel, tokens:
     ``s`` and the largest keep ratio of :data:`KEEPS`, the same on every scale from ``s``, whose
     predicted latency meets ``budget_s`` (the paper-like seed refitted to the budget); each scale
     takes the selection the sensitivity measurement found least damaging
-    (:func:`least_damaging_selection`). A start that cannot meet the budget even at the smallest
-    keep gives no seed. None are made when one of the fixed seeds (:func:`seed_params`) or of
-    ``enqueued`` (e.g. a warm start's points) skips no scale and is predicted to meet the budget.
+    (:func:`least_damaging_selection`). Then, for each such plan and each of its scales, the same
+    plan with that one scale raised as many notches as the budget left over allows (the uniform
+    plan usually leaves some). A start that cannot meet the budget even at the smallest keep gives
+    no seed. None are made when one of the fixed seeds (:func:`seed_params`) or of ``enqueued``
+    (e.g. a warm start's points) skips no scale and is predicted to meet the budget. Callers pass
+    the budget less the latency margin (:data:`LATENCY_MARGIN`), the target the local search
+    climbs within.
 
     The fixed seeds compute every scale only up to about 2x; at a tighter budget the sampler,
     started from them, tends to reach the budget by skipping scales, and the plans that
@@ -227,14 +234,30 @@ def budget_seed_params(record: CalibrationRecord, latency: LatencyModel, tokens:
             return {}
     base = fixed["identity"]
     out = {}
+
+    def fits(params):
+        return latency.predict(point_from_params(record, params), tokens) <= budget_s
+
     for s in range(lo, n):
         for keep in KEEPS:
             params = dict(base, first_accelerated=s, cond_only_from=s)
             for k in range(s, n):
                 params[f"keep_{k}"] = keep
                 params[f"selection_{k}"] = least_damaging_selection(record, k, keep)
-            if latency.predict(point_from_params(record, params), tokens) <= budget_s:
+            if fits(params):
                 out[f"fitted:{s}@{keep:g}"] = params
+                # the budget left over: spent on one scale at a time, as many notches as fit
+                for f in range(s, n):
+                    raised = dict(params)
+                    i = KEEPS.index(keep)
+                    while i > 0:
+                        trial = dict(raised, **{f"keep_{f}": KEEPS[i - 1],
+                                                f"selection_{f}": least_damaging_selection(record, f, KEEPS[i - 1])})
+                        if not fits(trial):
+                            break
+                        raised, i = trial, i - 1
+                    if raised != params:
+                        out[f"fitted:{s}@{keep:g},{f}@{raised[f'keep_{f}']:g}"] = raised
                 break
     return out
 

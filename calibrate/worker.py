@@ -541,7 +541,7 @@ def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
     from calibrate.metrics import scorer_for
-    from calibrate.search import Objective, budget_seed_params
+    from calibrate.search import LATENCY_MARGIN, Objective, budget_seed_params
 
     model, rec = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
@@ -553,7 +553,7 @@ def _run_worker(args, budget, storage) -> int:
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     with _storage_guard(args.storage):
         study = join_study(name, storage, rec, budget, budget_s, args.trials, _sampler_seed(args.seed, args.worker_index),
-                           fitted=budget_seed_params(rec, lat_model, tokens, budget_s))
+                           fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)))
     subject = Subject(model, prompts, seeds, batch_size, guidance)
     scorer = scorer_for(model.name)
     reference = subject.run(None)

@@ -534,7 +534,7 @@ def _linear_latency(n: int, tokens: list[int]) -> LatencyModel:
     return LatencyModel({"rows": rows, "overhead_s": 0.01}, variants, depth=2)
 
 
-def test_budget_seeds_fit_the_budget_with_the_largest_uniform_keep():
+def test_budget_seeds_fit_the_budget_with_the_largest_uniform_keep_then_spend_what_is_left():
     from calibrate.search import KEEPS, budget_seed_params, least_damaging_selection
     rec = _hand_record(n=7, depth=2, refinement_start=4)                 # search range 3..6
     rec.sensitivity = [{"scale": 5, "keep": 0.5, "selection": "deviation", "damage": 0.01},
@@ -555,7 +555,19 @@ def test_budget_seeds_fit_the_budget_with_the_largest_uniform_keep():
         seeds = budget_seed_params(rec, lm, tokens, budget)
         assert seeds
         starts = []
+        uniform = {name: params for name, params in seeds.items() if "," not in name}
         for name, params in seeds.items():
+            if "," in name:                       # the parent's left-over budget spent on one scale
+                parent = uniform[name.split(",")[0]]
+                changed = [k for k in params if params[k] != parent[k]]
+                f = int(changed[0].split("_")[1])
+                assert set(changed) <= {f"keep_{f}", f"selection_{f}"} and params[f"keep_{f}"] > parent[f"keep_{f}"]
+                assert name == f"{name.split(',')[0]},{f}@{params[f'keep_{f}']:g}"
+                assert lm.predict(point_from_params(rec, params), tokens) <= budget
+                i = KEEPS.index(params[f"keep_{f}"])
+                if i > 0:                          # one notch more on that scale misses the budget
+                    assert lm.predict(point_from_params(rec, dict(params, **{f"keep_{f}": KEEPS[i - 1]})), tokens) > budget
+        for name, params in uniform.items():
             point = point_from_params(rec, params)
             s, keep = params["first_accelerated"], params[f"keep_{params['first_accelerated']}"]
             starts.append(s)
@@ -573,13 +585,16 @@ def test_budget_seeds_fit_the_budget_with_the_largest_uniform_keep():
             tight = dict(seed_params(rec)["identity"], first_accelerated=s, cond_only_from=s,
                          **{f"keep_{k}": KEEPS[-1] for k in range(s, 7)})
             assert lm.predict(point_from_params(rec, tight), tokens) > budget
-    assert list(budget_seed_params(rec, lm, tokens, paper * 0.99)) == ["fitted:3@0.6", "fitted:4@0.4", "fitted:5@0.1"]
+    assert [k for k in budget_seed_params(rec, lm, tokens, paper * 0.99) if "," not in k] == \
+        ["fitted:3@0.6", "fitted:4@0.4", "fitted:5@0.1"]
+    assert any("," in k for k in budget_seed_params(rec, lm, tokens, full / 4))
     assert budget_seed_params(rec, lm, tokens, full / 100) == {}          # an impossible budget: none
     # an enqueued plan (a warm start's point) that computes every scale within the budget: none;
     # one that gets there by skipping scales does not count
     budget = full / 4
     fitted = budget_seed_params(rec, lm, tokens, budget)
     every_scale = next(iter(fitted.values()))
+    assert every_scale["first_accelerated"] == 3
     skipping = dict(seed_params(rec)["identity"], first_accelerated=3, cond_only_from=3, skip_from=4)
     assert lm.predict(point_from_params(rec, skipping), tokens) <= budget
     assert budget_seed_params(rec, lm, tokens, budget, [every_scale]) == {}
@@ -1108,3 +1123,10 @@ def test_cli_missing_budget_is_usage_error(capsys):
         calibrate_main(["--model", "infinity-tiny"])
     assert exc.value.code == 2
     assert "--budget" in capsys.readouterr().err
+
+
+def test_latency_margin_default_is_the_one_workers_use():
+    """Workers fit their seeds to the budget less the default margin; the command's default is it."""
+    from calibrate.cli import build_parser
+    from calibrate.search import LATENCY_MARGIN
+    assert build_parser().parse_args(["--budget", "3x"]).latency_margin == LATENCY_MARGIN
