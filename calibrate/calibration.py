@@ -23,7 +23,7 @@ from calibrate.measure.spectra import spectra_rows
 from calibrate.measure.stages import detect_stages
 from calibrate.metrics import scorer_for
 from calibrate.record import CalibrationRecord, UnitStore, content_key
-from stagevar.guidance import parse_guidance
+from stagevar.guidance import guidance_json
 from stagevar.policy import ScalePlan
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ def record_inputs(adapter, prompts, seeds, batch_size, guidance, settings: Measu
     """Everything a calibration record depends on; its key is their hash, so other weights (the
     same architecture retrained) get a new record instead of reusing one measured on the old."""
     info = device_info(adapter)
-    guidance = parse_guidance(guidance)
-    guidance = guidance if isinstance(guidance, float) else list(guidance)     # JSON: a number or a list
+    guidance = guidance_json(guidance)
     return {"model": adapter.fingerprint().to_dict(), "weights": weights_hash(adapter),
             "num_layers": adapter.num_layers, "prompts": list(prompts),
             "seeds": list(seeds), "batch_size": batch_size, "guidance": guidance,

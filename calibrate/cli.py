@@ -201,6 +201,8 @@ def cmd_calibrate(args) -> int:
     all_trials, chosen_trials, infeasible = [], {}, []
     held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance)
     held_cache: dict[str, Any] = {}
+    warm_points = dict(warm.operating_points) if warm is not None else {}
+    warm_params = [p for p in (params_for_point(rec, pt) for pt in warm_points.values()) if p is not None]
     searched = []                                    # (budget, target_s: budget less the margin, study name, study)
     objective_for: dict[str, Objective] = {}         # study name -> its objective
     for budget in budgets:
@@ -220,8 +222,6 @@ def cmd_calibrate(args) -> int:
                                              "budget_s": budget_s, "model": model.name, "trials": args.trials})
         if not args.storage:
             _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
-        warm_points = dict(warm.operating_points) if warm is not None else {}
-        warm_params = [p for p in (params_for_point(rec, pt) for pt in warm_points.values()) if p is not None]
         left_out = enqueue_seeds(study, rec, warm_points,
                                  fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - args.latency_margin),
                                                            warm_params))

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stagevar.errors import StageVarError, run_command
-from stagevar.guidance import format_guidance, guidance_argument, guidance_per_scale, is_guided, same_guidance
+from stagevar.guidance import (format_guidance, guidance_argument, guidance_json, guidance_per_scale, is_guided,
+                               same_guidance)
 
 log = logging.getLogger("stagevar.bench")
 
@@ -173,13 +174,14 @@ class _Guided:
         return self.runtime.generate(guidance=self.guidance, **kwargs)
 
 
-def build_methods(adapter, args) -> list[Method]:
+def build_methods(adapter, args, guidance) -> list[Method]:
+    """``guidance``: what every method runs at (:func:`bench_guidance`); policies calibrated at
+    other guidance are noted."""
     from stagevar.baselines import BASELINE_SOURCES, build_baseline, describe
     from stagevar.policy import PolicyError, load_policy
 
     depth = adapter.num_layers
     model_name = adapter.fingerprint().model
-    guidance = bench_guidance(adapter, args)
     methods = [Method("full", "full", None, "the unaccelerated model", "identity")]
     explicit = bool(args.policy)
     files = list(args.policy) if explicit else discover_policies(model_name, _default_policies_dirs(args.policies_dir))
@@ -572,9 +574,9 @@ def cmd_bench(args) -> int:
     _progress(f"loading {args.model} ({'random weights, ' if args.random_weights else ''}{args.device}, {args.dtype})")
     adapter = load_model(args.model, args.weights, device=args.device, dtype=dtype, random_weights=args.random_weights)
     device = adapter.device
-    methods = build_methods(adapter, args)
-    _progress("methods: " + ", ".join(m.name for m in methods))
     guidance = bench_guidance(adapter, args)
+    methods = build_methods(adapter, args, guidance)
+    _progress("methods: " + ", ".join(m.name for m in methods))
     runtimes = {m.name: _Guided(Runtime(adapter, m.point, synchronize=True), guidance) for m in methods}
     fp = adapter.fingerprint()
     schedule = adapter.scale_schedule
@@ -625,7 +627,7 @@ def cmd_bench(args) -> int:
            "quality_batch_size": args.quality_batch_size, "no_quality": bool(args.no_quality),
            "quality_images": args.prompts * args.seeds, "evaluator": bool(use_eval and not args.no_quality),
            "peak_mem_method": mem_method,
-           "guidance": list(guidance) if isinstance(guidance, (list, tuple)) else guidance,
+           "guidance": guidance_json(guidance),
            "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
     from stagevar import __version__
     cfg["stagevar"] = __version__

@@ -28,6 +28,12 @@ def parse_guidance(value: Any) -> float | tuple[float, ...]:
     return vals[0] if len(vals) == 1 else vals
 
 
+def guidance_json(value: Any) -> float | list[float]:
+    """``value`` (see :func:`parse_guidance`) as JSON / YAML holds it: a number, or a list."""
+    g = parse_guidance(value)
+    return g if isinstance(g, float) else list(g)
+
+
 def guidance_per_scale(value: Any, n_scales: int) -> tuple[float, ...]:
     """``value`` (see :func:`parse_guidance`) as one float per scale of an ``n_scales`` schedule."""
     g = parse_guidance(value)
