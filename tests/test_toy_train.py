@@ -182,3 +182,64 @@ def test_training_with_self_sampled_prefix_runs_and_is_recorded(arch, tmp_path):
     arch["train"].update(self_prefix_prob=1.5)
     with pytest.raises(SystemExit, match="self_prefix_prob=1.5"):
         tt.train(arch, tmp_path / "bad", max_minutes=0.02, threads=1, quiet=True)
+
+
+def test_nearest_scene_picks_the_candidate_closest_to_the_coarse_prefix():
+    """The own prefix's accumulated codes are compared with every candidate pooled to the given
+    size; the closest wins, even when its fine detail differs (pooling hides it)."""
+    torch.manual_seed(0)
+    B, K, d, H = 3, 4, 8, 16
+    cand = torch.randn(B, K, d, H, H)
+    target = torch.tensor([2, 0, 3])
+    coarse = torch.nn.functional.adaptive_avg_pool2d(cand[torch.arange(B), target], 4)
+    summed = torch.nn.functional.interpolate(coarse, size=(H, H), mode="nearest").unsqueeze(2)
+    assert torch.equal(tt.nearest_scene(summed, cand, (4, 4)), target)
+
+
+def test_alternative_scenes_satisfy_the_prompt_and_are_deterministic():
+    from stagevar.toy.evaluate import score
+    from stagevar.toy.prompts import make_split
+    items = make_split("train", 6, 3)
+    a = tt.alternative_scenes(items, 3, 64)
+    assert a.shape == (18, 3, 64, 64) and torch.equal(a, tt.alternative_scenes(items, 3, 64))
+    assert not torch.equal(a[0], a[1])                       # other layouts of the same prompt
+    imgs = ((a.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert all(score(imgs[i], items[i // 3]["spec"]) for i in range(len(imgs)))
+
+
+def test_own_prefix_is_the_model_sampling_itself(arch):
+    """sample_own_prefix feeds each scale the accumulated codes of the bits it sampled before."""
+    from stagevar.models.bsq_vae import accumulate_step, bits_to_codes
+    from stagevar.toy.model import build_parts
+    _, ad = build_parts(arch)
+    sched = [tuple(s) for s in ad.cfg.scale_schedule]
+    d = ad.cfg.codebook_dim
+    prefixes = []
+
+    def fake(si, prefix):
+        prefixes.append(prefix.clone())
+        _, h, w = sched[si]
+        return torch.full((2, 1, h, w, d), si % 2, dtype=torch.long)
+
+    bits, summed = tt.sample_own_prefix(fake, sched, 2, 2, d, "cpu")
+    assert [p.shape[1] for p in prefixes] == [0, sched[1][1] * sched[1][2]]      # scale 1 reads its 2x2 input
+    s0, nxt = accumulate_step(None, bits_to_codes(bits[0]), 0, sched)
+    assert torch.equal(prefixes[1], nxt)
+    assert torch.allclose(summed, accumulate_step(s0, bits_to_codes(bits[1]), 1, sched)[0])
+
+
+def test_training_with_matched_scenes_runs_and_is_recorded(arch, tmp_path):
+    torch.set_num_threads(1)
+    arch["train"].update(self_prefix_scales=1, self_prefix_prob=1.0, self_prefix_match=3,
+                         self_prefix_categories=["counting", "two_object"])
+    final = tt.train(arch, tmp_path / "run", max_minutes=0.04, threads=1, quiet=True)
+    rec = json.loads((final / "config.json").read_text())["training"]
+    assert rec["self_prefix"] == {"scales": 1, "prob": 1.0, "match": 3, "categories": ["counting", "two_object"]}
+    steps = [r for r in _log(tmp_path / "run") if r.get("phase") == "transformer"]
+    assert steps and all(r["loss"] == r["loss"] for r in steps)          # finite, not NaN
+    with pytest.raises(SystemExit, match="self_prefix_categories=.*'count'"):
+        tt.train({**arch, "train": {**arch["train"], "self_prefix_categories": ["count"]}}, tmp_path / "bad",
+                 max_minutes=0.02, threads=1, quiet=True)
+    arch["train"].update(self_prefix_prob=0.0)
+    with pytest.raises(SystemExit, match="self_prefix_match=3"):
+        tt.train(arch, tmp_path / "bad", max_minutes=0.02, threads=1, quiet=True)

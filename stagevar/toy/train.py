@@ -30,7 +30,10 @@ corrupted sum, so the model learns to correct its own sampling errors. With a se
 (``self_prefix_scales`` > 0, off by default), a fraction ``self_prefix_prob`` of the rows takes the
 EMA model's own sampled bits on the first scales instead (sampled scale by scale from its
 teacher-forced prediction), so later scales learn to repair the coarse layouts the model really
-draws, whose tokens are sampled independently of each other. Prompts are replaced by the
+draws, whose tokens are sampled independently of each other. With ``self_prefix_match`` = K,
+those rows' scene is the nearest of K scenes of their prompt to the own prefix, and they learn
+only the scales after it (``self_prefix_categories`` limits the rows to some prompt categories;
+see the model card, "Tried and not shipped"). Prompts are replaced by the
 learned null text with probability ``cond_drop`` (classifier-free guidance). Half of the steps
 (``short_prob``) train only the first ``short_scales`` scales (cheap, and those scales decide
 layout, colour and count). An EMA of the transformer is kept and exported.
@@ -71,6 +74,7 @@ class SceneStream:
         from stagevar.toy.prompts import CATEGORIES
         self.seed, self.size = int(seed), int(image_size)
         self.chunk, self.pos, self.items = 0, 0, None
+        self.last_items: list[dict[str, Any]] = []
         self.workers = int(workers)
         self._pool = None
         self.weights = {str(k): float(v) for k, v in (category_weights or {}).items()}
@@ -116,6 +120,7 @@ class SceneStream:
     def batch(self, n: int) -> tuple[list[str], torch.Tensor]:
         """The next ``n`` pairs; with ``workers`` > 0 a process pool renders them (the same images)."""
         items = [self._next_item() for _ in range(n)]
+        self.last_items = items
         jobs = [(it, self.size) for it in items]
         if self.workers > 0:
             if self._pool is None:
@@ -126,6 +131,17 @@ class SceneStream:
             imgs = [_render_item(j) for j in jobs]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         return [it["prompt"] for it in items], x
+
+
+def alternative_scenes(items: list[dict[str, Any]], k: int, size: int) -> torch.Tensor:
+    """``k`` more ground-truth scenes of each item's prompt (other layouts, sizes, backgrounds and
+    unnamed colours; deterministic in the item's seed): (len(items) * k, 3, size, size) in [-1, 1],
+    item-major."""
+    from stagevar.toy.prompts import scene_for_spec
+    from stagevar.toy.scenes import render
+    imgs = [render(scene_for_spec(it["spec"], np.random.default_rng([int(it["seed"]), 7919, j])), size)
+            for it in items for j in range(k)]
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def _render_item(job: tuple[dict[str, Any], int]) -> np.ndarray:
@@ -206,6 +222,30 @@ def own_bit_sampler(tr, kv_compact, lens, gen: torch.Generator | None, amp: dict
     return sample
 
 
+def sample_own_prefix(own_bits, vae_sched, n_own: int, B: int, d: int, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The model's own bits on the first ``n_own`` scales, each sampled given its own earlier ones
+    (``own_bits`` from :func:`own_bit_sampler`), and their accumulated codes (B, d, 1, H, W)."""
+    summed, inputs, out = None, [], []
+    for si in range(n_own):
+        _, h, w = vae_sched[si]
+        prefix = torch.cat(inputs, 1) if inputs else torch.zeros(B, 0, d, device=device)
+        bits = own_bits(si, prefix).reshape(B, 1, h, w, d)
+        out.append(bits)
+        summed, nxt = accumulate_step(summed, bits_to_codes(bits), si, vae_sched)
+        inputs.append(nxt)
+    return out, summed
+
+
+def nearest_scene(summed_Bd1HW: torch.Tensor, cand_BKdHW: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Index (B,) of the candidate whose features, area-pooled to ``size``, are closest (squared
+    error) to the own prefix's accumulated codes pooled the same way: the ground-truth scene that
+    the coarse layout the model drew is closest to."""
+    B, K = cand_BKdHW.shape[:2]
+    mine = F.adaptive_avg_pool2d(summed_Bd1HW.squeeze(2).float(), size)                  # (B, d, h, w)
+    cand = F.adaptive_avg_pool2d(cand_BKdHW.flatten(0, 1).float(), size).view(B, K, *mine.shape[1:])
+    return (cand - mine.unsqueeze(1)).square().flatten(2).sum(-1).argmin(1)
+
+
 def bit_ce(logits_BLV: torch.Tensor, labels_BLd: torch.Tensor) -> torch.Tensor:
     """Per-token mean cross-entropy over the bits (logit pair (2j, 2j+1) for bit j): (B, L)."""
     B, L, V = logits_BLV.shape
@@ -275,6 +315,14 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
         raise SystemExit(f"error: train.self_prefix_scales={own_scales} must be >= 0 and train.self_prefix_prob="
                          f"{own_prob} in [0, 1]")
     own_scales = own_scales if own_prob > 0 else 0
+    match_k = int(tc.get("self_prefix_match", 0))
+    own_cats = list(tc.get("self_prefix_categories") or [])
+    from stagevar.toy.prompts import CATEGORIES
+    if any(c not in CATEGORIES for c in own_cats):
+        raise SystemExit(f"error: train.self_prefix_categories={own_cats}: each must be one of {', '.join(CATEGORIES)}")
+    if match_k < 0 or (match_k and not own_scales):
+        raise SystemExit(f"error: train.self_prefix_match={match_k} must be >= 0, and > 0 only together with "
+                         f"train.self_prefix_scales > 0 and train.self_prefix_prob > 0")
     vae_budget_s = min(float(tc["vae_minutes"]) * 60, 0.25 * budget_s) if max_minutes is not None and \
         max_minutes < float(arch["train"]["max_minutes"]) else float(tc["vae_minutes"]) * 60
     init_meta = _check_init(arch, init) if init is not None else None
@@ -430,17 +478,41 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
                 parts.append(tr.cfg_uncond[:n] if drop[r] else kv[start:start + n])
                 start += n
             kv = torch.cat(parts, 0)
+        own_rows = None
         with torch.no_grad():
             own = {}
             if own_scales > 0:
-                own = dict(own_bits=own_bit_sampler(ema_tr, kv.detach(), lens, gen, amp), own_scales=own_scales,
-                           own_rows=_to_device(torch.rand(B, generator=gen) < own_prob, dev))
+                sampler = own_bit_sampler(ema_tr, kv.detach(), lens, gen, amp)
+                own_rows = torch.rand(B, generator=gen) < own_prob
+                if own_cats:
+                    own_rows &= torch.tensor([it["spec"]["category"] in own_cats for it in stream.last_items])
+                own_rows = _to_device(own_rows, dev)
+                if match_k and bool(own_rows.any()):
+                    # the model's own coarse layout first, then the scene of the prompt closest to it
+                    mine, summed = sample_own_prefix(sampler, vae_sched, min(own_scales, n_sc), B, feats.shape[1], dev)
+                    rows = own_rows.nonzero().flatten()
+                    alt = alternative_scenes([stream.last_items[int(r)] for r in rows.tolist()], match_k - 1,
+                                             int(arch["image_size"]))
+                    with torch.autocast(**amp):
+                        alt_f = vae.encode(_to_device(alt, dev)).float()
+                    cand = torch.cat((feats[rows].float().unsqueeze(1), alt_f.view(len(rows), match_k - 1, *alt_f.shape[1:])), 1)
+                    pick = nearest_scene(summed[rows], cand, tuple(vae_sched[min(own_scales, n_sc - 1)][1:]))
+                    feats = feats.float().clone()
+                    feats[rows] = cand[torch.arange(len(rows), device=dev), pick]
+                    sampler = lambda si, prefix, _m=mine: _m[si]                   # noqa: E731
+                own = dict(own_bits=sampler, own_scales=own_scales, own_rows=own_rows)
             labels, x_in = teacher_forcing_targets(vae, feats.float(), vae_sched, n_sc, flip_p, gen, **own)
         with torch.autocast(**amp):
             logits, level = teacher_forced_logits(tr, kv, lens, x_in, n_sc)
         ce = bit_ce(logits, labels)                                        # (B, L)
         w = tok_w_full[: ce.shape[1]]
-        loss = (ce * w).sum(1).mean() / w.sum()
+        if match_k and own_rows is not None and bool(own_rows.any()):
+            # own rows learn only the scales after their own prefix (the prefix is not a target)
+            w_rows = w.expand(B, -1).clone()
+            w_rows[own_rows] = w_rows[own_rows] * (level >= own_scales).to(w_rows.dtype)
+            loss = ((ce * w_rows).sum(1) / w_rows.sum(1)).mean()
+        else:
+            loss = (ce * w).sum(1).mean() / w.sum()
         tr_opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(tr_params, float(tc["grad_clip"]))
@@ -473,7 +545,8 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     if stream.weights:
         meta["category_weights"] = stream.weights
     if own_scales:
-        meta["self_prefix"] = {"scales": own_scales, "prob": own_prob}
+        meta["self_prefix"] = {"scales": own_scales, "prob": own_prob, **({"match": match_k} if match_k else {}),
+                              **({"categories": own_cats} if own_cats else {})}
     if init_meta is not None:
         meta["init"] = init_meta
     export(out / "final", arch, adapter, ema_tr.state_dict(), {**meta, "transformer_weights": "ema"})
