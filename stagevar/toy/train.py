@@ -129,8 +129,7 @@ class SceneStream:
             imgs = self._pool.map(_render_item, jobs, chunksize=max(1, n // (4 * self.workers)))
         else:
             imgs = [_render_item(j) for j in jobs]
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        return [it["prompt"] for it in items], x
+        return [it["prompt"] for it in items], _image_batch(imgs)
 
 
 def alternative_scenes(items: list[dict[str, Any]], k: int, size: int) -> torch.Tensor:
@@ -141,6 +140,11 @@ def alternative_scenes(items: list[dict[str, Any]], k: int, size: int) -> torch.
     from stagevar.toy.scenes import render
     imgs = [render(scene_for_spec(it["spec"], np.random.default_rng([int(it["seed"]), 7919, j])), size)
             for it in items for j in range(k)]
+    return _image_batch(imgs)
+
+
+def _image_batch(imgs: list[np.ndarray]) -> torch.Tensor:
+    """Rendered uint8 HWC images -> (B, 3, H, W) float in [-1, 1]."""
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
@@ -478,16 +482,16 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
                 parts.append(tr.cfg_uncond[:n] if drop[r] else kv[start:start + n])
                 start += n
             kv = torch.cat(parts, 0)
-        own_rows = None
+        matched = None                                                     # rows of a matched own prefix
         with torch.no_grad():
             own = {}
-            if own_scales > 0:
-                sampler = own_bit_sampler(ema_tr, kv.detach(), lens, gen, amp)
-                own_rows = torch.rand(B, generator=gen) < own_prob
-                if own_cats:
-                    own_rows &= torch.tensor([it["spec"]["category"] in own_cats for it in stream.last_items])
+            own_rows = torch.rand(B, generator=gen) < own_prob if own_scales > 0 else torch.zeros(B, dtype=torch.bool)
+            if own_cats:
+                own_rows &= torch.tensor([it["spec"]["category"] in own_cats for it in stream.last_items])
+            if bool(own_rows.any()):
                 own_rows = _to_device(own_rows, dev)
-                if match_k and bool(own_rows.any()):
+                sampler = own_bit_sampler(ema_tr, kv.detach(), lens, gen, amp)
+                if match_k:
                     # the model's own coarse layout first, then the scene of the prompt closest to it
                     mine, summed = sample_own_prefix(sampler, vae_sched, min(own_scales, n_sc), B, feats.shape[1], dev)
                     rows = own_rows.nonzero().flatten()
@@ -500,16 +504,17 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
                     feats = feats.float().clone()
                     feats[rows] = cand[torch.arange(len(rows), device=dev), pick]
                     sampler = lambda si, prefix, _m=mine: _m[si]                   # noqa: E731
+                    matched = own_rows
                 own = dict(own_bits=sampler, own_scales=own_scales, own_rows=own_rows)
             labels, x_in = teacher_forcing_targets(vae, feats.float(), vae_sched, n_sc, flip_p, gen, **own)
         with torch.autocast(**amp):
             logits, level = teacher_forced_logits(tr, kv, lens, x_in, n_sc)
         ce = bit_ce(logits, labels)                                        # (B, L)
         w = tok_w_full[: ce.shape[1]]
-        if match_k and own_rows is not None and bool(own_rows.any()):
-            # own rows learn only the scales after their own prefix (the prefix is not a target)
+        if matched is not None:
+            # matched rows learn only the scales after their own prefix (the prefix is not a target)
             w_rows = w.expand(B, -1).clone()
-            w_rows[own_rows] = w_rows[own_rows] * (level >= own_scales).to(w_rows.dtype)
+            w_rows[matched] = w_rows[matched] * (level >= own_scales).to(w_rows.dtype)
             loss = ((ce * w_rows).sum(1) / w_rows.sum(1)).mean()
         else:
             loss = (ce * w).sum(1).mean() / w.sum()
