@@ -384,7 +384,8 @@ def _leftovers(d: Path, keep: str) -> list[str]:
 
 def test_atomic_save_replace_fails(tiny, tmp_path, monkeypatch):
     path = tmp_path / "p.yaml"
-    original = Policy.identity(tiny).save(path).read_bytes()
+    identity = Policy.identity(tiny)             # one object: its provenance holds the second it was made
+    original = identity.save(path).read_bytes()
 
     def boom(*a, **k):
         raise OSError("disk full (simulated)")
@@ -395,12 +396,13 @@ def test_atomic_save_replace_fails(tiny, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == original
     assert _leftovers(tmp_path, "p.yaml") == []
-    assert load_policy(path) == Policy.identity(tiny)
+    assert load_policy(path) == identity
 
 
 def test_atomic_save_write_fails_midway(tiny, tmp_path, monkeypatch):
     path = tmp_path / "p.yaml"
-    original = Policy.identity(tiny).save(path).read_bytes()
+    identity = Policy.identity(tiny)             # one object: its provenance holds the second it was made
+    original = identity.save(path).read_bytes()
     real_fdopen = os.fdopen
     seen = []
 
