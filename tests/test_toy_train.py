@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from stagevar.toy import train as tt
 from stagevar.toy.model import load_mini
@@ -88,6 +90,45 @@ def test_warm_start_from_weights(arch, tmp_path):
     other["transformer"]["depth"] = 2
     with pytest.raises(SystemExit, match="'transformer'"):
         tt.train(other, tmp_path / "c", max_minutes=0.02, threads=1, quiet=True, init=first)
+
+
+def test_average_of_two_weights_directories(arch, tmp_path):
+    """--average: the transformer and text encoder are the weighted mean of the two inputs (ALPHA the
+    weight of the second), the VAE is the shared one, the record names both; mismatches are refused."""
+    torch.set_num_threads(1)
+    first = tt.train(arch, tmp_path / "a", max_minutes=0.05, threads=1, quiet=True)
+    second = tt.train(arch, tmp_path / "b", max_minutes=0.03, threads=1, quiet=True, init=first)
+    out = tmp_path / "avg"
+    assert tt.main(["--average", str(first), str(second), "0.25", "--out", str(out)]) == 0
+    a, b, m = (load_mini(d) for d in (first, second, out))
+    for part in ("transformer", "text_encoder"):
+        sa, sb, sm = (getattr(x, part).state_dict() for x in (a, b, m))
+        changed = 0
+        for k, v in sm.items():
+            if not v.is_floating_point():
+                continue
+            want = (0.75 * sa[k] + 0.25 * sb[k]).half().float()        # float16 on disk
+            assert torch.allclose(v, want, atol=1e-3, rtol=1e-3), (part, k)
+            changed += not torch.equal(sa[k], sb[k])
+        assert changed > 0 or part == "text_encoder"
+    assert (out / "vae.safetensors").read_bytes() == (first / "vae.safetensors").read_bytes()
+    rec = json.loads((out / "config.json").read_text())["training"]["average"]
+    assert rec["alpha"] == 0.25 and rec["first"]["from"] == str(first) and rec["second"]["from"] == str(second)
+    img = m.reference_generate(m.encode_prompts(["a red circle"]), guidance=3.0, seed=0)
+    assert torch.isfinite(img).all()
+    # a second directory with another VAE (its bit labels differ) is refused, and so is a bad ALPHA
+    other = tmp_path / "other"
+    shutil.copytree(second, other)
+    vae_sd = load_file(str(other / "vae.safetensors"))
+    name = next(k for k, v in vae_sd.items() if v.is_floating_point())
+    vae_sd[name] = vae_sd[name] + 1
+    save_file(vae_sd, str(other / "vae.safetensors"))
+    with pytest.raises(SystemExit, match="vae.safetensors"):
+        tt.main(["--average", str(first), str(other), "0.5", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="ALPHA=1.5"):
+        tt.main(["--average", str(first), str(second), "1.5", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not a weights directory"):
+        tt.main(["--average", str(first), str(tmp_path / "missing"), "0.5", "--out", str(tmp_path / "x")])
 
 
 def test_rendering_workers_give_the_same_stream():

@@ -13,6 +13,10 @@ Examples::
     python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --init stagevar/toy/weights \
         --out runs/gpu --device cuda --max-minutes 5 --workers 12 --set train.batch=64 --set train.short_batch=128
 
+    # average two weights directories of one VAE (how the shipped weights were made last:
+    # 0.4 x the GPU-finished weights + 0.6 x a matched-prefix continuation)
+    python -m stagevar.toy.train --average runs/step4 runs/matchc/final 0.6 --out runs/avg06
+
 Data are drawn on the fly (never stored): prompts of the ``train`` split grammar
 (:func:`stagevar.toy.prompts.make_split`, so no held-out combination is ever seen) and their
 ground-truth scenes rendered at ``image_size``.
@@ -33,7 +37,7 @@ teacher-forced prediction), so later scales learn to repair the coarse layouts t
 draws, whose tokens are sampled independently of each other. With ``self_prefix_match`` = K,
 those rows' scene is the nearest of K scenes of their prompt to the own prefix, and they learn
 only the scales after it (``self_prefix_categories`` limits the rows to some prompt categories;
-see the model card, "Tried and not shipped"). Prompts are replaced by the
+see the model card, step 5). Prompts are replaced by the
 learned null text with probability ``cond_drop`` (classifier-free guidance). Half of the steps
 (``short_prob``) train only the first ``short_scales`` scales (cheap, and those scales decide
 layout, colour and count). An EMA of the transformer is kept and exported.
@@ -597,6 +601,58 @@ def export_checkpoint(ckpt: Path, out_dir: Path, raw: bool = False) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------ decoder fine-tuning
+AVERAGED_FILES = ("transformer.safetensors", "text.safetensors")
+
+
+def average_weights(first: Path, second: Path, alpha: float, out_dir: Path) -> dict[str, Any]:
+    """Write ``(1 - alpha) * first + alpha * second`` (transformer and text encoder) to ``out_dir``.
+
+    Both directories must hold the same architecture and the *same* VAE: the transformer's bit
+    labels are the VAE's, so only weights trained on one VAE can be averaged. The VAE, the
+    sampling settings and the rest of ``config.json`` come from ``first``; ``training.average``
+    records both inputs with their own training summaries."""
+    from safetensors.torch import load_file, save_file
+
+    first, second, out_dir = Path(first), Path(second), Path(out_dir)
+    if not 0.0 <= alpha <= 1.0:
+        raise SystemExit(f"error: --average: ALPHA={alpha} must be in [0, 1] (the weight of the second directory)")
+    cfgs = []
+    for d in (first, second):
+        missing = [f for f in ("config.json", "vae.safetensors", *AVERAGED_FILES) if not (d / f).is_file()]
+        if missing:
+            raise SystemExit(f"error: --average: {d} is not a weights directory (missing {', '.join(missing)})")
+        cfgs.append(json.loads((d / "config.json").read_text()))
+    arch_keys = ("image_size", "schedule", "vae", "text", "transformer")
+    diff = [k for k in arch_keys if cfgs[0].get(k) != cfgs[1].get(k)]
+    if diff:
+        raise SystemExit(f"error: --average: {first} and {second} differ in config.json {', '.join(diff)}; only one "
+                         f"architecture can be averaged")
+    if (first / "vae.safetensors").read_bytes() != (second / "vae.safetensors").read_bytes():
+        raise SystemExit(f"error: --average: {first}/vae.safetensors and {second}/vae.safetensors differ; the "
+                         f"transformers were trained on different bit labels and cannot be averaged")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for fname in AVERAGED_FILES:
+        a, b = load_file(str(first / fname)), load_file(str(second / fname))
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+            raise SystemExit(f"error: --average: {first}/{fname} and {second}/{fname} hold different tensors")
+        mixed = {k: ((1 - alpha) * a[k].float() + alpha * b[k].float()).to(a[k].dtype).contiguous()
+                 if a[k].is_floating_point() else a[k] for k in a}
+        tmp = out_dir / (fname + ".tmp")
+        save_file(mixed, str(tmp), metadata={"model": "infinity-mini"})
+        os.replace(tmp, out_dir / fname)
+    tmp = out_dir / "vae.safetensors.tmp"
+    tmp.write_bytes((first / "vae.safetensors").read_bytes())
+    os.replace(tmp, out_dir / "vae.safetensors")
+    cfg = dict(cfgs[0])
+    cfg["training"] = {"average": {"alpha": alpha,
+                                   "first": {"from": str(first), "training": cfgs[0].get("training")},
+                                   "second": {"from": str(second), "training": cfgs[1].get("training")}}}
+    tmp = out_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, out_dir / "config.json")
+    return {"alpha": alpha, "first": str(first), "second": str(second), "out": str(out_dir)}
+
+
 def finetune_decoder(weights_dir: Path, out_dir: Path, minutes: float, device: str = "cpu", seed: int = 1,
                      batch: int = 16, lr: float = 3e-4, quiet: bool = False) -> dict[str, Any]:
     """Train only the VAE decoder (encoder and quantiser frozen, so the bit labels the transformer
@@ -739,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
                "  python -m stagevar.toy.train --sweep runs/mini/final --split calibration --n 48 --seeds 0\n"
                "  python -m stagevar.toy.train --export runs/mini/ckpt.pt --out runs/mini/interim\n"
                "  python -m stagevar.toy.train --finetune-decoder runs/mini/final 10 --out runs/mini/final_dec\n"
+               "  python -m stagevar.toy.train --average stagevar/toy/weights runs/ft/final 0.5 --out runs/avg\n"
                "  python -m stagevar.toy.train --evaluate stagevar/toy/weights --split heldout --n 60 --seeds 0 1 2 3\n"
                "Re-running with the same --out resumes from OUT/ckpt.pt; the final weights are in OUT/final/.")
     p.add_argument("--config", help="YAML config (e.g. stagevar/toy/configs/mini.yaml)")
@@ -758,6 +815,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="with --export: the raw transformer weights instead of the EMA")
     p.add_argument("--finetune-decoder", nargs=2, metavar=("WEIGHTS_DIR", "MINUTES"),
                    help="train only the VAE decoder of trained weights (labels unchanged); writes --out")
+    p.add_argument("--average", nargs=3, metavar=("FIRST", "SECOND", "ALPHA"),
+                   help="average two weights directories of one architecture and VAE, (1 - ALPHA) * FIRST + "
+                        "ALPHA * SECOND (transformer and text encoder); writes --out")
     g = p.add_argument_group("evaluation (instead of training)")
     g.add_argument("--evaluate", metavar="WEIGHTS_DIR", help="score weights with their default sampling settings")
     g.add_argument("--sweep", metavar="WEIGHTS_DIR", help="score weights over a grid of cfg / tau / top_k / top_p")
@@ -778,6 +838,15 @@ def main(argv: list[str] | None = None) -> int:
         if not a.out:
             p.error("--export needs --out (a new weights directory)")
         print(json.dumps(export_checkpoint(Path(a.export), Path(a.out), raw=a.raw)), flush=True)
+        return 0
+    if a.average:
+        if not a.out:
+            p.error("--average needs --out (a new weights directory)")
+        try:
+            alpha = float(a.average[2])
+        except ValueError:
+            p.error(f"--average: ALPHA={a.average[2]!r} is not a number")
+        print(json.dumps(average_weights(Path(a.average[0]), Path(a.average[1]), alpha, Path(a.out))), flush=True)
         return 0
     if a.finetune_decoder:
         if not a.out:
