@@ -277,11 +277,12 @@ def cmd_calibrate(args) -> int:
         verification_prompts=len(heldout), seeds=seeds, optuna_storage=_redact(args.storage) or "journal file in --out",
         optuna_sampler_seed=args.seed, trials_per_budget=args.trials))
     out_path = args.policy_out or Path("policies") / f"{model.name}.{model.resolution}.{'-'.join(b.name for b in budgets)}.yaml"
+    replaced = keep_replaced_policy(out_path, Path(args.out))
     policy.save(out_path)
     search_info = {"points": {k: v.to_dict() for k, v in points.items()}, "trials": all_trials, "chosen_trials": chosen_trials}
     report = write_report(rec, rdir, search_info)
     summary = {"policy": str(out_path), "report": str(report), "record": str(rdir / "record.json"),
-               "seconds": round(time.time() - t0, 1),
+               "seconds": round(time.time() - t0, 1), **({"replaced_policy": str(replaced)} if replaced else {}),
                "operating_points": {k: {kk: v.measured.get(kk) for kk in ("feasible", "speedup", "latency_s", "baseline_latency_s",
                                                                           "quality", "score_full", "score", "score_drop", "trial")}
                                     for k, v in points.items()}}
@@ -292,7 +293,7 @@ def cmd_calibrate(args) -> int:
     if args.json:
         print(json.dumps(summary, default=float))
     else:
-        print(f"policy: {out_path}")
+        print(f"policy: {out_path}" + (f" (the file it replaced is kept as {replaced})" if replaced else ""))
         print(f"report: {report}")
         for k, v in summary["operating_points"].items():
             print(f"  {k}: {'met' if v['feasible'] else 'NOT met'}; verified speedup {v['speedup']:.2f}x, quality {v['quality']:.3f}"
@@ -306,6 +307,24 @@ def cmd_calibrate(args) -> int:
         print(f"budget not met ({msg}). The best-effort operating point is written and marked feasible: false.", file=sys.stderr)
         return 3
     return 0
+
+
+def keep_replaced_policy(path: Path, out_dir: Path) -> Path | None:
+    """Copy a policy file that is about to be replaced into the working directory ``out_dir``
+    (``replaced-<name>-<time>.yaml``), so recalibrating over a shipped or hand-edited policy loses
+    nothing. Returns the copy, or None when ``path`` does not exist yet."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    dest, n = out_dir / f"replaced-{path.stem}-{stamp}{path.suffix}", 1
+    while dest.exists():
+        dest, n = out_dir / f"replaced-{path.stem}-{stamp}-{n}{path.suffix}", n + 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_bytes(path.read_bytes())
+    os.replace(tmp, dest)
+    return dest
 
 
 def _journal(path: Path):

@@ -1057,7 +1057,13 @@ def test_cli_local_search_after_the_sampler_and_resume(measured, model, tmp_path
 
     measure_trial = Objective.__call__
     monkeypatch.setattr(Objective, "__call__", no_trial)      # the climb ended: its neighbours are all measured
+    first_policy = (work / "p.yaml").read_bytes()
+    assert not list(work.glob("replaced-*"))
     calibrate_main(argv)
+    # the policy file the re-run replaced is kept in the working directory, byte for byte
+    kept = list(work.glob("replaced-p-*.yaml"))
+    assert len(kept) == 1 and kept[0].read_bytes() == first_policy
+    assert "kept as" in capsys.readouterr().out
     again = load()
     assert len([t for t in again.trials if "local_from" not in t.user_attrs]) == 4
     assert len([t for t in again.trials if "local_from" in t.user_attrs]) <= 3
