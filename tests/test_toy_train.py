@@ -131,6 +131,26 @@ def test_average_of_two_weights_directories(arch, tmp_path):
         tt.main(["--average", str(first), str(tmp_path / "missing"), "0.5", "--out", str(tmp_path / "x")])
 
 
+def test_periodic_evaluation_is_logged_and_recorded(arch, tmp_path):
+    """train.eval_minutes: the EMA weights are judged on calibration prompts during training; each
+    result is a log row, and the exported record names the setting."""
+    pytest.importorskip("scipy")
+    torch.set_num_threads(1)
+    arch["train"].update(eval_minutes=0.005, eval_prompts=6)
+    final = tt.train(arch, tmp_path / "run", max_minutes=0.05, threads=1, quiet=True)
+    rows = [r for r in _log(tmp_path / "run") if r["phase"] == "eval"]
+    assert rows, "no evaluation was logged"
+    assert all(r["images"] == 6 and 0.0 <= r["overall"] <= 1.0 and r["split"] == "calibration" for r in rows)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    rec = json.loads((final / "config.json").read_text())["training"]
+    assert rec["eval"] == {"minutes": 0.005, "prompts": 6, "split": "calibration", "log": "log.jsonl"}
+    bad = copy.deepcopy(arch)
+    bad["train"]["eval_minutes"] = -1
+    with pytest.raises(SystemExit, match="train.eval_minutes"):
+        tt.train(bad, tmp_path / "bad", max_minutes=0.01, threads=1, quiet=True)
+
+
 def test_rendering_workers_give_the_same_stream():
     one, pool = tt.SceneStream(3, 32), tt.SceneStream(3, 32, workers=2)
     try:

@@ -40,7 +40,10 @@ only the scales after it (``self_prefix_categories`` limits the rows to some pro
 see the model card, step 5). Prompts are replaced by the
 learned null text with probability ``cond_drop`` (classifier-free guidance). Half of the steps
 (``short_prob``) train only the first ``short_scales`` scales (cheap, and those scales decide
-layout, colour and count). An EMA of the transformer is kept and exported.
+layout, colour and count). An EMA of the transformer is kept and exported. With ``eval_minutes``
+> 0, the EMA weights are judged every that many minutes of transformer training on
+``eval_prompts`` calibration prompts (seed 0), and each result is a ``"phase": "eval"`` row of
+``log.jsonl`` (its time is not counted against the budget).
 
 Outputs in ``--out``: ``ckpt.pt`` (atomic, every ``ckpt_minutes``; resumed automatically),
 ``log.jsonl`` (metrics), ``final/`` (``config.json`` + ``*.safetensors``, the EMA transformer) and
@@ -331,6 +334,10 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     if match_k < 0 or (match_k and not own_scales):
         raise SystemExit(f"error: train.self_prefix_match={match_k} must be >= 0, and > 0 only together with "
                          f"train.self_prefix_scales > 0 and train.self_prefix_prob > 0")
+    eval_every_s, eval_n = float(tc.get("eval_minutes", 0) or 0) * 60, int(tc.get("eval_prompts", 48))
+    if eval_every_s < 0 or (eval_every_s and eval_n < 1):
+        raise SystemExit(f"error: train.eval_minutes={tc.get('eval_minutes')} must be >= 0 (0: off) and "
+                         f"train.eval_prompts={eval_n} >= 1")
     vae_budget_s = min(float(tc["vae_minutes"]) * 60, 0.25 * budget_s) if max_minutes is not None and \
         max_minutes < float(arch["train"]["max_minutes"]) else float(tc["vae_minutes"]) * 60
     init_meta = _check_init(arch, init) if init is not None else None
@@ -411,6 +418,26 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
         if now - last_ckpt > float(tc["ckpt_minutes"]) * 60:
             save_ckpt()
             last_ckpt = time.time()
+
+    def score_ema():
+        """Judge the EMA weights on ``eval_n`` prompts of the calibration split (seed 0, the config's
+        sampling settings) and log the result; the time it takes is not training time."""
+        nonlocal t_prev
+        was = ema_tr.training
+        adapter.transformer = ema_tr
+        ema_tr.eval(); text.eval()
+        try:
+            res = evaluate_weights(adapter, "calibration", eval_n, (0,), 0)
+        finally:
+            adapter.transformer = tr
+            ema_tr.train(was); text.train()
+        state["evals"] = state.get("evals", 0) + 1
+        t_prev = time.time()
+        log({"phase": "eval", "step": state["tr_step"], "split": "calibration", "images": res["num_images"],
+             "overall": res["overall"], **{c: res[c] for c in CATEGORIES if c in res}, "seconds": res["seconds"]})
+        if not quiet:
+            bar.write(f"eval at step {state['tr_step']}: overall {res['overall']:.3f} on {res['num_images']} "
+                      f"calibration images ({res['seconds']:.0f} s)")
 
     # ---------------- phase 1: VAE
     vae.train()
@@ -543,6 +570,8 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
                  "ce_per_scale": [round(v, 4) for v in per_scale], "lr": lr, "flip_p": flip_p,
                  "grad_norm": float(gn)})
         tick()
+        if eval_every_s and state["elapsed"] - state["vae_elapsed"] >= (state.get("evals", 0) + 1) * eval_every_s:
+            score_ema()
 
     bar.close()
     stream.close()
@@ -556,6 +585,8 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     if own_scales:
         meta["self_prefix"] = {"scales": own_scales, "prob": own_prob, **({"match": match_k} if match_k else {}),
                               **({"categories": own_cats} if own_cats else {})}
+    if eval_every_s:
+        meta["eval"] = {"minutes": eval_every_s / 60, "prompts": eval_n, "split": "calibration", "log": "log.jsonl"}
     if init_meta is not None:
         meta["init"] = init_meta
     export(out / "final", arch, adapter, ema_tr.state_dict(), {**meta, "transformer_weights": "ema"})
