@@ -320,11 +320,8 @@ def keep_replaced_policy(path: Path, out_dir: Path) -> Path | None:
     dest, n = out_dir / f"replaced-{path.stem}-{stamp}{path.suffix}", 1
     while dest.exists():
         dest, n = out_dir / f"replaced-{path.stem}-{stamp}-{n}{path.suffix}", n + 1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_bytes(path.read_bytes())
-    os.replace(tmp, dest)
-    return dest
+    from stagevar.policy import atomic_write_text
+    return atomic_write_text(dest, path.read_bytes().decode("utf-8"))
 
 
 def _journal(path: Path):

@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from stagevar.guidance import GUIDANCE_HELP, guidance_argument, guidance_ramp
+from stagevar.policy import atomic_write_text
 from stagevar.models.bsq_vae import accumulate_step, bits_to_codes
 from stagevar.toy.model import MiniTextEncoder, build_parts, init_transformer_
 
@@ -278,10 +279,21 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: ``config.json`` sections that fix the architecture: weights can only be continued or averaged
+#: between directories that agree on all of them.
+ARCH_KEYS = ("image_size", "schedule", "vae", "text", "transformer")
+
+
+def _save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file of a weights directory, written atomically."""
+    from safetensors.torch import save_file
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata={"model": "infinity-mini"})
+    os.replace(tmp, path)
+
+
 def export(out_dir: Path, arch: dict[str, Any], adapter, transformer_sd: dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``config.json`` and the three safetensors files (atomic per file)."""
-    from safetensors.torch import save_file
-
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def clean(sd):
@@ -291,14 +303,10 @@ def export(out_dir: Path, arch: dict[str, Any], adapter, transformer_sd: dict[st
 
     for fname, sd in (("transformer.safetensors", transformer_sd), ("vae.safetensors", adapter.vae.state_dict()),
                       ("text.safetensors", adapter.text_encoder.state_dict())):
-        tmp = out_dir / (fname + ".tmp")
-        save_file(clean(sd), str(tmp), metadata={"model": "infinity-mini"})
-        os.replace(tmp, out_dir / fname)
-    cfg = {k: arch[k] for k in ("image_size", "schedule", "vae", "text", "transformer", "sampling")}
+        _save_weights(clean(sd), out_dir / fname)
+    cfg = {k: arch[k] for k in (*ARCH_KEYS, "sampling")}
     cfg["training"] = meta
-    tmp = out_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, out_dir / "config.json")
+    atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
 
 
 def _param_groups(model, wd: float):
@@ -609,7 +617,7 @@ def _check_init(arch: dict[str, Any], init: Path) -> dict[str, Any]:
         raise SystemExit(f"error: --init {init}: no config.json there (pass a weights directory such as "
                          "stagevar/toy/weights or a run's final/)")
     have = json.loads(cfg_path.read_text())
-    for key in ("image_size", "schedule", "vae", "text", "transformer"):
+    for key in ARCH_KEYS:
         if have.get(key) != arch.get(key):
             raise SystemExit(f"error: --init {init}: its {key!r} ({have.get(key)}) differs from the config's "
                              f"({arch.get(key)}); a warm start needs the same architecture")
@@ -642,7 +650,7 @@ def average_weights(first: Path, second: Path, alpha: float, out_dir: Path) -> d
     labels are the VAE's, so only weights trained on one VAE can be averaged. The VAE, the
     sampling settings and the rest of ``config.json`` come from ``first``; ``training.average``
     records both inputs with their own training summaries."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     first, second, out_dir = Path(first), Path(second), Path(out_dir)
     if not 0.0 <= alpha <= 1.0:
@@ -653,12 +661,12 @@ def average_weights(first: Path, second: Path, alpha: float, out_dir: Path) -> d
         if missing:
             raise SystemExit(f"error: --average: {d} is not a weights directory (missing {', '.join(missing)})")
         cfgs.append(json.loads((d / "config.json").read_text()))
-    arch_keys = ("image_size", "schedule", "vae", "text", "transformer")
-    diff = [k for k in arch_keys if cfgs[0].get(k) != cfgs[1].get(k)]
+    diff = [k for k in ARCH_KEYS if cfgs[0].get(k) != cfgs[1].get(k)]
     if diff:
         raise SystemExit(f"error: --average: {first} and {second} differ in config.json {', '.join(diff)}; only one "
                          f"architecture can be averaged")
-    if (first / "vae.safetensors").read_bytes() != (second / "vae.safetensors").read_bytes():
+    vae_bytes = (first / "vae.safetensors").read_bytes()
+    if vae_bytes != (second / "vae.safetensors").read_bytes():
         raise SystemExit(f"error: --average: {first}/vae.safetensors and {second}/vae.safetensors differ; the "
                          f"transformers were trained on different bit labels and cannot be averaged")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -668,19 +676,15 @@ def average_weights(first: Path, second: Path, alpha: float, out_dir: Path) -> d
             raise SystemExit(f"error: --average: {first}/{fname} and {second}/{fname} hold different tensors")
         mixed = {k: ((1 - alpha) * a[k].float() + alpha * b[k].float()).to(a[k].dtype).contiguous()
                  if a[k].is_floating_point() else a[k] for k in a}
-        tmp = out_dir / (fname + ".tmp")
-        save_file(mixed, str(tmp), metadata={"model": "infinity-mini"})
-        os.replace(tmp, out_dir / fname)
+        _save_weights(mixed, out_dir / fname)
     tmp = out_dir / "vae.safetensors.tmp"
-    tmp.write_bytes((first / "vae.safetensors").read_bytes())
+    tmp.write_bytes(vae_bytes)
     os.replace(tmp, out_dir / "vae.safetensors")
     cfg = dict(cfgs[0])
     cfg["training"] = {"average": {"alpha": alpha,
                                    "first": {"from": str(first), "training": cfgs[0].get("training")},
                                    "second": {"from": str(second), "training": cfgs[1].get("training")}}}
-    tmp = out_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, out_dir / "config.json")
+    atomic_write_text(out_dir / "config.json", json.dumps(cfg, indent=2) + "\n")
     return {"alpha": alpha, "first": str(first), "second": str(second), "out": str(out_dir)}
 
 
@@ -689,7 +693,6 @@ def finetune_decoder(weights_dir: Path, out_dir: Path, minutes: float, device: s
     """Train only the VAE decoder (encoder and quantiser frozen, so the bit labels the transformer
     learned stay exactly the same) for ``minutes``; writes a complete weights directory ``out_dir``."""
     import shutil
-    from safetensors.torch import save_file
     from tqdm import tqdm
     from stagevar.toy.model import load_mini
 
@@ -734,8 +737,7 @@ def finetune_decoder(weights_dir: Path, out_dir: Path, minutes: float, device: s
             shutil.copyfile(Path(weights_dir) / f, out_dir / f)
     sd = {k: v.detach().cpu().to(torch.float16).contiguous() if v.is_floating_point() else v.detach().cpu()
           for k, v in vae.state_dict().items() if not k.endswith(".lfq.mask")}
-    save_file(sd, str(out_dir / "vae.safetensors.tmp"), metadata={"model": "infinity-mini"})
-    os.replace(out_dir / "vae.safetensors.tmp", out_dir / "vae.safetensors")
+    _save_weights(sd, out_dir / "vae.safetensors")
     arch.setdefault("training", {})["decoder_finetune"] = {"steps": step, "minutes": round(minutes, 1), "batch": batch,
                                                            "lr": lr, "final_mse_ema": hist}
     (out_dir / "config.json").write_text(json.dumps(arch, indent=2) + "\n")
