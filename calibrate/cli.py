@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     _common(p)
     p.add_argument("--budget", required=True, help="speedup (3x) or latency per batch (700ms); comma-separated for several")
-    p.add_argument("--trials", type=int, default=60, help="Optuna trials per budget, in total across resumes and workers (default 60)")
+    p.add_argument("--trials", type=int, default=60,
+                   help="sampler trials per budget, the enqueued seed policies included, in total across resumes and "
+                        "workers (default 60); the local search's trials (--local-trials) come on top")
     p.add_argument("--storage", help="Optuna storage URL (default: a journal file in --out)")
     p.add_argument("--study", help="study name (default: derived from model, budget and calibration record)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
@@ -161,7 +163,7 @@ def cmd_calibrate(args) -> int:
     from calibrate.metrics import scorer_for
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import write_report
-    from calibrate.search import (Objective, budget_seed_params, enqueue_seeds, is_local, local_search,
+    from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, local_search,
                                   measured_trials, open_study, params_for_point, pareto_front, parse_budgets,
                                   point_from_params, summarize_trial, verification_candidates)
     from calibrate.verify import verify_candidates
@@ -224,7 +226,7 @@ def cmd_calibrate(args) -> int:
             _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
         left_out = enqueue_seeds(study, rec, warm_points,
                                  fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - args.latency_margin),
-                                                           warm_params))
+                                                           warm_params), limit=args.trials)
         if left_out:
             log.warning("--warm-start: operating point(s) %s of %s lie outside this search space and were left out",
                         ", ".join(left_out), args.warm_start)
@@ -236,6 +238,7 @@ def cmd_calibrate(args) -> int:
         if remaining:
             log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
             study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
+        drop_queued_seeds(study)
         searched.append((budget, budget_s * (1 - args.latency_margin), name, study))
     # every trial measured in this run (same record, so comparable quality; absolute predicted
     # latency) competes for every budget, whichever budget's study found it

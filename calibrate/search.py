@@ -524,24 +524,47 @@ def params_for_point(record: CalibrationRecord, point: OperatingPoint) -> dict[s
 
 def enqueue_seeds(study: optuna.Study, record: CalibrationRecord,
                   warm_start: dict[str, OperatingPoint] | None = None,
-                  fitted: dict[str, dict[str, Any]] | None = None) -> list[str]:
+                  fitted: dict[str, dict[str, Any]] | None = None, limit: int | None = None) -> list[str]:
     """Enqueue the baselines once (a resumed or joined study already has them), the budget-fitted
     seeds ``fitted`` (:func:`budget_seed_params`), and the operating points of ``warm_start``
-    (e.g. the policy being recalibrated) that fit the search space. Returns the names of the
-    warm-start points that did not fit (they are left out)."""
+    (e.g. the policy being recalibrated) that fit the search space, in that order.
+
+    ``limit`` (``--trials``) bounds the sampler trials of the study, enqueued seeds included: only
+    the first ``limit`` seeds are enqueued (the others are named in a warning), so that no seed is
+    left queued when the sampler stops. Returns the names of the warm-start points that did not
+    fit the search space (they are left out)."""
     if study.user_attrs.get("seeded"):
         return []
-    for name, params in {**seed_params(record), **(fitted or {})}.items():
-        study.enqueue_trial(params, user_attrs={"seed_policy": name}, skip_if_exists=True)
+    seeds = [(name, params) for name, params in {**seed_params(record), **(fitted or {})}.items()]
     left_out = []
     for name, point in (warm_start or {}).items():
         params = params_for_point(record, point)
         if params is None:
             left_out.append(name)
             continue
-        study.enqueue_trial(params, user_attrs={"seed_policy": f"warm-start:{name}"}, skip_if_exists=True)
+        seeds.append((f"warm-start:{name}", params))
+    if limit is not None and len(seeds) > limit:
+        log.warning("--trials %d is fewer than the %d seed policies: %s not tried (raise --trials to try them)",
+                    limit, len(seeds), ", ".join(name for name, _ in seeds[limit:]))
+        seeds = seeds[:limit]
+    for name, params in seeds:
+        study.enqueue_trial(params, user_attrs={"seed_policy": name}, skip_if_exists=True)
     study.set_user_attr("seeded", True)
     return left_out
+
+
+def drop_queued_seeds(study: optuna.Study) -> int:
+    """Mark the sampler's trials still queued (WAITING) as failed, so that the local search, which
+    runs queued trials through ``study.optimize`` (oldest first), never runs them as its own. They
+    exist only when a study is resumed with a lower ``--trials`` than it was started with.
+    Returns how many were dropped."""
+    waiting = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)) if not is_local(t)]
+    for t in waiting:
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    if waiting:
+        log.warning("%d queued trial(s) beyond --trials were not run: %s", len(waiting),
+                    ", ".join(str(t.user_attrs.get("seed_policy", t.number)) for t in waiting))
+    return len(waiting)
 
 
 def point_from_params(record: CalibrationRecord, params: dict[str, Any]) -> OperatingPoint:

@@ -417,7 +417,7 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
                             "Use another --study name.")
     if created:
         study.set_user_attr(STUDY_ATTR, info)
-        enqueue_seeds(study, rec, fitted=fitted)
+        enqueue_seeds(study, rec, fitted=fitted, limit=trials)
         log.info("created study %s", name)
         return study
     deadline = time.time() + wait_s
@@ -426,7 +426,7 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
             log.warning("study %s has no seed trials after %.0fs; enqueueing them", name, wait_s)
             if STUDY_ATTR not in study.user_attrs:
                 study.set_user_attr(STUDY_ATTR, info)
-            enqueue_seeds(study, rec, fitted=fitted)
+            enqueue_seeds(study, rec, fitted=fitted, limit=trials)
             break
         time.sleep(0.5)
     theirs = study.user_attrs.get(STUDY_ATTR)

@@ -791,6 +791,46 @@ def test_local_search_runs_neighbours_an_interrupted_run_left_queued_once():
     assert {_plan_key(point_from_params(rec, nb)) for nb in left_over} <= set(keys)
 
 
+def test_trials_bound_the_enqueued_seeds_and_the_local_search_runs_only_its_own(caplog):
+    """``--trials`` counts every sampler trial, enqueued seeds included: with more seeds than trials
+    only the first ones are queued (the rest named in a warning), so the sampler's ``optimize``
+    consumes the whole queue; a queue left by a run with a higher ``--trials`` is dropped before
+    the local search, which would otherwise run those seeds as its own trials."""
+    from calibrate.search import budget_seed_params, drop_queued_seeds, is_local, local_search, measured_trials
+    rec = _hand_record(n=7, depth=2, refinement_start=4)
+    tokens = [1, 4, 16, 36, 64, 100, 169]
+    lm = _linear_latency(7, tokens)
+    fitted = budget_seed_params(rec, lm, tokens, lm.baseline(tokens) / 4)
+    assert len(fitted) >= 3
+    obj = _ToyObjective(rec)
+    for trials in (2, 4, 3 + len(fitted)):
+        study = open_study(f"cap{trials}", optuna.storages.InMemoryStorage(), direction_multi=False, seed=0)
+        with caplog.at_level("WARNING", logger="calibrate.search"):
+            enqueue_seeds(study, rec, fitted=fitted, limit=trials)
+        names = ["identity", "paper-like", "fastvar-like", *fitted]
+        assert [t.user_attrs["seed_policy"] for t in study.trials] == names[:trials]
+        if trials < len(names):
+            assert f"--trials {trials} is fewer than the {len(names)} seed policies" in caplog.text
+            named = caplog.text.split("seed policies: ", 1)[1].split(" not tried", 1)[0].split(", ")
+            assert named == names[trials:]
+        else:
+            assert "not tried" not in caplog.text
+        caplog.clear()
+        study.optimize(obj, n_trials=trials)
+        assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * trials
+    # a study seeded for 3 + len(fitted) trials, resumed with --trials 4: the queue beyond is dropped
+    study = open_study("lowered", optuna.storages.InMemoryStorage(), direction_multi=False, seed=0)
+    enqueue_seeds(study, rec, fitted=fitted, limit=3 + len(fitted))
+    study.optimize(obj, n_trials=4)
+    assert drop_queued_seeds(study) == len(fitted) - 1
+    target = obj.cost(point_from_params(rec, seed_params(rec)["identity"]))
+    local_search(study, obj, rec, measured_trials(study), target, max_trials=5)
+    sampled = [t for t in study.trials if not is_local(t) and t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(sampled) == 4
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials if is_local(t))
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+
+
 def test_local_search_respects_its_trial_budget_across_calls():
     from calibrate.search import local_search, measured_trials
     rec = _hand_record(n=7, depth=2, refinement_start=4)

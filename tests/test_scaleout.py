@@ -75,13 +75,61 @@ def _study(url: str, name: str):
     return optuna.load_study(study_name=name, storage=storage_url(url))
 
 
-def _running_measured_trial(study):
-    """(trial number, worker pid) of a RUNNING trial that is generating images (not estimated)."""
+HOLD_SITECUSTOMIZE = """
+import os, time
+if os.environ.get("HOLD_MARK"):
+    from calibrate.measure.common import Subject
+    _run = Subject.run
+    def run(self, point, *args, **kwargs):
+        if point is not None:                 # a trial's measurement (the reference run passes None)
+            try:
+                fd = os.open(os.environ["HOLD_MARK"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return _run(self, point, *args, **kwargs)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            time.sleep(3600)
+        return _run(self, point, *args, **kwargs)
+    Subject.run = run
+"""
+HANG_S = 1800.0          # only a hung process takes this long: no assertion depends on the machine's speed
+
+
+def _holding_env(tmp_path) -> tuple[dict, "Path"]:
+    """Environment for worker processes of which the first to measure a trial stops inside it
+    (writing its PID to the returned marker) until it is killed: a kill point that every machine
+    reaches, however fast its trials run."""
+    site = tmp_path / "hold"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HOLD_SITECUSTOMIZE)
+    mark = tmp_path / "held.pid"
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path, HOLD_MARK=str(mark)), mark
+
+
+def _wait_for(cond, proc, what: str):
+    """Poll ``cond()`` until it returns something truthy (fails if ``proc`` exits first)."""
+    deadline = time.time() + HANG_S
+    while True:
+        try:
+            hit = cond()
+        except Exception:  # noqa: BLE001 - the study may not exist yet
+            hit = None
+        if hit:
+            return hit
+        assert proc.poll() is None, f"exited (rc {proc.returncode}) before {what}"
+        assert time.time() < deadline, f"hung: {what} not seen"
+        time.sleep(0.05)
+
+
+def _running_measured_trial(study, pid: int):
+    """(trial number, pid) of the RUNNING trial of worker ``pid`` that is generating images (not estimated)."""
     from optuna.trial import TrialState
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         ua = t.user_attrs
-        if "worker" in ua and "predicted_speedup" in ua and "quality_estimated" not in ua:
-            return t.number, int(ua["worker"].rsplit(":", 1)[1])
+        if "worker" in ua and "predicted_speedup" in ua and "quality_estimated" not in ua \
+                and int(ua["worker"].rsplit(":", 1)[1]) == pid:
+            return t.number, pid
     return None
 
 
@@ -94,33 +142,23 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     from optuna.trial import TrialState
     from stagevar.policy import load_policy
 
-    t_start = time.time()
     out = tmp_path / "cal"
     shutil.copytree(tiny_record[0], out)
     rec = tiny_record[1]
     rdir = record_dir(out, rec.key)
     study_name = "scaleout-test"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env, mark = _holding_env(tmp_path)
     cmd = [sys.executable, "-m", "calibrate.cli", "worker", "--storage", postgres.url, "--study", study_name,
            "--model", "infinity-tiny", "--budget", BUDGET, "--trials", str(TRIALS), "--record", str(rdir), "--n-workers", "4",
            "--threads", "1", "--heartbeat", "1", "--grace-period", "4", "--quiet"]
     parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     killed = None
     try:
-        deadline = time.time() + 90
-        study = None
-        while killed is None and time.time() < deadline and parent.poll() is None:
-            try:
-                study = study or _study(postgres.url, study_name)
-                hit = _running_measured_trial(study)
-            except Exception:  # noqa: BLE001 - the study may not exist yet
-                hit = None
-            if hit is not None:
-                os.kill(hit[1], signal.SIGKILL)
-                killed = hit
-            else:
-                time.sleep(0.05)
-        stdout, stderr = parent.communicate(timeout=120)
+        pid = int(_wait_for(lambda: mark.exists() and mark.read_text(), parent, "a worker measuring a trial"))
+        study = _study(postgres.url, study_name)
+        killed = _wait_for(lambda: _running_measured_trial(study, pid), parent, f"the running trial of worker {pid}")
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = parent.communicate(timeout=HANG_S)
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -147,8 +185,11 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     workers = {t.user_attrs.get("worker") for t in trials}
     assert len(workers) >= 2, workers
     seeds = [t.user_attrs.get("seed_policy") for t in trials if t.user_attrs.get("seed_policy") and retried_trial_number(t) is None]
-    assert sorted(seeds) == ["fastvar-like", "identity", "paper-like"], [
-        (t.number, t.state, t.user_attrs, t.system_attrs) for t in trials]     # enqueued exactly once
+    # enqueued exactly once each, the fixed ones first; budget-fitted ones after them when the
+    # latency table (measured on this machine) says no fixed seed meets the budget; within --trials
+    assert seeds[:3] == ["identity", "paper-like", "fastvar-like"], [
+        (t.number, t.state, t.user_attrs, t.system_attrs) for t in trials]
+    assert len(set(seeds)) == len(seeds) <= TRIALS and all(s.startswith("fitted:") for s in seeds[3:]), seeds
     n_before = len(trials)
 
     # the normal command picks the finished study up: no new sampler trials, its local search
@@ -172,31 +213,24 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     after = _study(postgres.url, study_name).get_trials(deepcopy=False)
     added = after[n_before:]
     assert len(added) <= 4 and all("local_from" in t.user_attrs for t in added)
-    assert time.time() - t_start < 150
 
 
-def test_sigterm_requeues_the_running_trial(postgres, tiny_record):  # noqa: F811
+def test_sigterm_requeues_the_running_trial(postgres, tiny_record, tmp_path):  # noqa: F811
     """SIGTERM (a scheduler's polite kill) re-queues the running trial at once, exit 130."""
     from calibrate.calibration import record_dir
     from calibrate.worker import retried_trial_number
     from optuna.trial import TrialState
 
     out, rec = tiny_record
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env, mark = _holding_env(tmp_path)
     p = subprocess.Popen([sys.executable, "-m", "calibrate.cli", "worker", "--storage", postgres.url, "--study", "sigterm",
                           "--model", "infinity-tiny", "--budget", BUDGET, "--trials", "50", "--record", str(record_dir(out, rec.key)),
                           "--threads", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline, hit = time.time() + 90, None
-        while hit is None and time.time() < deadline and p.poll() is None:
-            try:
-                hit = _running_measured_trial(_study(postgres.url, "sigterm"))
-            except Exception:  # noqa: BLE001 - not created yet
-                hit = None
-            time.sleep(0.05)
-        assert hit is not None and hit[1] == p.pid
+        _wait_for(lambda: mark.exists() and mark.read_text(), p, "the worker measuring a trial")
+        hit = _wait_for(lambda: _running_measured_trial(_study(postgres.url, "sigterm"), p.pid), p, "its running trial")
         p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=60)
+        _, err = p.communicate(timeout=HANG_S)
     finally:
         if p.poll() is None:
             p.kill()
@@ -273,7 +307,6 @@ def test_worker_storage_errors_are_one_paragraph(postgres, tmp_path, capsys, wha
            "unreachable": f"postgresql://stagevar:hunter2-pw@127.0.0.1:{free_port()}/stagevar",
            "no_database": postgres.url.rsplit("/", 1)[0] + "/nodb"}[what]
     secret = {"wrong_password": "not-the-pw-123", "unreachable": "hunter2-pw", "no_database": postgres.password}[what]
-    t0 = time.time()
     rc = main(["worker", "--storage", url, "--study", "x", "--model", "infinity-tiny", "--budget", "2x", "--trials", "4",
                "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
@@ -283,7 +316,6 @@ def test_worker_storage_errors_are_one_paragraph(postgres, tmp_path, capsys, wha
     assert secret not in err and "***" in err
     assert url.split("@", 1)[1] in err                                # names the server and database
     assert not (tmp_path / "out").exists()                            # failed before loading or measuring anything
-    assert time.time() - t0 < 30
 
 
 # ------------------------------------------------------------------------------------- shards

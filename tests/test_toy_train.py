@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -31,8 +32,9 @@ TINY = {
 def arch():
     shipped = yaml.safe_load((Path(tt.__file__).parent / "configs" / "mini.yaml").read_text())
     a = copy.deepcopy(TINY)
-    a["train"] = dict(shipped["train"], max_minutes=0.1, vae_minutes=0.02, batch=2, short_batch=2, vae_batch=2,
-                      warmup_steps=2, ckpt_minutes=100, log_every=1, bf16=False)
+    # work bounded by step counts (the minutes are a hang guard only), so every machine does the same
+    a["train"] = dict(shipped["train"], max_minutes=60, vae_minutes=60, vae_steps=3, max_steps=8, batch=2, short_batch=2,
+                      vae_batch=2, warmup_steps=2, ckpt_minutes=100, log_every=1, bf16=False)
     return a
 
 
@@ -43,14 +45,14 @@ def _log(out):
 def test_trains_resumes_and_exports(arch, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    final = tt.train(arch, out, max_minutes=0.05, threads=1, quiet=True)
+    final = tt.train(arch, out, max_steps=4, threads=1, quiet=True)
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     st1 = ck["state"]
     assert st1["vae_step"] > 0 and st1["tr_step"] > 0
     phases = {r["phase"] for r in _log(out)}
     assert phases == {"vae", "transformer"}
     # resuming with a longer budget continues the same run: step counters go on, the VAE is not retrained
-    tt.train(arch, out, max_minutes=0.1, threads=1, quiet=True)
+    tt.train(arch, out, max_steps=8, threads=1, quiet=True)
     st2 = torch.load(out / "ckpt.pt", weights_only=False)["state"]
     assert st2["vae_step"] == st1["vae_step"] and st2["tr_step"] > st1["tr_step"]
     assert st2["elapsed"] > st1["elapsed"]
@@ -76,8 +78,8 @@ def test_warm_start_from_weights(arch, tmp_path):
     """--init: training goes on from exported weights (no VAE phase; the VAE stays as it was) and the
     training record names where it started."""
     torch.set_num_threads(1)
-    first = tt.train(arch, tmp_path / "a", max_minutes=0.05, threads=1, quiet=True)
-    final = tt.train(arch, tmp_path / "b", max_minutes=0.03, threads=1, quiet=True, init=first)
+    first = tt.train(arch, tmp_path / "a", max_steps=4, threads=1, quiet=True)
+    final = tt.train(arch, tmp_path / "b", max_steps=3, threads=1, quiet=True, init=first)
     assert {r["phase"] for r in _log(tmp_path / "b")} == {"transformer"}
     a, b = load_mini(first), load_mini(final)
     for k, v in a.vae.state_dict().items():
@@ -89,15 +91,15 @@ def test_warm_start_from_weights(arch, tmp_path):
     other = copy.deepcopy(arch)
     other["transformer"]["depth"] = 2
     with pytest.raises(SystemExit, match="'transformer'"):
-        tt.train(other, tmp_path / "c", max_minutes=0.02, threads=1, quiet=True, init=first)
+        tt.train(other, tmp_path / "c", max_steps=1, threads=1, quiet=True, init=first)
 
 
 def test_average_of_two_weights_directories(arch, tmp_path):
     """--average: the transformer and text encoder are the weighted mean of the two inputs (ALPHA the
     weight of the second), the VAE is the shared one, the record names both; mismatches are refused."""
     torch.set_num_threads(1)
-    first = tt.train(arch, tmp_path / "a", max_minutes=0.05, threads=1, quiet=True)
-    second = tt.train(arch, tmp_path / "b", max_minutes=0.03, threads=1, quiet=True, init=first)
+    first = tt.train(arch, tmp_path / "a", max_steps=4, threads=1, quiet=True)
+    second = tt.train(arch, tmp_path / "b", max_steps=3, threads=1, quiet=True, init=first)
     out = tmp_path / "avg"
     assert tt.main(["--average", str(first), str(second), "0.25", "--out", str(out)]) == 0
     a, b, m = (load_mini(d) for d in (first, second, out))
@@ -132,23 +134,24 @@ def test_average_of_two_weights_directories(arch, tmp_path):
 
 
 def test_periodic_evaluation_is_logged_and_recorded(arch, tmp_path):
-    """train.eval_minutes: the EMA weights are judged on calibration prompts during training; each
-    result is a log row, and the exported record names the setting."""
+    """train.eval_steps (and eval_minutes): the EMA weights are judged on calibration prompts during
+    training; each result is a log row, and the exported record names the setting."""
     pytest.importorskip("scipy")
     torch.set_num_threads(1)
-    arch["train"].update(eval_minutes=0.005, eval_prompts=6)
-    final = tt.train(arch, tmp_path / "run", max_minutes=0.05, threads=1, quiet=True)
+    arch["train"].update(eval_steps=2, eval_prompts=6)
+    final = tt.train(arch, tmp_path / "run", max_steps=4, threads=1, quiet=True)
     rows = [r for r in _log(tmp_path / "run") if r["phase"] == "eval"]
-    assert rows, "no evaluation was logged"
+    assert [r["step"] for r in rows] == [2, 4]
     assert all(r["images"] == 6 and 0.0 <= r["overall"] <= 1.0 and r["split"] == "calibration" for r in rows)
     steps = [r["step"] for r in rows]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     rec = json.loads((final / "config.json").read_text())["training"]
-    assert rec["eval"] == {"minutes": 0.005, "prompts": 6, "split": "calibration", "log": "log.jsonl"}
+    assert rec["eval"] == {"steps": 2, "prompts": 6, "split": "calibration", "log": "log.jsonl"}
+    assert rec["transformer_steps"] == 4 and rec["vae_steps"] == 3
     bad = copy.deepcopy(arch)
     bad["train"]["eval_minutes"] = -1
     with pytest.raises(SystemExit, match="train.eval_minutes"):
-        tt.train(bad, tmp_path / "bad", max_minutes=0.01, threads=1, quiet=True)
+        tt.train(bad, tmp_path / "bad", max_steps=1, threads=1, quiet=True)
 
 
 def test_rendering_workers_give_the_same_stream():
@@ -237,12 +240,15 @@ def test_self_sampled_prefix_relabels_only_the_chosen_rows(arch, tmp_path):
 def test_training_with_self_sampled_prefix_runs_and_is_recorded(arch, tmp_path):
     torch.set_num_threads(1)
     arch["train"].update(self_prefix_scales=2, self_prefix_prob=0.5)
-    final = tt.train(arch, tmp_path / "run", max_minutes=0.04, threads=1, quiet=True)
+    final = tt.train(arch, tmp_path / "run", max_steps=3, threads=1, quiet=True)
     rec = json.loads((final / "config.json").read_text())["training"]
     assert rec["self_prefix"] == {"scales": 2, "prob": 0.5}
+    steps = [r for r in _log(tmp_path / "run") if r.get("phase") == "transformer"]
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+    assert sum(r["own_prefix_rows"] for r in steps) > 0                  # some rows did take their own prefix
     arch["train"].update(self_prefix_prob=1.5)
     with pytest.raises(SystemExit, match="self_prefix_prob=1.5"):
-        tt.train(arch, tmp_path / "bad", max_minutes=0.02, threads=1, quiet=True)
+        tt.train(arch, tmp_path / "bad", max_steps=1, threads=1, quiet=True)
 
 
 def test_nearest_scene_picks_the_candidate_closest_to_the_coarse_prefix():
@@ -293,14 +299,17 @@ def test_training_with_matched_scenes_runs_and_is_recorded(arch, tmp_path):
     torch.set_num_threads(1)
     arch["train"].update(self_prefix_scales=1, self_prefix_prob=1.0, self_prefix_match=3,
                          self_prefix_categories=["counting", "two_object"])
-    final = tt.train(arch, tmp_path / "run", max_minutes=0.04, threads=1, quiet=True)
+    final = tt.train(arch, tmp_path / "run", max_steps=3, threads=1, quiet=True)
     rec = json.loads((final / "config.json").read_text())["training"]
     assert rec["self_prefix"] == {"scales": 1, "prob": 1.0, "match": 3, "categories": ["counting", "two_object"]}
     steps = [r for r in _log(tmp_path / "run") if r.get("phase") == "transformer"]
-    assert steps and all(r["loss"] == r["loss"] for r in steps)          # finite, not NaN
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
+    # every row is drawn for the own prefix (prob 1), matched when its prompt is of a listed category
+    assert all(r["own_prefix_rows"] == r.get("matched_rows", 0) for r in steps)
+    assert sum(r.get("matched_rows", 0) for r in steps) > 0
     with pytest.raises(SystemExit, match="self_prefix_categories=.*'count'"):
         tt.train({**arch, "train": {**arch["train"], "self_prefix_categories": ["count"]}}, tmp_path / "bad",
-                 max_minutes=0.02, threads=1, quiet=True)
+                 max_steps=1, threads=1, quiet=True)
     arch["train"].update(self_prefix_prob=0.0)
     with pytest.raises(SystemExit, match="self_prefix_match=3"):
-        tt.train(arch, tmp_path / "bad", max_minutes=0.02, threads=1, quiet=True)
+        tt.train(arch, tmp_path / "bad", max_steps=1, threads=1, quiet=True)

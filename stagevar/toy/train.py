@@ -43,7 +43,11 @@ learned null text with probability ``cond_drop`` (classifier-free guidance). Hal
 layout, colour and count). An EMA of the transformer is kept and exported. With ``eval_minutes``
 > 0, the EMA weights are judged every that many minutes of transformer training on
 ``eval_prompts`` calibration prompts (seed 0), and each result is a ``"phase": "eval"`` row of
-``log.jsonl`` (its time is not counted against the budget).
+``log.jsonl`` (its time is not counted against the budget); ``eval_steps`` > 0 does the same every
+that many transformer steps.
+
+Budgets are wall-clock minutes by default; ``vae_steps`` / ``max_steps`` > 0 bound the phases by
+step counts instead (``--max-steps``), so that a run does the same work on any machine.
 
 Outputs in ``--out``: ``ckpt.pt`` (atomic, every ``ckpt_minutes``; resumed automatically),
 ``log.jsonl`` (metrics), ``final/`` (``config.json`` + ``*.safetensors``, the EMA transformer) and
@@ -320,15 +324,24 @@ def _param_groups(model, wd: float):
 
 # ------------------------------------------------------------------------------------------ main
 def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: float | None = None,
-          threads: int = 2, quiet: bool = False, init: Path | None = None, workers: int = 0) -> Path:
+          threads: int = 2, quiet: bool = False, init: Path | None = None, workers: int = 0,
+          max_steps: int | None = None) -> Path:
     """Train (or resume ``out/ckpt.pt``); ``init``: start from a weights directory instead of from
-    scratch (its VAE and text encoder, its transformer as both raw and EMA weights; no VAE phase)."""
+    scratch (its VAE and text encoder, its transformer as both raw and EMA weights; no VAE phase).
+    ``max_steps`` (or ``train.max_steps``) > 0 ends the transformer phase after that many steps and
+    ``train.vae_steps`` > 0 the VAE phase, instead of the minutes."""
     from tqdm import tqdm
 
     tc = dict(arch["train"])
     if max_minutes is not None:
         tc["max_minutes"] = float(max_minutes)
+    if max_steps is not None:
+        tc["max_steps"] = int(max_steps)
     budget_s = float(tc["max_minutes"]) * 60
+    vae_steps, tr_steps, eval_steps = (int(tc.get(k, 0) or 0) for k in ("vae_steps", "max_steps", "eval_steps"))
+    if min(vae_steps, tr_steps, eval_steps) < 0:
+        raise SystemExit(f"error: train.vae_steps={vae_steps}, train.max_steps={tr_steps} and train.eval_steps="
+                         f"{eval_steps} must be >= 0 (0: bounded by minutes / off)")
     own_scales, own_prob = int(tc.get("self_prefix_scales", 0)), float(tc.get("self_prefix_prob", 0.0))
     if own_scales < 0 or not 0.0 <= own_prob <= 1.0:
         raise SystemExit(f"error: train.self_prefix_scales={own_scales} must be >= 0 and train.self_prefix_prob="
@@ -451,7 +464,7 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     vae.train()
     ema_loss = None
     while state["phase"] == "vae":
-        if state["vae_elapsed"] >= vae_budget_s:
+        if (state["vae_step"] >= vae_steps) if vae_steps else (state["vae_elapsed"] >= vae_budget_s):
             state["phase"] = "transformer"
             save_ckpt()
             break
@@ -496,9 +509,9 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     base_lr, min_frac = float(tc["lr"]), float(tc["min_lr_frac"])
     hist = {"loss": None, "acc": None}
     ema_params, tr_raw_params = list(ema_tr.parameters()), list(tr.parameters())
-    while state["elapsed"] < budget_s:
+    while (state["tr_step"] < tr_steps) if tr_steps else (state["elapsed"] < budget_s):
         step = state["tr_step"]
-        frac = min(1.0, (state["elapsed"] - state["vae_elapsed"]) / tr_budget)
+        frac = min(1.0, step / tr_steps if tr_steps else (state["elapsed"] - state["vae_elapsed"]) / tr_budget)
         lr = base_lr * min(1.0, (step + 1) / int(tc["warmup_steps"])) * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in tr_opt.param_groups:
             g["lr"] = lr
@@ -576,9 +589,12 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
                                 f"lr {lr:.2e}")
             log({"phase": "transformer", "step": step, "short": short, "loss": loss.item(), "acc": acc,
                  "ce_per_scale": [round(v, 4) for v in per_scale], "lr": lr, "flip_p": flip_p,
-                 "grad_norm": float(gn)})
+                 "grad_norm": float(gn),
+                 **({"own_prefix_rows": int(own_rows.sum())} if own_scales else {}),
+                 **({"matched_rows": int(matched.sum())} if matched is not None else {})})
         tick()
-        if eval_every_s and state["elapsed"] - state["vae_elapsed"] >= (state.get("evals", 0) + 1) * eval_every_s:
+        if (eval_steps and state["tr_step"] % eval_steps == 0) or \
+                (eval_every_s and state["elapsed"] - state["vae_elapsed"] >= (state.get("evals", 0) + 1) * eval_every_s):
             score_ema()
 
     bar.close()
@@ -593,8 +609,12 @@ def train(arch: dict[str, Any], out: Path, device: str = "cpu", max_minutes: flo
     if own_scales:
         meta["self_prefix"] = {"scales": own_scales, "prob": own_prob, **({"match": match_k} if match_k else {}),
                               **({"categories": own_cats} if own_cats else {})}
-    if eval_every_s:
-        meta["eval"] = {"minutes": eval_every_s / 60, "prompts": eval_n, "split": "calibration", "log": "log.jsonl"}
+    if tr_steps or vae_steps:
+        meta["step_budget"] = {"vae_steps": vae_steps, "max_steps": tr_steps}
+    if eval_every_s or eval_steps:
+        meta["eval"] = {**({"minutes": eval_every_s / 60} if eval_every_s else {}),
+                        **({"steps": eval_steps} if eval_steps else {}),
+                        "prompts": eval_n, "split": "calibration", "log": "log.jsonl"}
     if init_meta is not None:
         meta["init"] = init_meta
     export(out / "final", arch, adapter, ema_tr.state_dict(), {**meta, "transformer_weights": "ema"})
@@ -835,6 +855,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="run directory (checkpoint, log.jsonl, final/)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run (overrides the YAML)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="end the transformer phase after this many steps instead of the minutes (train.max_steps; "
+                        "train.vae_steps does the same for the VAE phase)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--init", type=Path, metavar="WEIGHTS_DIR",
                    help="start from trained weights (same architecture) instead of from scratch; skips the VAE phase")
@@ -911,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in a.set:
         apply_override(arch, item)
     train(arch, Path(a.out), device=a.device, max_minutes=a.max_minutes, threads=a.threads, quiet=a.quiet,
-          init=a.init, workers=a.workers)
+          init=a.init, workers=a.workers, max_steps=a.max_steps)
     return 0
 
 
