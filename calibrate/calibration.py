@@ -23,6 +23,7 @@ from calibrate.measure.spectra import spectra_rows
 from calibrate.measure.stages import detect_stages
 from calibrate.metrics import scorer_for
 from calibrate.record import CalibrationRecord, UnitStore, content_key
+from stagevar.engine import resolve_engine
 from stagevar.guidance import guidance_json
 from stagevar.policy import ScalePlan
 
@@ -69,16 +70,18 @@ def weights_hash(adapter) -> str:
     return "state_dict:" + d.hexdigest()[:16]
 
 
-def record_inputs(adapter, prompts, seeds, batch_size, guidance, settings: MeasureSettings) -> dict[str, Any]:
+def record_inputs(adapter, prompts, seeds, batch_size, guidance, settings: MeasureSettings,
+                  engine: str | None = None) -> dict[str, Any]:
     """Everything a calibration record depends on; its key is their hash, so other weights (the
-    same architecture retrained) get a new record instead of reusing one measured on the old."""
+    same architecture retrained) get a new record instead of reusing one measured on the old, and
+    another engine (its latency table differs) another record."""
     info = device_info(adapter)
     guidance = guidance_json(guidance)
     return {"model": adapter.fingerprint().to_dict(), "weights": weights_hash(adapter),
             "num_layers": adapter.num_layers, "prompts": list(prompts),
             "seeds": list(seeds), "batch_size": batch_size, "guidance": guidance,
             "device": info["device_name"], "device_type": adapter.device.type, "dtype": info["dtype"],
-            "settings": settings.to_dict()}
+            "engine": resolve_engine(engine, adapter.device), "settings": settings.to_dict()}
 
 
 def record_dir(out: str | Path, key: str) -> Path:
@@ -87,11 +90,12 @@ def record_dir(out: str | Path, key: str) -> Path:
 
 def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, batch_size: int = 8,
             guidance: float | list[float] | None = None, settings: MeasureSettings = MeasureSettings(),
-            progress: bool = True, interrupt_after: int | None = None) -> CalibrationRecord:
-    """Run (or resume, or reuse) the calibration pass. ``interrupt_after`` stops after that many
-    new units (tests use it to simulate an interruption)."""
+            progress: bool = True, interrupt_after: int | None = None, engine: str | None = None) -> CalibrationRecord:
+    """Run (or resume, or reuse) the calibration pass; latencies are those of ``engine`` (None: the
+    device's default). ``interrupt_after`` stops after that many new units (tests use it to
+    simulate an interruption)."""
     inputs = record_inputs(adapter, prompts, seeds, batch_size,
-                           adapter.default_guidance if guidance is None else guidance, settings)
+                           adapter.default_guidance if guidance is None else guidance, settings, engine)
     guidance = inputs["guidance"]
     key = content_key(inputs)
     directory = record_dir(out, key)
@@ -104,7 +108,7 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
     store = UnitStore(directory)
     torch.manual_seed(0)
     random.seed(0)
-    subject = Subject(adapter, prompts, seeds, batch_size, guidance)
+    subject = Subject(adapter, prompts, seeds, batch_size, guidance, engine=inputs["engine"])
     scorer = scorer_for(adapter.name)
     n = subject.num_scales
     spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else default_spectra_layers(adapter)
@@ -187,13 +191,13 @@ def measure_latency(store: UnitStore, subject: Subject, settings: MeasureSetting
     rounds = [store.get(f"latency/round{r}") for r in range(settings.latency_repeats)]
     if any(r is None for r in rounds):
         for v in lat_variants[:3]:
-            subject.run(variant_point(n, v))                     # warm-up
+            subject.run(variant_point(n, v), timed=True)          # warm-up
     for r in range(settings.latency_repeats):
         new = rounds[r] is None
         if new:
             res = {}
             for v in lat_variants:
-                o = subject.run(variant_point(n, v))
+                o = subject.run(variant_point(n, v), timed=True)
                 res[v.name] = {"scales": o.scale_seconds, "total": o.seconds}
             rounds[r] = store.put(f"latency/round{r}", res)
         unit_done(f"latency round {r}", new)
@@ -238,7 +242,7 @@ def _latency_check(subject, latency, variants, settings: MeasureSettings) -> lis
                                  keep=keep, selection=sel, layers=lay)
         point = point_from_plans(n, plans)
         predicted = model.predict(point, tokens)
-        measured = sorted(subject.run(point).seconds for _ in range(3))[1] / subject.num_batches
+        measured = sorted(subject.run(point, timed=True).seconds for _ in range(3))[1] / subject.num_batches
         rows.append({"policy": f"check-{i}", "predicted_s": predicted, "measured_s": measured,
                      "error": (predicted - measured) / measured, "plans": [p.to_dict() for p in point.plans]})
     return rows

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from stagevar.engine import ENGINE_HELP, ENGINES
 from stagevar.errors import StageVarError, run_command
 from stagevar.guidance import GUIDANCE_HELP, guidance_argument
 
@@ -61,6 +62,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=guidance_argument, help=GUIDANCE_HELP)
     p.add_argument("--out", type=Path, default=Path("runs/calibration"), help="working directory: record, study, report (default runs/calibration)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--engine", choices=[*ENGINES, "auto"], default="auto",
+                   help="the engine latencies are measured with, and recorded in the policy: " + ENGINE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -144,7 +147,8 @@ def cmd_measure(args) -> int:
     from calibrate.report import write_report
     model, prompts, seeds = _setup(args)
     t0 = time.time()
-    rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance, progress=not args.quiet)
+    rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
+                  progress=not args.quiet, engine=args.engine)
     d = record_dir(args.out, rec.key)
     report = write_report(rec, d)
     st = rec.stages
@@ -188,11 +192,12 @@ def cmd_calibrate(args) -> int:
     model.encode_prompts(heldout)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.time()
-    rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance, progress=not args.quiet)
+    rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
+                  progress=not args.quiet, engine=args.engine)
     rdir = record_dir(args.out, rec.key)
     if storage is None:
         storage = _journal(args.out / "study.journal")
-    subject = Subject(model, prompts, seeds, args.batch_size, args.guidance)
+    subject = Subject(model, prompts, seeds, args.batch_size, args.guidance, engine=rec.inputs["engine"])
     scorer = scorer_for(model.name)
     reference = subject.run(None)
     ref_sem = scorer.score(reference.images, subject.item_prompts, reference.images) if scorer.name == "evaluator" else None
@@ -201,7 +206,7 @@ def cmd_calibrate(args) -> int:
     baseline_pred = lat_model.baseline(tokens)
     points: dict[str, Any] = {}
     all_trials, chosen_trials, infeasible = [], {}, []
-    held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance)
+    held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance, engine=rec.inputs["engine"])
     held_cache: dict[str, Any] = {}
     warm_points = dict(warm.operating_points) if warm is not None else {}
     warm_params = [p for p in (params_for_point(rec, pt) for pt in warm_points.values()) if p is not None]
@@ -275,7 +280,8 @@ def cmd_calibrate(args) -> int:
                        if t.values is not None]
     policy = Policy(model=binding_for(model), operating_points=points, default=budgets[0].name, provenance=base_provenance(
         model=model.name, device=rec.inputs["device"], device_type=rec.inputs["device_type"], dtype=rec.inputs["dtype"],
-        batch_size=args.batch_size, guidance=rec.inputs["guidance"], weights_sha256=weights_hash(model), calibrated=True,
+        batch_size=args.batch_size, guidance=rec.inputs["guidance"], engine=rec.inputs["engine"],
+        weights_sha256=weights_hash(model), calibrated=True,
         calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
         verification_prompts=len(heldout), seeds=seeds, optuna_storage=_redact(args.storage) or "journal file in --out",
         optuna_sampler_seed=args.seed, trials_per_budget=args.trials))

@@ -18,7 +18,7 @@ from calibrate.measure.sensitivity import compare
 
 def _batch_subject(subject: Subject) -> Subject:
     prompts, seed = next(iter(subject.batches()))
-    return Subject(subject.adapter, prompts, [seed], len(prompts), subject.guidance)
+    return Subject(subject.adapter, prompts, [seed], len(prompts), subject.guidance, engine=subject.engine)
 
 
 def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache: dict, repeats: int = 3, progress: bool = True):
@@ -30,13 +30,13 @@ def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache
     ref, ref_sem = cache["ref"], cache["ref_sem"]
     one = _batch_subject(subject)
     for _, point in candidates[:1]:
-        one.run(None)
-        one.run(point)                                   # warm-up
+        one.run(None, timed=True)
+        one.run(point, timed=True)                       # warm-up
     base_t, cand_t = [], [[] for _ in candidates]
     for _ in range(repeats):
-        base_t.append(one.run(None).seconds)
+        base_t.append(one.run(None, timed=True).seconds)
         for i, (_, point) in enumerate(candidates):
-            cand_t[i].append(one.run(point).seconds)
+            cand_t[i].append(one.run(point, timed=True).seconds)
     base = statistics.median(base_t)
     results = []
     for (trial, point), times in zip(candidates, cand_t):

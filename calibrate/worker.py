@@ -360,7 +360,7 @@ def _load_record_for(args):
         from calibrate.cli import _setup
         model, prompts, seeds = _setup(args)
         rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
-                      progress=not args.quiet)
+                      progress=not args.quiet, engine=args.engine)
         return model, rec
     from stagevar.perf import steady_allocator
     steady_allocator()
@@ -554,7 +554,7 @@ def _run_worker(args, budget, storage) -> int:
     with _storage_guard(args.storage):
         study = join_study(name, storage, rec, budget, budget_s, args.trials, _sampler_seed(args.seed, args.worker_index),
                            fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)))
-    subject = Subject(model, prompts, seeds, batch_size, guidance)
+    subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
     scorer = scorer_for(model.name)
     reference = subject.run(None)
     ref_sem = scorer.score(reference.images, subject.item_prompts, reference.images) if scorer.name == "evaluator" else None
@@ -778,7 +778,8 @@ def _variant_items(subject, ref, scale, variant, scorer, ref_sem) -> dict[str, A
 
 
 def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: int, num_shards: int, *, out: str | Path,
-                  batch_size: int = 8, guidance: float | Sequence[float] | None = None, settings=None, progress: bool = True) -> Path:
+                  batch_size: int = 8, guidance: float | Sequence[float] | None = None, settings=None, progress: bool = True,
+                  engine: str | None = None) -> Path:
     """Measure one shard of the calibration pass (resumable); returns its directory, holding a
     self-contained ``shard.json`` to give to :func:`merge_records`.
 
@@ -797,7 +798,7 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
 
     settings = settings or MeasureSettings()
     inputs = record_inputs(adapter, prompts, seeds, batch_size,
-                           adapter.default_guidance if guidance is None else guidance, settings)
+                           adapter.default_guidance if guidance is None else guidance, settings, engine)
     guidance = inputs["guidance"]
     key = content_key(inputs)
     start, stop = shard_range(len(prompts), batch_size, shard_index, num_shards)
@@ -808,7 +809,7 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     store = UnitStore(directory)
     torch.manual_seed(0)
     random.seed(0)
-    subject = Subject(adapter, prompts[start:stop], seeds, batch_size, guidance)
+    subject = Subject(adapter, prompts[start:stop], seeds, batch_size, guidance, engine=inputs["engine"])
     scorer = scorer_for(adapter.name)
     n = subject.num_scales
     spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else default_spectra_layers(adapter)
@@ -832,7 +833,7 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
                                  "shard_index": shard_index, "num_shards": num_shards, "prompt_range": [start, stop],
                                  "device_info": device_info(adapter), "convergence": conv, "sensitivity": sens}
         if shard_index == 0:                  # latency: the whole calibration set, on this machine, as measure() does
-            full = Subject(adapter, prompts, seeds, batch_size, guidance)
+            full = Subject(adapter, prompts, seeds, batch_size, guidance, engine=inputs["engine"])
             shard["latency"], shard["latency_check"] = measure_latency(store, full, settings, unit_done)
         atomic_write_text(directory / "shard.json", json.dumps(shard, default=_np_default))
     finally:

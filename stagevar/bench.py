@@ -17,7 +17,11 @@ For one model, in one process:
 
 Methods: ``full`` (no policy), every operating point of every searched policy (``--policy``, or by
 default the files in ``policies/`` whose ``model.name`` is the model), and the baselines of
-:mod:`stagevar.baselines` (``--baselines``).
+:mod:`stagevar.baselines` (``--baselines``). With several ``--engine`` values every method runs on
+every engine (``name@engine``), interleaved in the same rounds; the speedup is then taken against
+the full model on the first engine listed, and ``speedup_same_engine`` against the full model on
+the method's own engine. The warm-up round's time per method is reported as the first
+generation's latency (it includes the capture on ``graphs``).
 
 Writes ``OUT/bench.md`` (the table printed on stdout), ``OUT/bench.json`` and, unless
 ``--no-plot``, ``OUT/quality_vs_speedup.png`` (``OUT/speedup.png`` with ``--no-quality``). Progress
@@ -43,6 +47,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
+from stagevar.engine import ENGINE_HELP
 from stagevar.errors import StageVarError, run_command
 from stagevar.guidance import (format_guidance, guidance_argument, guidance_json, guidance_per_scale, is_guided,
                                same_guidance)
@@ -95,6 +100,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true", help="write no plot (no matplotlib needed)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--engine", default="auto", metavar="E[,E...]",
+                   help="engine(s) every method runs on, comma-separated to compare them in one run: " + ENGINE_HELP)
+    p.add_argument("--compare-vae", action="store_true",
+                   help="also time the VAE decoding of one latent in float32 and in the compute dtype (Infinity)")
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -115,6 +124,23 @@ class Method:
     point: Any                     # OperatingPoint or None (full)
     source: str
     plan: str
+    engine: str = ""
+    base: str = ""                 # the method's name without the engine suffix
+
+
+def bench_engines(text: str, device) -> list[str]:
+    """``--engine``: one or several engines, each checked against the device."""
+    from stagevar.engine import resolve_engine
+    names = [resolve_engine(e.strip(), device) for e in str(text).split(",") if e.strip()]
+    if not names or len(set(names)) != len(names):
+        raise StageVarError(f"--engine {text!r}: give one engine or several distinct ones (e.g. eager,static,graphs).")
+    return names
+
+
+def on_engines(methods: list[Method], engines: list[str]) -> list[Method]:
+    """Every method on every engine (names suffixed ``@engine`` when there are several)."""
+    return [dataclasses.replace(m, name=m.name if len(engines) == 1 else f"{m.name}@{e}", engine=e, base=m.name)
+            for e in engines for m in methods]
 
 
 def _progress(msg: str) -> None:
@@ -244,13 +270,13 @@ def _percentile(xs: Sequence[float], q: float) -> float:
 
 
 def time_methods(runtimes: dict[str, Any], condition, seed: int,
-                 repeats: int) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
-    """Warm-up round, then ``repeats`` interleaved rounds. Per method: seconds per run, and per run
-    the seconds of each scale (device-synchronised when the runtimes are)."""
+                 repeats: int) -> tuple[dict[str, list[float]], dict[str, list[list[float]]], dict[str, float]]:
+    """Warm-up round, then ``repeats`` interleaved rounds. Per method: seconds per run, per run the
+    seconds of each scale (device times when the runtimes synchronise), and the warm-up
+    generation's seconds (the first image: it includes a CUDA-graph capture)."""
     names = list(runtimes)
     _progress(f"warm-up round ({len(names)} methods)")
-    for nm in names:
-        runtimes[nm].generate(condition=condition, seed=seed)
+    first = {nm: runtimes[nm].generate(condition=condition, seed=seed).seconds for nm in names}
     samples: dict[str, list[float]] = {nm: [] for nm in names}
     per_scale: dict[str, list[list[float]]] = {nm: [] for nm in names}
     for r in range(repeats):
@@ -259,7 +285,7 @@ def time_methods(runtimes: dict[str, Any], condition, seed: int,
             samples[nm].append(res.seconds)
             per_scale[nm].append([rec.seconds for rec in res.records])
         _progress(f"round {r + 1}/{repeats}: " + ", ".join(f"{nm} {samples[nm][-1]:.3f}s" for nm in names))
-    return samples, per_scale
+    return samples, per_scale, first
 
 
 def scale_breakdown(totals: list[float], per_scale: list[list[float]]) -> dict[str, Any]:
@@ -398,6 +424,49 @@ def measure_quality(adapter, methods: list[Method], runtimes: dict[str, Any], it
     return out
 
 
+def compare_vae(adapter, condition, guidance, repeats: int) -> dict[str, Any] | None:
+    """Seconds to decode one generated latent with the VAE in float32 and in the compute dtype
+    (interleaved, median), for adapters that can (``decode_dtype``); None otherwise."""
+    import torch
+    from stagevar.runtime import Runtime
+    if not hasattr(adapter, "decode_dtype"):
+        return None
+    state = adapter.prepare(condition, guidance=guidance, seed=0)
+    Runtime(adapter)._loop(state, 0, None, None, _NoTimer())
+    dtypes = list(dict.fromkeys([torch.float32, adapter.compute_dtype]))
+    saved, times = adapter.decode_dtype, {d: [] for d in dtypes}
+    try:
+        for r in range(repeats + 1):
+            for d in dtypes:
+                adapter.decode_dtype = d
+                _sync(adapter.device)
+                t0 = _now()
+                adapter.decode(state)
+                _sync(adapter.device)
+                if r:
+                    times[d].append(_now() - t0)
+    finally:
+        adapter.decode_dtype = saved
+        adapter.finish(state)
+    return {**{f"{str(d).replace('torch.', '')}_s": statistics.median(t) for d, t in times.items()}, "repeats": repeats}
+
+
+class _NoTimer:
+    def mark(self) -> None:
+        pass
+
+
+def _now() -> float:
+    import time
+    return time.perf_counter()
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ----------------------------------------------------------------------------------------- output
 def _f(v, fmt: str, na: str = "n/a") -> str:
     return na if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
@@ -413,10 +482,18 @@ def render_markdown(res: dict[str, Any]) -> str:
          f"{' (random weights)' if cfg['random_weights'] else ''}; {cfg['device_name']} ({cfg['device']}), {cfg['dtype']}; "
          f"torch {cfg['torch']}, {cfg['threads']} CPU threads, {cfg.get('allocator', 'system default')}; {cfg['date']}", "",
          f"Latency: batch {cfg['batch_size']}, median / p90 of {cfg['repeats']} interleaved rounds after a warm-up round, "
-         "device-synchronised, prompt encoding excluded, VAE decoding included. Speedup = full median / method median. "
+         "device-synchronised, prompt encoding excluded, VAE decoding included. Speedup = full median / method median"
+         + (f" (the full model on {cfg['engines'][0]}; 'same engine': on the method's engine)"
+            if len(cfg.get("engines", [])) > 1 else "") + ". "
+         f"Engine: {', '.join(cfg.get('engines', ['eager']))}. First = the warm-up generation (the first image; with "
+         "graphs it includes the capture). "
          f"Every method runs at guidance {format_guidance(cfg['guidance']) if 'guidance' in cfg else 'the model default'}.",
          ""]
-    head = ["method", "kind", "median s", "p90 s", "outside scales s", "speedup", "peak MiB"]
+    several = len(cfg.get("engines", [])) > 1
+    head = ["method", "kind", "median s", "p90 s", "first s", "outside scales s", "speedup"]
+    if several:
+        head += ["same engine"]
+    head += ["peak MiB"]
     if quality:
         head += ["SSIM mean", "SSIM min", "HF ratio"]
         if evaluator:
@@ -430,8 +507,10 @@ def render_markdown(res: dict[str, Any]) -> str:
     for r in rows:
         lat = r["latency"]
         cells = [f"`{r['name']}`", r["kind"], _f(lat["median_s"], ".4f"), _f(lat["p90_s"], ".4f"),
-                 _f(lat.get("outside_scales_median_s"), ".4f"), _f(r["speedup"], ".2f") + "x",
-                 _f(r.get("peak_mem_mib"), ".1f")]
+                 _f(lat.get("first_s"), ".3f"), _f(lat.get("outside_scales_median_s"), ".4f"), _f(r["speedup"], ".2f") + "x"]
+        if several:
+            cells.append(_f(r.get("speedup_same_engine"), ".2f") + "x")
+        cells.append(_f(r.get("peak_mem_mib"), ".1f"))
         if quality:
             q = r["quality"]
             cells += [_f(q["ssim_mean"], ".3f"), _f(q["ssim_min"], ".3f"), _f(q["hf_ratio_mean"], ".3f")]
@@ -445,6 +524,10 @@ def render_markdown(res: dict[str, Any]) -> str:
     L.append("Outside scales: the median time spent outside every scale's loop (conditioning setup and VAE "
              "decoding), which no policy shortens; per-scale medians are in bench.json.")
     L.append(f"Peak memory: {cfg['peak_mem_method']}.")
+    if "vae_decode" in res:
+        v = res["vae_decode"]
+        L.append(f"VAE decoding of one latent (median of {v['repeats']}): " + ", ".join(
+            f"{k} {v[k]:.4f} s" for k in v if k.endswith("_s")) + ".")
     if quality:
         L.append(f"Quality: {cfg['quality_images']} images per method ({cfg['prompts']} held-out prompts of draw {cfg.get('prompt_draw', 0)} x {cfg['seeds']} "
                  f"seed(s), batch {cfg['quality_batch_size']}), each compared with the full model's image of the same "
@@ -575,9 +658,10 @@ def cmd_bench(args) -> int:
     adapter = load_model(args.model, args.weights, device=args.device, dtype=dtype, random_weights=args.random_weights)
     device = adapter.device
     guidance = bench_guidance(adapter, args)
-    methods = build_methods(adapter, args, guidance)
+    engines = bench_engines(args.engine, device)
+    methods = on_engines(build_methods(adapter, args, guidance), engines)
     _progress("methods: " + ", ".join(m.name for m in methods))
-    runtimes = {m.name: _Guided(Runtime(adapter, m.point, synchronize=True), guidance) for m in methods}
+    runtimes = {m.name: _Guided(Runtime(adapter, m.point, synchronize=True, engine=m.engine), guidance) for m in methods}
     fp = adapter.fingerprint()
     schedule = adapter.scale_schedule
     guided = is_guided(guidance, len(schedule))
@@ -585,7 +669,8 @@ def cmd_bench(args) -> int:
     items = bench_prompts(adapter, args.prompts, args.prompt_draw)
     lat_prompts = [items[i % len(items)]["prompt"] for i in range(args.batch_size)]
     condition = adapter.encode_prompts(lat_prompts)
-    samples, per_scale = time_methods(runtimes, condition, 0, args.repeats)
+    samples, per_scale, first = time_methods(runtimes, condition, 0, args.repeats)
+    vae = compare_vae(adapter, condition, guidance, args.repeats) if args.compare_vae else None
 
     mem: dict[str, dict[str, Any]] = {}
     if not args.no_memory:
@@ -596,20 +681,25 @@ def cmd_bench(args) -> int:
 
     quality = None
     use_eval = fp.model == "infinity-mini"
-    if not args.no_quality:
-        quality = measure_quality(adapter, methods, runtimes, items, args.seeds, args.quality_batch_size, use_eval)
+    if not args.no_quality:                 # every engine gives the same images: measured on the first
+        first_engine = [m for m in methods if m.engine == engines[0]]
+        by_base = measure_quality(adapter, first_engine, runtimes, items, args.seeds, args.quality_batch_size, use_eval)
+        quality = {m.name: by_base[next(f.name for f in first_engine if f.base == m.base)] for m in methods}
 
-    full_med = statistics.median(samples["full"])
+    full_of = {e: next(m.name for m in methods if m.kind == "full" and m.engine == e) for e in engines}
+    full_med = statistics.median(samples[full_of[engines[0]]])
     rows = []
     for m in methods:
         s = samples[m.name]
         med = statistics.median(s)
+        same = statistics.median(samples[full_of[m.engine]])
         point = m.point if m.point is not None else None
         skipped = predicted_work_skipped(point, schedule, adapter.num_layers, guided) if point is not None else 0.0
-        row = {"name": m.name, "kind": m.kind, "source": m.source, "plan": m.plan,
-               "latency": {"median_s": med, "p90_s": _percentile(s, 0.9), "samples_s": s,
+        row = {"name": m.name, "method": m.base, "engine": m.engine, "kind": m.kind, "source": m.source, "plan": m.plan,
+               "latency": {"median_s": med, "p90_s": _percentile(s, 0.9), "samples_s": s, "first_s": first[m.name],
                            **scale_breakdown(s, per_scale[m.name])},
                "speedup": full_med / med if med > 0 else None,
+               "speedup_same_engine": same / med if med > 0 else None,
                "predicted_work_skipped": skipped,
                "operating_point": point.to_dict() if point is not None else None}
         row.update(mem.get(m.name, {"peak_mem_mib": None, "generation_mem_mib": None}))
@@ -626,12 +716,14 @@ def cmd_bench(args) -> int:
            "latency_prompts": lat_prompts, "prompts": args.prompts, "prompt_draw": args.prompt_draw, "seeds": args.seeds,
            "quality_batch_size": args.quality_batch_size, "no_quality": bool(args.no_quality),
            "quality_images": args.prompts * args.seeds, "evaluator": bool(use_eval and not args.no_quality),
-           "peak_mem_method": mem_method,
+           "peak_mem_method": mem_method, "engines": engines,
            "guidance": guidance_json(guidance),
            "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
     from stagevar import __version__
     cfg["stagevar"] = __version__
     res = {"config": cfg, "methods": rows}
+    if vae is not None:
+        res["vae_decode"] = vae
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

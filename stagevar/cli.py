@@ -12,8 +12,10 @@ import textwrap
 from pathlib import Path
 
 from stagevar.bench import add_bench_parser, cmd_bench
+from stagevar.engine import ENGINE_HELP, ENGINES
 from stagevar.errors import StageVarError, run_command
 from stagevar.guidance import GUIDANCE_HELP, guidance_argument
+from stagevar.profile import add_profile_parser, cmd_profile
 
 log = logging.getLogger("stagevar")
 
@@ -24,6 +26,7 @@ examples:
   stagevar inspect policies/infinity-mini.128.2x-3x-4x.yaml
   stagevar validate my_policy.yaml --model infinity-mini
   stagevar check-reference ../shared/reference
+  stagevar profile --engine static --json
   stagevar list-models
 """
 
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=guidance_argument,
                    help=GUIDANCE_HELP[:-1] + "; with --policy, the guidance the policy was calibrated with)")
     g.add_argument("--out", type=Path, default=Path("out"), help="output .png file (one prompt) or directory (default out/)")
+    _engine_arg(g)
 
     v = sub.add_parser("validate", help="check a policy file (schema, values; with --model, that it fits the model)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fmt("""\
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("directory", type=Path, help="reference directory")
     c.add_argument("--family", choices=["infinity", "var"], help="check only this family")
     c.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, as the reference run)")
+    _engine_arg(c, "the runtime rows")
 
     e = sub.add_parser("evaluate", help="score images with the embedded evaluator (GenEval-like, per category)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fmt("""\
@@ -118,8 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4)")
     e.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     e.add_argument("--json", action="store_true", help="print the scores as JSON")
+    _engine_arg(e)
     add_bench_parser(sub)
+    add_profile_parser(sub)
     return p
+
+
+def _engine_arg(p: argparse.ArgumentParser, what: str = "generation") -> None:
+    p.add_argument("--engine", choices=[*ENGINES, "auto"], default="auto", help=f"how {what} runs: " + ENGINE_HELP)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -170,7 +181,7 @@ def cmd_generate(args) -> int:
     if policy is not None:
         policy.check_compatible(model)
         policy.operating_point(args.operating_point)
-    runtime = Runtime(model, policy, args.operating_point)
+    runtime = Runtime(model, policy, args.operating_point, engine=args.engine)
     single = len(prompts) == 1 and args.out.suffix.lower() == ".png"
     if not single:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +266,7 @@ def cmd_check_reference(args) -> int:
     import torch
     from stagevar.reference import check_directory
     torch.set_num_threads(args.threads)
-    rows = check_directory(args.directory, family=args.family)
+    rows = check_directory(args.directory, family=args.family, engine=args.engine)
     print(f"{'family':<9} {'stage':<22} {'tensor':<26} {'max abs':>11} {'max rel':>11} {'tol':>9}  result")
     for r in rows:
         print(f"{r.family:<9} {r.stage:<22} {r.tensor:<26} {r.max_abs:>11.3g} {r.max_rel:>11.3g} {r.tolerance:>9.2g}  "
@@ -271,7 +282,7 @@ def cmd_evaluate(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "validate": cmd_validate, "inspect": cmd_inspect, "list-models": cmd_list_models,
-            "check-reference": cmd_check_reference, "evaluate": cmd_evaluate, "bench": cmd_bench}
+            "check-reference": cmd_check_reference, "evaluate": cmd_evaluate, "bench": cmd_bench, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

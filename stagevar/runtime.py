@@ -16,9 +16,14 @@ The runtime keeps, for each scale, the full-grid hidden states at the layer boun
 plan restores from ("the previous scale's cached output"). With the identity policy the loop
 calls exactly what the adapter's reference sampler calls, in the same order, so the result is
 identical (tested for every adapter).
+
+How the loop runs on the device is the engine's choice (:mod:`stagevar.engine`: ``eager``,
+``static``, ``graphs``); one scale's work is :meth:`Runtime._step` in every engine, so they all
+give the same codes.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -26,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from stagevar.engine import (CapturedGeneration, CompiledPlan, ScaleInputs, ScaleTimer, check_capacity, compile_plan,
+                             projection_seed, resolve_engine)
 from stagevar.guidance import format_guidance, same_guidance
 from stagevar.ops.tokens import restore_tokens, select_tokens, upsample_hidden
 from stagevar.policy import OperatingPoint, Policy, ScalePlan
@@ -41,7 +48,8 @@ class ScaleRecord:
     rows: int
     tokens: int
     computed_tokens: int
-    seconds: float = 0.0
+    seconds: float = 0.0                    # device time when the runtime synchronises on CUDA, else wall time
+    wall_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -49,6 +57,20 @@ class GenerationResult:
     images: torch.Tensor                    # (B, 3, H, W) in [0, 1]
     records: list[ScaleRecord]
     seconds: float
+    codes: torch.Tensor | None = None       # the last computed scale's codes (model layout)
+    engine: str = "eager"
+
+
+@dataclasses.dataclass
+class _Carry:
+    """What one scale hands to the next: its full-grid hidden states at the restore boundaries
+    (``hidden``, on grid ``hw``), and what it produced."""
+
+    hidden: dict[int, torch.Tensor]
+    hw: tuple[int, int] | None = None
+    codes: torch.Tensor | None = None
+    guided_logits: torch.Tensor | None = None
+    computed: int = 0
 
 
 Observer = Callable[["ScaleObservation"], None]
@@ -79,14 +101,22 @@ def identity_plans(n: int) -> list[ScalePlan]:
 class Runtime:
     """Applies one operating point of a policy to an adapter.
 
+    ``engine``: ``eager``, ``static``, ``graphs`` (CUDA) or None / ``auto`` (the fastest the
+    device runs, :func:`stagevar.engine.default_engine`). ``synchronize``: per-scale times are
+    device times (CUDA events, read once after the generation) and the generation's time ends
+    when the device is done.
+
     >>> from stagevar import load_model                                   # doctest: +SKIP
     >>> model = load_model("infinity-tiny")                               # doctest: +SKIP
     >>> rt = Runtime(model)                    # identity: the unaccelerated sampler   # doctest: +SKIP
     >>> images = rt.generate(["a red circle"], seed=0).images             # doctest: +SKIP
     """
 
+    #: captured generations kept per runtime (each holds its KV caches and graph memory)
+    MAX_CAPTURED = 4
+
     def __init__(self, adapter, policy: Policy | OperatingPoint | None = None, operating_point: str | None = None,
-                 *, synchronize: bool = False, observe_layers: Sequence[int] = ()):
+                 *, synchronize: bool = False, observe_layers: Sequence[int] = (), engine: str | None = None):
         self.adapter = adapter
         n = len(adapter.scale_schedule)
         # the guidance an accelerating calibrated policy was measured with (its provenance), if it
@@ -105,6 +135,7 @@ class Runtime:
                 raise ValueError(f"operating point has {len(policy.plans)} plans, model has {n} scales")
             self.plans = list(policy.plans)
         self.synchronize = synchronize
+        self.engine = resolve_engine(engine, adapter.device)
         depth = adapter.num_layers
         for p in self.plans:
             if p.layers is not None and p.layers[1] > depth:
@@ -116,10 +147,16 @@ class Runtime:
                 raise ValueError(f"observe_layers: {b} is not a layer boundary of a {depth}-layer model")
         self.observed = sorted(set(observe_layers))
         self.boundaries = sorted(restore_points | set(self.observed))
+        self._compiled: dict[tuple, CompiledPlan] = {}
+        self._captured: collections.OrderedDict[tuple, CapturedGeneration] = collections.OrderedDict()
 
-    def _sync(self) -> None:
-        if self.synchronize and torch.cuda.is_available():
-            torch.cuda.synchronize()
+    def compile(self, batch_size: int, guided: bool) -> CompiledPlan:
+        """This runtime's plans compiled for a batch (cached)."""
+        key = (batch_size, guided)
+        if key not in self._compiled:
+            ad = self.adapter
+            self._compiled[key] = compile_plan(ad.scale_schedule, self.plans, ad.num_layers, batch_size, guided)
+        return self._compiled[key]
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str] | None = None, *, condition: Any = None,
@@ -129,7 +166,8 @@ class Runtime:
 
         ``guidance`` None: the guidance an accelerating calibrated policy was measured with
         (``provenance.guidance``), else the model's default. Other guidance than the policy's
-        logs a warning once per setting."""
+        logs a warning once per setting. An ``observer`` sees every scale, so with the ``graphs``
+        engine such a generation runs on ``static``."""
         ad = self.adapter
         if condition is None:
             condition = ad.encode_prompts(list(prompts))
@@ -137,16 +175,59 @@ class Runtime:
             guidance = ad.default_guidance if self.calibrated_guidance is None else self.calibrated_guidance
         else:
             self._check_guidance(guidance)
+        engine = "static" if self.engine == "graphs" and observer is not None else self.engine
+        timer = ScaleTimer(ad.device, self.synchronize)
         t0 = time.perf_counter()
-        state = ad.prepare(condition, guidance=guidance, seed=seed, **sampling)
-        records: list[ScaleRecord] = []
+        if engine == "eager":
+            state = ad.prepare(condition, guidance=guidance, seed=seed, **sampling)
+            try:
+                carry, scales = self._loop(state, seed, None, observer, timer)
+                images = ad.decode(state)
+            finally:
+                ad.finish(state)
+            codes = carry.codes
+        else:
+            compiled = self.compile(ad.condition_signature(condition)[0], ad.runs_unconditional(guidance))
+            if engine == "static":
+                images, codes, scales = self._generate_static(compiled, condition, guidance, seed, sampling, observer, timer)
+            else:
+                captured = self._capture(compiled, condition, guidance, seed, sampling)
+                state, codes = captured.replay(self, condition, guidance, seed, sampling, timer)
+                images = ad.decode(state)
+                scales = [(s.scale, s.rows, s.tokens, s.computed) for s in compiled.scales]
+        if self.synchronize and ad.device.type == "cuda":
+            torch.cuda.synchronize(ad.device)
+        seconds = time.perf_counter() - t0
+        records = [ScaleRecord(k, rows, m, computed, dt, wall) for (k, rows, m, computed), dt, wall
+                   in zip(scales, timer.intervals(), timer.wall_intervals())]
+        return GenerationResult(images, records, seconds, codes, engine)
+
+    def _generate_static(self, compiled: CompiledPlan, condition, guidance, seed: int, sampling: dict,
+                         observer: Observer | None, timer: ScaleTimer):
+        """One generation on the static engine: (images, last codes, per-scale (k, rows, tokens, computed))."""
+        ad = self.adapter
+        state = ad.prepare(condition, guidance=guidance, seed=seed, kv_capacity=compiled.kv_capacity, **sampling)
         try:
-            self._loop(state, seed, records, observer)
+            check_capacity(compiled, state.caches)
+            inputs = ScaleInputs.draw(ad, compiled, state.generator, seed)
+            carry, scales = self._loop(state, seed, inputs, observer, timer)
             images = ad.decode(state)
         finally:
             ad.finish(state)
-        self._sync()
-        return GenerationResult(images, records, time.perf_counter() - t0)
+        return images, carry.codes, scales
+
+    def _capture(self, compiled: CompiledPlan, condition, guidance, seed: int, sampling: dict) -> CapturedGeneration:
+        ad = self.adapter
+        key = (ad.condition_signature(condition), format_guidance(guidance), tuple(sorted(sampling.items())))
+        if key in self._captured:
+            self._captured.move_to_end(key)
+            return self._captured[key]
+        log.info("capturing the scales of a new shape as CUDA graphs (batch and prompt length %s)", key[0])
+        captured = CapturedGeneration.capture(self, compiled, condition, guidance, seed, sampling)
+        self._captured[key] = captured
+        while len(self._captured) > self.MAX_CAPTURED:
+            self._captured.popitem(last=False)
+        return captured
 
     def _check_guidance(self, guidance: Any) -> None:
         """Log a warning (once per setting) when the caller's guidance is not the one the policy
@@ -172,52 +253,68 @@ class Runtime:
         cuts = [layers.start] + [b for b in self.boundaries if layers.start < b < layers.stop] + [layers.stop]
         return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
-    def _loop(self, state, seed: int, records: list[ScaleRecord], observer: Observer | None) -> None:
-        ad = self.adapter
-        depth = ad.num_layers
-        schedule = ad.scale_schedule
-        prev: dict[int, torch.Tensor] = {}
-        prev_hw: tuple[int, int] | None = None
-        for k, (t, h, w) in enumerate(schedule):
+    @staticmethod
+    def _start_carry() -> _Carry:
+        return _Carry({})
+
+    def _loop(self, state, seed: int, inputs: ScaleInputs | None, observer: Observer | None,
+              timer: ScaleTimer) -> tuple[_Carry, list[tuple[int, int, int, int]]]:
+        carry, scales = self._start_carry(), []
+        for k, (t, h, w) in enumerate(self.adapter.scale_schedule):
             plan = self.plans[k]
             if plan.skip:
                 break
-            t_start = time.perf_counter()
-            if plan.guidance == "cond_only" and state.guided:
-                ad.drop_unconditional(state)
-                prev = {b: v[: state.rows] for b, v in prev.items()}
-            x = ad.scale_input(state, k)
-            cur: dict[int, torch.Tensor] = {}
-            m = t * h * w
-            computed = m
-            if not plan.is_subset:
-                x = self._run(state, k, x, range(0, depth), cur)
-            else:
-                lay = plan.layer_range(depth)
-                x = self._run(state, k, x, range(0, lay.start), cur)
-                x_start = x
-                n = plan.num_kept(m)
-                gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + k)
-                sel = select_tokens(plan.selection, x, (h, w), n, state.batch_size, gen)
-                computed = sel.count
-                x_sub = sel.apply(x)
-                up = {b: upsample_hidden(v, prev_hw, (h, w)) for b, v in prev.items()}
-                a_up = up[lay.start]
-                for seg in self._segments(lay):
-                    x_sub = ad.forward_layers(state, k, x_sub, seg, positions=sel.positions)
-                    if seg.stop in self.boundaries:
-                        cur[seg.stop] = restore_tokens(plan.restore, sel, x_sub, x_start, a_up, up[seg.stop])
-                x = cur[lay.stop]
-                x = self._run(state, k, x, range(lay.stop, depth), cur)
-            logits = ad.head(state, k, x)
-            guided = ad.guide(state, k, logits)
-            codes = ad.sample(state, k, guided)
-            ad.update(state, k, codes)
+            timer.mark()
+            carry = self._step(state, k, carry, seed, inputs)
             if observer is not None:
-                observer(ScaleObservation(k, plan, cur, guided, codes, state))
-            self._sync()
-            records.append(ScaleRecord(k, state.rows, m, computed, time.perf_counter() - t_start))
-            prev, prev_hw = cur, (h, w)
+                observer(ScaleObservation(k, plan, carry.hidden, carry.guided_logits, carry.codes, state))
+            timer.mark()
+            scales.append((k, state.rows, t * h * w, carry.computed))
+        return carry, scales
+
+    def _step(self, state, k: int, carry: _Carry, seed: int, inputs: ScaleInputs | None) -> _Carry:
+        """Scale ``k``: input -> blocks (with the plan's subset and restoration) -> head ->
+        guidance -> sampling -> latent update. With ``inputs`` (static engines) the noise and the
+        grid subsets are the ones drawn up front, and nothing reads a value on the host."""
+        ad = self.adapter
+        depth = ad.num_layers
+        t, h, w = ad.scale_schedule[k]
+        plan = self.plans[k]
+        prev = carry.hidden
+        if plan.guidance == "cond_only" and state.guided:
+            ad.drop_unconditional(state)
+            prev = {b: v[: state.rows] for b, v in prev.items()}
+        x = ad.scale_input(state, k)
+        cur: dict[int, torch.Tensor] = {}
+        m = t * h * w
+        computed = m
+        if not plan.is_subset:
+            x = self._run(state, k, x, range(0, depth), cur)
+        else:
+            lay = plan.layer_range(depth)
+            x = self._run(state, k, x, range(0, lay.start), cur)
+            x_start = x
+            sel = inputs.selections.get(k) if inputs is not None else None
+            if sel is None:
+                gen = None
+                if plan.selection == "random_projection":
+                    gen = torch.Generator(device=x.device).manual_seed(projection_seed(seed, k))
+                sel = select_tokens(plan.selection, x, (h, w), plan.num_kept(m), state.batch_size, gen)
+            computed = sel.count
+            x_sub = sel.apply(x)
+            up = {b: upsample_hidden(v, carry.hw, (h, w)) for b, v in prev.items()}
+            a_up = up[lay.start]
+            for seg in self._segments(lay):
+                x_sub = ad.forward_layers(state, k, x_sub, seg, positions=sel.positions)
+                if seg.stop in self.boundaries:
+                    cur[seg.stop] = restore_tokens(plan.restore, sel, x_sub, x_start, a_up, up[seg.stop])
+            x = cur[lay.stop]
+            x = self._run(state, k, x, range(lay.stop, depth), cur)
+        logits = ad.head(state, k, x)
+        guided = ad.guide(state, k, logits)
+        codes = ad.sample(state, k, guided, noise=inputs.noise[k] if inputs is not None else None)
+        ad.update(state, k, codes)
+        return _Carry(cur, (h, w), codes, guided, computed)
 
     def _run(self, state, k: int, x: torch.Tensor, layers: range, cur: dict[int, torch.Tensor]) -> torch.Tensor:
         if layers.start in self.boundaries:
@@ -230,6 +327,8 @@ class Runtime:
 
 
 def generate(adapter, prompts: Sequence[str], policy: Policy | None = None, operating_point: str | None = None,
-             *, seed: int = 0, guidance: float | Sequence[float] | None = None, **sampling) -> torch.Tensor:
+             *, seed: int = 0, guidance: float | Sequence[float] | None = None, engine: str | None = None,
+             **sampling) -> torch.Tensor:
     """One-call generation: images (B, 3, H, W) in [0, 1]."""
-    return Runtime(adapter, policy, operating_point).generate(prompts, seed=seed, guidance=guidance, **sampling).images
+    return Runtime(adapter, policy, operating_point, engine=engine).generate(prompts, seed=seed, guidance=guidance,
+                                                                            **sampling).images

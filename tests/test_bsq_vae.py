@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from refdata import REFERENCE, need
 from stagevar.models import bsq_vae
 from stagevar.models.bsq_vae import (
     BSQVAE,
@@ -27,20 +28,10 @@ from stagevar.models.bsq_vae import (
 )
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("STAGEVAR_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-INFINITY_REF = _shared_dir() / "reference" / "infinity"
+INFINITY_REF = REFERENCE / "infinity"
 MANIFESTS = INFINITY_REF / "manifests"
 GOLDEN = INFINITY_REF / "golden"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"reference data not found at {path} (set STAGEVAR_SHARED to the shared folder)")
-    return path
+_need = need
 
 
 @pytest.fixture(autouse=True)

@@ -30,12 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SUBCOMMANDS = ["generate", "validate", "inspect", "list-models", "check-reference", "evaluate"]
 
 
-def _shared_dir() -> Path:
-    env = os.environ.get("STAGEVAR_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-REFERENCE = _shared_dir() / "reference"
+from refdata import REFERENCE, need  # noqa: E402
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -338,8 +333,7 @@ def test_list_models(capsys):
 
 # ------------------------------------------------------------------------------------- check-reference
 def test_check_reference_infinity(capsys):
-    if not (REFERENCE / "infinity" / "golden" / "golden_meta.json").is_file():
-        pytest.skip(f"reference data not found at {REFERENCE} (set STAGEVAR_SHARED to the shared folder)")
+    need(REFERENCE / "infinity" / "golden" / "golden_meta.json")
     threads = torch.get_num_threads()
     try:
         rc, out, err = run_cli(capsys, "check-reference", str(REFERENCE), "--family", "infinity")

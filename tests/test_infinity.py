@@ -6,13 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from refdata import REFERENCE, need
 from stagevar.models.infinity import InfinityAdapter, upstream_schedule
 from stagevar.models.registry import WeightsError, load_model
 
-SHARED = Path(os.environ.get("STAGEVAR_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-MANIFESTS = SHARED / "reference" / "infinity" / "manifests"
-GOLDEN = SHARED / "reference" / "infinity" / "golden"
-needs_shared = pytest.mark.skipif(not MANIFESTS.is_dir(), reason=f"reference data not found at {SHARED}")
+MANIFESTS = REFERENCE / "infinity" / "manifests"
+GOLDEN = REFERENCE / "infinity" / "golden"
+
+
+@pytest.fixture
+def reference():
+    need(MANIFESTS)
+    return need(GOLDEN / "golden_meta.json")
+
+
+needs_shared = pytest.mark.usefixtures("reference")
 
 
 def _manifest(name):
@@ -36,12 +44,17 @@ def test_transformer_state_dict_matches_manifest(model, manifest):
 
 @needs_shared
 def test_schedules_match_upstream_table():
+    """Every pixel budget of upstream's table (h/w = 1): the schedule run_infinity uses, scale by
+    scale, and its sequence length."""
     ref = json.loads((MANIFESTS / "scale_schedules_h_div_w_1.0.json").read_text())
-    sched, grid = upstream_schedule(1.0, "1M")
-    text = json.dumps(ref)
-    assert sched[-1] == (1, 64, 64) and grid == (64, 64) and len(sched) == 13
-    assert sum(h * w for _, h, w in sched) == 10521
-    assert "64" in text
+    budgets = [k for k in ref if not k.startswith("_")]
+    assert sorted(budgets) == ["0.06M", "0.25M", "0.60M", "1M"]
+    for pn in budgets:
+        sched, grid = upstream_schedule(1.0, pn)
+        assert [list(s) for s in sched] == ref[pn]["scales_used_by_run_infinity"], pn
+        assert [list(s[1:]) for s in sched] == [s[1:] for s in ref[pn]["scales_t_h_w"]], pn
+        assert grid == tuple(ref["1M"]["scales_used_by_run_infinity"][-1][1:]), pn       # RoPE grid: the 1M last scale
+    assert sum(h * w for _, h, w in upstream_schedule(1.0, "1M")[0]) == ref["1M"]["seq_len"] == 10521
 
 
 @needs_shared
@@ -118,11 +131,26 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 
 
 def test_non_square_schedule_rope_rounds_half_to_even():
+    """Token (i, j) of scale (h, w) takes the rotation of grid row round(i*H/h) and column
+    round(j*W/w), ties to even (upstream's torch.round): read back from the RoPE table itself, on
+    a schedule where ties occur and rounding them down or up would give other rows."""
     from stagevar.models.infinity import rope2d_table
+    head_dim = 64
     sched, grid = upstream_schedule(0.5, "1M")     # h < w
-    tables = rope2d_table(64, sched, grid)
-    assert len(tables) == len(sched) and tables[-1].shape == (2, sched[-1][1] * sched[-1][2], 32)
-    # row index of token i at scale (h, w) is round(i * H / h) with ties to even
-    h = sched[3][1]
-    rows = (torch.arange(h) * (grid[0] / h)).round()
-    assert all(float(r) == round(i * grid[0] / h) for i, r in enumerate(rows))
+    tables = rope2d_table(head_dim, sched, grid)
+    assert len(tables) == len(sched) and tables[-1].shape == (2, sched[-1][1] * sched[-1][2], head_dim // 2)
+    half = head_dim // 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
+    ties_decided = 0
+    for (_, h, w), table in zip(sched, tables):
+        for axis, (n, size) in enumerate(((h, grid[0]), (w, grid[1]))):
+            for i in range(n):
+                exact = i * size / n
+                idx = round(exact)                                        # Python rounds ties to even
+                ties_decided += exact % 1 == 0.5 and idx != int(exact + 0.5)
+                tok = i * w if axis == 0 else i                           # token (i, 0) or (0, i)
+                cols = slice(0, half // 2) if axis == 0 else slice(half // 2, half)
+                angle = float(idx) * inv_freq
+                assert torch.equal(table[0, tok, cols], angle.cos()), (h, w, axis, i)
+                assert torch.equal(table[1, tok, cols], angle.sin()), (h, w, axis, i)
+    assert ties_decided > 0                       # a tie that rounding half up would send elsewhere

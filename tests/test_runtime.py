@@ -94,7 +94,7 @@ def test_kv_cache_receives_only_computed_tokens():
     orig_finish = type(model).finish
 
     def keep_caches(self, state):
-        caches["sizes"] = [c[0].shape[2] for c in state.caches]
+        caches["sizes"] = [c.length for c in state.caches]
         orig_finish(self, state)
 
     type(model).finish = keep_caches
@@ -110,18 +110,46 @@ def test_kv_cache_receives_only_computed_tokens():
 
 @pytest.mark.parametrize("selection", ["random_projection", "deviation", "uniform"])
 @pytest.mark.parametrize("restore", ["cached_update", "cached_output"])
-def test_accelerated_policies_run_and_change_only_late_output(selection, restore):
+def test_accelerated_policies_restore_from_the_cache_and_leave_early_scales_alone(selection, restore):
+    """The values, not only the shapes: scales before the first accelerated one equal the full
+    model's bit for bit; at a subset scale every token that was not computed holds exactly the
+    restoration from the previous scale's cached hidden states (upsampled), and the computed ones
+    do not."""
+    from stagevar.ops.tokens import deviation_selection, grid_selection, upsample_hidden
     model = load_model("infinity-tiny")
     cond = _cond(model)
     n = len(model.scale_schedule)
     plans = [ScalePlan(n - 2, guidance="cond_only", keep=0.5, selection=selection, restore=restore),
              ScalePlan(n - 1, guidance="cond_only", keep=0.3, selection=selection, restore=restore, layers=(1, 2))]
-    out = Runtime(model, _point(model, plans)).generate(condition=cond, guidance=3.0, seed=0)
-    ref = Runtime(model).generate(condition=cond, guidance=3.0, seed=0)
-    assert out.images.shape == ref.images.shape
-    assert torch.isfinite(out.images).all()
-    assert [r.computed_tokens for r in out.records[:-2]] == [r.computed_tokens for r in ref.records[:-2]]
+
+    def run(point):
+        seen = []
+        res = Runtime(model, point).generate(condition=cond, guidance=3.0, seed=0, observer=lambda o: seen.append(
+            ({b: v.clone() for b, v in o.hidden.items()}, o.guided_logits.clone(), o.codes.clone())))
+        return res, seen
+
+    out, acc = run(_point(model, plans))
+    ref, full = run(None)
+    for k in range(n - 2):                                   # untouched scales: bit for bit
+        assert torch.equal(acc[k][1], full[k][1]) and torch.equal(acc[k][2], full[k][2]), k
+    assert not torch.equal(out.images, ref.images)
     assert all(r.computed_tokens < t for r, t in zip(out.records[-2:], model.tokens_per_scale()[-2:]))
+    # the last scale: layer 0 on every token, layer 1 on the subset, restored at boundary 2
+    prev, cur = acc[n - 2][0], acc[n - 1][0]
+    (_, ph, pw), (_, h, w) = model.scale_schedule[n - 2], model.scale_schedule[n - 1]
+    m, kept = h * w, plans[1].num_kept(h * w)
+    if selection == "deviation":
+        sel = deviation_selection(cur[1], kept, 2)
+    else:
+        sel = grid_selection(selection, (h, w), kept, 2, cur[1].shape[0])
+    up = {b: upsample_hidden(prev[b], (ph, pw), (h, w)) for b in (1, 2)}
+    restored = up[2] if restore == "cached_output" else cur[1] + (up[2] - up[1])
+    computed = torch.zeros(cur[2].shape[:2], dtype=torch.bool)
+    computed.scatter_(1, sel.positions, True)
+    assert int(computed.sum()) == cur[2].shape[0] * sel.count and sel.count == out.records[-1].computed_tokens
+    assert torch.equal(cur[2][~computed], restored[~computed])
+    assert not torch.equal(cur[2][computed], restored[computed])
+    assert (restored[~computed].abs() > 0).any()
 
 
 def test_skip_stops_before_the_last_scale():

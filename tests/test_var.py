@@ -13,20 +13,22 @@ from stagevar.models.registry import WeightsError
 from stagevar.models.var import (
     _CONFIGS, TINY_CONFIG, VAR, VARAdapter, build_var, build_var_tiny, load_checked_state_dict,
 )
+from refdata import REFERENCE, need
 from stagevar.models.vqvae import VQVAE, phi_index
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def _shared() -> Path:
-    env = os.environ.get("STAGEVAR_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-
-
-REF = _shared() / "reference" / "var"
+REF = REFERENCE / "var"
 GOLDEN = REF / "golden"
-needs_reference = pytest.mark.skipif(not (GOLDEN / "golden_meta.json").is_file(),
-                                     reason=f"reference data not found at {REF} (set STAGEVAR_SHARED)")
+
+
+@pytest.fixture
+def reference():
+    return need(GOLDEN / "golden_meta.json")
+
+
+needs_reference = pytest.mark.usefixtures("reference")
 
 
 def _layout(module: torch.nn.Module) -> list[tuple]:

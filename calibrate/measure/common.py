@@ -1,12 +1,13 @@
 """The subject of a calibration: a model, a prompt set with seeds, and how to run it."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
+from stagevar.engine import resolve_engine
 from stagevar.policy import OperatingPoint, ScalePlan, default_stages
 from stagevar.runtime import Runtime, ScaleObservation
 
@@ -67,16 +68,27 @@ class RunOutput:
 
 
 class Subject:
-    """A model + prompts + seeds. Runs operating points batch by batch through the runtime."""
+    """A model + prompts + seeds. Runs operating points batch by batch through the runtime, on the
+    engine the policy will run with (``engine``; None: the device's default). Every engine gives
+    the same images, so only timed runs (``timed=True``) use CUDA graphs; the others run static
+    (a capture costs about two generations). A timed run of a new operating point on ``graphs``
+    first generates each batch once, untimed, to capture it; the captured runtimes of the last
+    few operating points are kept."""
 
-    def __init__(self, adapter, prompts: list[str], seeds: list[int], batch_size: int, guidance: float | None = None):
+    #: captured runtimes kept (each holds its KV caches and graph memory)
+    MAX_CAPTURED = 4
+
+    def __init__(self, adapter, prompts: list[str], seeds: list[int], batch_size: int, guidance: float | None = None,
+                 engine: str | None = None):
         self.adapter = adapter
         self.prompts = list(prompts)
         self.seeds = list(seeds)
         self.batch_size = batch_size
         self.guidance = adapter.default_guidance if guidance is None else guidance
+        self.engine = resolve_engine(engine, adapter.device)
         self.items = [(p, s) for s in self.seeds for p in self.prompts]
         self._cond_cache: dict[tuple, Any] = {}
+        self._captured: collections.OrderedDict[tuple, Runtime] = collections.OrderedDict()
 
     @property
     def num_scales(self) -> int:
@@ -98,22 +110,33 @@ class Subject:
             self._cond_cache[key] = self.adapter.encode_prompts(list(prompts))
         return self._cond_cache[key]
 
+    def _runtime(self, point: OperatingPoint | None, observe_layers, synchronize: bool, timed: bool) -> Runtime:
+        if not (timed and self.engine == "graphs"):
+            engine = "static" if self.engine == "graphs" else self.engine
+            return Runtime(self.adapter, point, observe_layers=observe_layers, synchronize=synchronize, engine=engine)
+        key = (None if point is None else point.plans, tuple(observe_layers), synchronize)
+        if key in self._captured:
+            self._captured.move_to_end(key)
+            return self._captured[key]
+        rt = Runtime(self.adapter, point, observe_layers=observe_layers, synchronize=synchronize, engine="graphs")
+        for prompts, seed in self.batches():               # capture every batch shape before timing
+            rt.generate(condition=self.condition(prompts), guidance=self.guidance, seed=seed)
+        self._captured[key] = rt
+        while len(self._captured) > self.MAX_CAPTURED:
+            self._captured.popitem(last=False)
+        return rt
+
     def run(self, point: OperatingPoint | None, observer: Callable[[ScaleObservation, int], None] | None = None,
-            observe_layers=(), synchronize: bool = True) -> RunOutput:
-        rt = Runtime(self.adapter, point, observe_layers=observe_layers, synchronize=synchronize)
+            observe_layers=(), synchronize: bool = True, timed: bool = False) -> RunOutput:
+        """Every batch through the runtime; ``timed``: a latency measurement (see the class)."""
+        rt = self._runtime(point, observe_layers, synchronize, timed)
         imgs, codes, secs, per_scale = [], [], 0.0, np.zeros(self.num_scales)
         offset = 0
         for prompts, seed in self.batches():
-            last: dict[str, torch.Tensor] = {}
-
-            def obs(o: ScaleObservation, _offset=offset):
-                last["codes"] = o.codes
-                if observer is not None:
-                    observer(o, _offset)
-
+            obs = None if observer is None else (lambda o, _offset=offset: observer(o, _offset))
             res = rt.generate(condition=self.condition(prompts), guidance=self.guidance, seed=seed, observer=obs)
             imgs.append(res.images.float().cpu().numpy())
-            codes.append(last["codes"].reshape(len(prompts), -1).float().cpu().numpy())
+            codes.append(res.codes.reshape(len(prompts), -1).float().cpu().numpy())
             secs += res.seconds
             for r in res.records:
                 per_scale[r.scale] += r.seconds

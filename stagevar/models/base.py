@@ -29,6 +29,14 @@ encoding of those exact positions (RoPE for Infinity; VAR adds its absolute posi
 in ``scale_input``, so its subsets carry their positions already) and appends the keys/values of
 exactly those tokens to its KV cache. Later scales therefore attend to the computed tokens only.
 
+Engines (:mod:`stagevar.engine`): the ``static`` and ``graphs`` engines pass ``kv_capacity`` (the
+tokens each layer appends over the generation, derived from the plan) to ``prepare``, which then
+allocates every KV cache once (:class:`~stagevar.models.kv_cache.StaticKVCache`) and keeps the
+latent in a buffer updated in place; they draw each scale's sampling noise up front
+(``sampling_noise_shape``) and pass it to ``sample``; :meth:`Adapter.state_inputs` names the
+tensors ``prepare`` makes, so that captured scales can be replayed for another condition. No step
+may read a tensor's value on the host (no ``.item()``, ``.tolist()``, data-dependent branches).
+
 Every adapter also provides :meth:`Adapter.reference_generate`, the plain sampler written as
 upstream writes it (no policy, one loop). The identity policy run through the runtime must
 reproduce it exactly; that is the equivalence test every adapter passes.
@@ -177,9 +185,10 @@ class Adapter(nn.Module, abc.ABC):
 
     # ----------------------------------------------------------------------------- the steps
     @abc.abstractmethod
-    def prepare(self, condition: Any, *, guidance: float, seed: int) -> GenerationState:
+    def prepare(self, condition: Any, *, guidance: float, seed: int, kv_capacity: Sequence[int] | None = None) -> GenerationState:
         """Start a generation: encode conditioning (both branches when ``guidance != 1`` or the
-        model always guides), seed the RNG, empty the KV caches."""
+        model always guides), seed the RNG, empty the KV caches (growing ones; with ``kv_capacity``,
+        one static cache per layer of that many tokens, and the latent in a fixed buffer)."""
 
     @abc.abstractmethod
     def scale_input(self, state: GenerationState, k: int) -> torch.Tensor:
@@ -207,8 +216,28 @@ class Adapter(nn.Module, abc.ABC):
         (rows, l, V) -> (B, l, V). This is the tensor handed to the sampler."""
 
     @abc.abstractmethod
-    def sample(self, state: GenerationState, k: int, logits_BLV: torch.Tensor) -> torch.Tensor:
-        """Guided logits -> codes of scale ``k`` (model-specific layout)."""
+    def sample(self, state: GenerationState, k: int, logits_BLV: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Guided logits -> codes of scale ``k`` (model-specific layout). ``noise``: the draw of
+        :func:`stagevar.ops.sampling.sampling_noise` for this scale (default: drawn here from
+        ``state.generator``, the same numbers)."""
+
+    def condition_signature(self, condition: Any) -> tuple[int, ...]:
+        """``(batch size, ...)``: the shapes a condition gives a generation (a captured generation
+        is replayed only for conditions of the same signature)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its conditions: it runs on the eager engine only")
+
+    def runs_unconditional(self, guidance: Any) -> bool:
+        """Whether ``prepare`` with this guidance runs the unconditional rows too (2B rows)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say when it guides: it runs on the eager engine only")
+
+    def sampling_noise_shape(self, batch_size: int, k: int) -> tuple[int, ...]:
+        """The shape of the sampling noise of scale ``k`` (the probabilities the sampler races)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its sampling noise shape: it runs on the eager engine only")
+
+    def state_inputs(self, state: GenerationState) -> dict[str, torch.Tensor]:
+        """The tensors ``prepare`` computed from the condition that the scales read (and the
+        latent, which starts at zero), by name: what a replay of captured scales refills."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its state inputs: it cannot replay captured scales")
 
     @abc.abstractmethod
     def update(self, state: GenerationState, k: int, codes: torch.Tensor) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from stagevar.guidance import guidance_per_scale, is_guided, parse_guidance
 from stagevar.models.layers import FFN
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
+from stagevar.models.kv_cache import KVCache, StaticKVCache, attention_dtype
 from stagevar.ops.sampling import sample_top_k_top_p
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,8 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x_BLC: torch.Tensor, rope: torch.Tensor, cache: list | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, rope: torch.Tensor, cache: KVCache | StaticKVCache | None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
         qkv = F.linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -298,10 +300,7 @@ class SelfAttention(nn.Module):
         k = F.normalize(k, dim=-1, eps=1e-12)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
-            if cache:
-                k = torch.cat((cache[0], k), dim=2)
-                v = torch.cat((cache[1], v), dim=2)
-            cache[:] = [k, v]
+            k, v = cache.append(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
@@ -469,13 +468,14 @@ class InfinityState(GenerationState):
     gss: torch.Tensor = None              # (rows, 1, 6, C)
     text: TextKV = None
     text_kv: list = None                  # per layer (k, v) of the prompt
-    caches: list = None                   # per layer [k, v] self-attention cache
+    caches: list = None                   # per layer self-attention KVCache (or StaticKVCache)
     next_input: torch.Tensor = None       # (B, h*w, d_token) codes-space input of the next scale
     summed_codes: torch.Tensor = None     # (B, d, 1, H, W)
     cfg: tuple = ()                       # guidance per scale
     tau: float = 1.0
     top_k: int = 0
     top_p: float = 0.0
+    static: bool = False                  # caches and the latent live in buffers written in place
 
 
 def _reduced_precision(method):
@@ -506,6 +506,9 @@ class InfinityAdapter(Adapter):
         self.transformer = InfinityTransformer(cfg)
         self.vae = vae
         self.text_encoder = text_encoder if text_encoder is not None else HashTextEncoder(cfg.text_channels)
+        #: the dtype the VAE decodes in (None: on CUDA the compute dtype, under autocast, as upstream;
+        #: float32 elsewhere, where reduced-precision convolutions are slower)
+        self.decode_dtype: torch.dtype | None = None
 
     # ---- description
     @property
@@ -552,9 +555,11 @@ class InfinityAdapter(Adapter):
     # ---- generation steps
     @_reduced_precision
     def prepare(self, condition: TextCondition, *, guidance: float | Sequence[float], seed: int,
-                tau: float | None = None, top_k: int | None = None, top_p: float | None = None) -> InfinityState:
+                tau: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                kv_capacity: Sequence[int] | None = None) -> InfinityState:
         """``guidance``: one scale, or one per scale (upstream ``cfg_list``); the unconditional
-        branch runs when any scale is guided (its KV cache serves the later scales)."""
+        branch runs when any scale is guided (its KV cache serves the later scales).
+        ``kv_capacity`` (tokens per layer): static caches and latent, written in place."""
         tr = self.transformer
         B = condition.batch_size
         cfg_list = guidance_per_scale(guidance, len(self.cfg.scale_schedule))
@@ -571,8 +576,9 @@ class InfinityAdapter(Adapter):
             batch_size=B, guided=guided, generator=gen,
             cond_BD=cond_BD, gss=gss, text=text,
             text_kv=[blk.ca.text_kv(text) for blk in tr.layers],
-            caches=[[] for _ in tr.layers],
-            next_input=None, summed_codes=None,
+            caches=[KVCache() for _ in tr.layers] if kv_capacity is None else self._static_caches(rows, kv_capacity),
+            next_input=None, summed_codes=None if kv_capacity is None else self._zero_latent(B),
+            static=kv_capacity is not None,
             cfg=cfg_list, tau=self.cfg.tau if tau is None else float(tau),
             top_k=self.cfg.top_k if top_k is None else int(top_k),
             top_p=self.cfg.top_p if top_p is None else float(top_p),
@@ -580,6 +586,40 @@ class InfinityAdapter(Adapter):
         assert state.rows == rows
         return state
 
+    def _static_caches(self, rows: int, capacity: Sequence[int]) -> list[StaticKVCache]:
+        cfg = self.cfg
+        if len(capacity) != cfg.depth:
+            raise ValueError(f"kv_capacity has {len(capacity)} entries, the model has {cfg.depth} layers")
+        # keys leave RoPE in float32, values the projection in the compute dtype; each is stored in the
+        # dtype attention computes in
+        dt, dev = self.compute_dtype, self.device
+        k_dtype, v_dtype = attention_dtype(dev.type, dt, torch.float32), attention_dtype(dev.type, dt, dt)
+        return [StaticKVCache(rows, cfg.num_heads, int(n), cfg.head_dim, k_dtype, v_dtype, dev) for n in capacity]
+
+    def _zero_latent(self, B: int) -> torch.Tensor:
+        """The latent buffer of a static generation, in the layout the running sum of the eager
+        one has (channels-last, as the codes come from the quantizer): layouts round differently."""
+        _, H, W = self._vae_schedule()[-1]
+        return torch.zeros(B, self.cfg.codebook_dim, 1, H, W, device=self.device).contiguous(memory_format=torch.channels_last_3d)
+
+    def condition_signature(self, condition: TextCondition) -> tuple[int, int]:
+        return condition.batch_size, max(condition.lens)
+
+    def runs_unconditional(self, guidance: Any) -> bool:
+        n = len(self.cfg.scale_schedule)
+        return is_guided(guidance_per_scale(guidance, n), n)
+
+    def state_inputs(self, state: InfinityState) -> dict[str, torch.Tensor]:
+        out = {"cond_BD": state.cond_BD, "gss": state.gss, "text.kv": state.text.kv_BTC, "text.mask": state.text.mask}
+        for i, (k, v) in enumerate(state.text_kv):
+            out[f"text_kv.{i}.k"], out[f"text_kv.{i}.v"] = k, v
+        if state.static:
+            out["summed_codes"] = state.summed_codes
+        return out
+
+    def sampling_noise_shape(self, batch_size: int, k: int) -> tuple[int, int]:
+        _, h, w = self.cfg.scale_schedule[k]
+        return batch_size * h * w * self.cfg.d_token, 2
     @_reduced_precision
     def scale_input(self, state: InfinityState, k: int) -> torch.Tensor:
         tr = self.transformer
@@ -615,13 +655,13 @@ class InfinityAdapter(Adapter):
             return cfg * logits_BLV[:B] + (1 - cfg) * logits_BLV[B:]
         return logits_BLV
 
-    def sample(self, state: InfinityState, k: int, logits_BLV: torch.Tensor) -> torch.Tensor:
+    def sample(self, state: InfinityState, k: int, logits_BLV: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Bit labels: bit j of a token is sampled from its logit pair (2j, 2j+1).
         Returns bits (B, 1, h, w, d_vae) in VAE layout (2x2 un-patchified for the 8B)."""
         B, l, _ = logits_BLV.shape
         _, h, w = self.cfg.scale_schedule[k]
-        pairs = logits_BLV.reshape(B, -1, 2).clone()
-        bits = sample_top_k_top_p(pairs, top_k=state.top_k, top_p=state.top_p, generator=state.generator)
+        pairs = logits_BLV.reshape(B, -1, 2)
+        bits = sample_top_k_top_p(pairs, top_k=state.top_k, top_p=state.top_p, generator=state.generator, noise=noise)
         bits = bits.reshape(B, h, w, -1)
         if self.cfg.apply_spatial_patchify:
             bits = F.pixel_shuffle(bits.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
@@ -634,16 +674,19 @@ class InfinityAdapter(Adapter):
     def update(self, state: InfinityState, k: int, codes: torch.Tensor) -> None:
         vae_sched = self._vae_schedule()
         z = self.vae.bits_to_codes(codes)                                       # (B, d, 1, h, w)
-        if k < len(vae_sched) - 1:
-            up = F.interpolate(z, size=vae_sched[-1], mode="trilinear")
-            state.summed_codes = up if state.summed_codes is None else state.summed_codes + up
-            nxt = F.interpolate(state.summed_codes, size=vae_sched[k + 1], mode="trilinear").squeeze(-3)
-            if self.cfg.apply_spatial_patchify:
-                nxt = F.pixel_unshuffle(nxt, 2)
-            state.next_input = nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)
+        last = k == len(vae_sched) - 1
+        up = z if last else F.interpolate(z, size=vae_sched[-1], mode="trilinear")
+        if state.static:
+            state.summed_codes.add_(up)                                         # the latent stays where it is
         else:
-            state.summed_codes = z if state.summed_codes is None else state.summed_codes + z
+            state.summed_codes = up if state.summed_codes is None else state.summed_codes + up
+        if last:
             state.next_input = None
+            return
+        nxt = F.interpolate(state.summed_codes, size=vae_sched[k + 1], mode="trilinear").squeeze(-3)
+        if self.cfg.apply_spatial_patchify:
+            nxt = F.pixel_unshuffle(nxt, 2)
+        state.next_input = nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)
 
     def drop_unconditional(self, state: InfinityState) -> None:
         if not state.guided:
@@ -652,12 +695,17 @@ class InfinityAdapter(Adapter):
         state.cond_BD, state.gss = state.cond_BD[:B], state.gss[:B]
         state.text = state.text.select_rows(B)
         state.text_kv = [(k[:B], v[:B]) for (k, v) in state.text_kv]
-        state.caches = [[t[:B] for t in c] for c in state.caches]
+        for c in state.caches:
+            c.select_rows(B)
         state.guided = False
 
     def decode(self, state: InfinityState) -> torch.Tensor:
-        img = self.vae.decode(state.summed_codes.squeeze(-3))
-        return (img.clamp(-1, 1) + 1) / 2
+        """The latent -> images in [0, 1]; on CUDA with a reduced compute dtype the VAE runs under
+        autocast in it, as upstream decodes (``decode_dtype`` overrides)."""
+        dtype = self.decode_dtype or (self.compute_dtype if self.device.type == "cuda" else torch.float32)
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            img = self.vae.decode(state.summed_codes.squeeze(-3))
+        return (img.float().clamp(-1, 1) + 1) / 2
 
     def finish(self, state: InfinityState) -> None:
         state.caches = None
@@ -743,12 +791,25 @@ def _finish(adapter: "InfinityAdapter", device, dtype) -> "InfinityAdapter":
     return set_compute_dtype_(adapter.to(device=device), dtype).eval()
 
 
+def narrowed(cfg: InfinityConfig, vae_cfg, width: int):
+    """``cfg`` at width ``width`` (and a 128-channel text, a VAE of base width 24): the same depth,
+    heads, schedule and layers, so the same ops per image as the full model."""
+    from stagevar.errors import StageVarError
+    if width < cfg.num_heads or width % cfg.num_heads or (width // cfg.num_heads) % 4:
+        raise StageVarError(f"--narrow {width}: the width must be a multiple of 4 x the {cfg.num_heads} heads "
+                            f"(e.g. {4 * cfg.num_heads}), so that each head keeps a 2-D RoPE.")
+    return (dataclasses.replace(cfg, embed_dim=int(width), text_channels=128),
+            dataclasses.replace(vae_cfg, base_ch=24))
+
+
 def _official(name: str, cfg: InfinityConfig, vae_cfg_name: str, ckpt_names: dict[str, str], weights, device, dtype,
-              random_weights: bool, text_dir_name: str = "flan-t5-xl"):
+              random_weights: bool, text_dir_name: str = "flan-t5-xl", narrow: int | None = None):
     from stagevar.models import bsq_vae, checkpoints
     from stagevar.models.registry import WeightsError
 
     vae_cfg = getattr(bsq_vae.BSQVAEConfig, vae_cfg_name)()
+    if narrow is not None:
+        cfg, vae_cfg = narrowed(cfg, vae_cfg, narrow)
     with torch.device("meta"):
         adapter = InfinityAdapter(name, cfg, bsq_vae.BSQVAE(vae_cfg))
     if random_weights:
@@ -796,26 +857,28 @@ def _register() -> None:
             adapter.vae.reset_buffers()
         return _finish(adapter, device, dtype)
 
-    @register_model("infinity-2b", family="infinity",
+    @register_model("infinity-2b", family="infinity", narrowable=True,
                     description="Infinity-2B (depth 32, width 2048), 1024px, 13 scales; weights infinity_2b_reg.pth + infinity_vae_d32_reg.pth")
-    def infinity_2b(weights=None, device="cpu", dtype=torch.float32, random_weights=False, h_div_w: float = 1.0, **_):
-        sched, grid = upstream_schedule(h_div_w, "1M")
+    def infinity_2b(weights=None, device="cpu", dtype=torch.float32, random_weights=False, h_div_w: float = 1.0,
+                    narrow: int | None = None, pn: str = "1M", **_):
+        sched, grid = upstream_schedule(h_div_w, pn)
         cfg = InfinityConfig(depth=32, embed_dim=2048, num_heads=16, text_channels=2048, codebook_dim=32,
                              scale_schedule=tuple(sched), rope_grid=grid, block_chunks=8, cfg=3.0, tau=0.5)
         return _official("infinity-2b", cfg, "d32_reg",
                          {"transformer": "infinity_2b_reg.pth", "vae": "infinity_vae_d32_reg.pth"},
-                         weights, device, dtype, random_weights)
+                         weights, device, dtype, random_weights, narrow=narrow)
 
-    @register_model("infinity-8b", family="infinity",
+    @register_model("infinity-8b", family="infinity", narrowable=True,
                     description="Infinity-8B (depth 40, width 3584, 2x2 spatial patchify), 1024px; weights infinity_8b_weights/ + infinity_vae_d56_f8_14_patchify.pth")
-    def infinity_8b(weights=None, device="cpu", dtype=torch.float32, random_weights=False, h_div_w: float = 1.0, **_):
-        sched, grid = upstream_schedule(h_div_w, "1M")
+    def infinity_8b(weights=None, device="cpu", dtype=torch.float32, random_weights=False, h_div_w: float = 1.0,
+                    narrow: int | None = None, pn: str = "1M", **_):
+        sched, grid = upstream_schedule(h_div_w, pn)
         cfg = InfinityConfig(depth=40, embed_dim=3584, num_heads=28, text_channels=2048, codebook_dim=14,
                              scale_schedule=tuple(sched), rope_grid=grid, block_chunks=8, apply_spatial_patchify=True,
                              vae_stride=8, cfg=3.0, tau=0.5)
         return _official("infinity-8b", cfg, "d56_f8_14_patchify",
                          {"transformer": "infinity_8b_weights", "vae": "infinity_vae_d56_f8_14_patchify.pth"},
-                         weights, device, dtype, random_weights)
+                         weights, device, dtype, random_weights, narrow=narrow)
 
 
 def tiny_config(h_div_w: float = 1.0) -> InfinityConfig:

@@ -30,6 +30,7 @@ class ModelEntry:
     description: str
     family: str
     needs_weights: bool
+    narrowable: bool = False
 
 
 class UnknownModelError(StageVarError):
@@ -40,13 +41,14 @@ class WeightsError(StageVarError):
     pass
 
 
-def register_model(name: str, *, description: str, family: str, needs_weights: bool = True):
-    """Decorator registering a builder under ``name``. Raises on duplicates."""
+def register_model(name: str, *, description: str, family: str, needs_weights: bool = True, narrowable: bool = False):
+    """Decorator registering a builder under ``name``. Raises on duplicates. ``narrowable``: the
+    builder takes ``narrow=WIDTH`` (the same structure at a reduced width, random weights)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered (by {_REGISTRY[name].builder.__module__})")
-        _REGISTRY[name] = ModelEntry(name, fn, description, family, needs_weights)
+        _REGISTRY[name] = ModelEntry(name, fn, description, family, needs_weights, narrowable)
         return fn
 
     return deco
@@ -95,8 +97,13 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     random_weights: bool = False,
+    narrow: int | None = None,
 ):
     """Build a registered model and load its weights.
+
+    ``narrow``: the model's exact structure (depth, heads, schedule, every op) at width ``narrow``,
+    with seeded random weights: host-side costs (dispatched ops, launches, syncs) of a large model,
+    counted on a small machine.
 
     >>> m = load_model("infinity-tiny")           # tiny seeded random model, for tests
     >>> m.scale_schedule[-1]
@@ -104,7 +111,16 @@ def load_model(
     """
     entry = model_entry(name)
     device = resolve_device(device)
-    return entry.builder(weights=weights_root(weights), device=device, dtype=dtype, random_weights=random_weights)
+    if narrow is None:
+        return entry.builder(weights=weights_root(weights), device=device, dtype=dtype, random_weights=random_weights)
+    narrowable = sorted(n for n, e in _REGISTRY.items() if e.narrowable)
+    if not entry.narrowable:
+        raise StageVarError(f"--narrow: model {name!r} cannot be built at another width; models that can: "
+                            f"{', '.join(narrowable)}.")
+    if not random_weights:
+        raise StageVarError(f"--narrow {narrow} builds {name}'s structure at width {narrow}, which no checkpoint has: "
+                            "add --random-weights.")
+    return entry.builder(weights=None, device=device, dtype=dtype, random_weights=True, narrow=int(narrow))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -39,6 +39,7 @@ from stagevar.guidance import GuidanceError, format_guidance, parse_guidance
 from stagevar.models.layers import FFN
 from stagevar.models import imagenet
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
+from stagevar.models.kv_cache import KVCache, StaticKVCache
 from stagevar.models.registry import WeightsError, register_model
 from stagevar.models.vqvae import VQVAE
 from stagevar.ops.sampling import sample_top_k_top_p
@@ -82,17 +83,20 @@ class VARConfig:
     cfg: float = 4.0
     top_k: int = 900
     top_p: float = 0.95
+    width: int | None = None               # None: upstream's 64 * depth (another width: a narrowed structure)
 
     def __post_init__(self) -> None:
         if self.depth < 1:
             raise ValueError(f"VARConfig.depth must be >= 1, got {self.depth}")
+        if self.width is not None and (self.width < self.depth or self.width % self.depth):
+            raise ValueError(f"VARConfig.width must be a multiple of the {self.depth} heads, got {self.width}")
         if not self.patch_nums or list(self.patch_nums) != sorted(self.patch_nums):
             raise ValueError(f"VARConfig.patch_nums must be increasing, got {self.patch_nums}")
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
 
     @property
     def embed_dim(self) -> int:
-        return 64 * self.depth
+        return 64 * self.depth if self.width is None else self.width
 
     @property
     def num_heads(self) -> int:
@@ -130,6 +134,8 @@ class VARConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["patch_nums"] = list(self.patch_nums)
+        if d["width"] is None:                     # the upstream width: not part of the description
+            del d["width"]
         return d
 
     @classmethod
@@ -166,38 +172,6 @@ class VARConfig:
 
 
 # ----------------------------------------------------------------------------------------- layers
-class KVCache:
-    """Keys and values of one attention layer, ``(rows, H, L, c)`` each, grown along ``L``.
-
-    >>> c = KVCache(); _ = c.append(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4)); c.length
-    3
-    """
-
-    __slots__ = ("k", "v")
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else int(self.k.shape[2])
-
-    def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this scale's keys/values; returns everything cached so far."""
-        if self.k is None:
-            self.k, self.v = k_BHlc, v_BHlc
-        else:
-            self.k = torch.cat((self.k, k_BHlc), dim=2)
-            self.v = torch.cat((self.v, v_BHlc), dim=2)
-        return self.k, self.v
-
-    def select_rows(self, n: int) -> None:
-        """Keep the first ``n`` rows (drop the unconditional half)."""
-        if self.k is not None:
-            self.k, self.v = self.k[:n], self.v[:n]
-
-
 def ada_layer_norm(x_BLC: torch.Tensor, eps: float, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """LayerNorm without affine, then ``* (1 + scale) + shift`` (``AdaLNSelfAttn.forward``)."""
     return F.layer_norm(x_BLC, (x_BLC.shape[-1],), None, None, eps).mul(scale.add(1)).add_(shift)
@@ -499,28 +473,38 @@ class VARAdapter(Adapter):
         return value
 
     def _labels(self, condition: Any) -> torch.Tensor:
-        if isinstance(condition, torch.Tensor):
+        """Class ids (B,) on the model's device. Values are checked on the host when they are there
+        (ints, a CPU tensor); a tensor already on the device is checked there, without waiting."""
+        n = self.cfg.num_classes
+        if isinstance(condition, int) and not isinstance(condition, bool):
+            condition = [condition]
+        if isinstance(condition, torch.Tensor) and condition.device.type != "cpu":
             labels = condition.to(device=self.device, dtype=torch.long).reshape(-1)
-        elif isinstance(condition, int):
-            labels = torch.tensor([condition], dtype=torch.long, device=self.device)
-        elif isinstance(condition, (list, tuple)) and all(isinstance(c, int) for c in condition):
-            labels = torch.tensor(list(condition), dtype=torch.long, device=self.device)
+            if labels.numel() == 0:
+                raise ConditionError("empty condition: pass at least one class label")
+            torch._assert_async(((labels >= 0) & (labels <= n)).all(), f"class labels must lie in 0..{n}")
+            return labels
+        if isinstance(condition, torch.Tensor):
+            values = [int(v) for v in condition.reshape(-1).tolist()]
+        elif isinstance(condition, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in condition):
+            values = list(condition)
         else:
             return self.encode_prompts(list(condition))
-        if labels.numel() == 0:
+        if not values:
             raise ConditionError("empty condition: pass at least one class label")
-        bad = labels[(labels < 0) | (labels > self.cfg.num_classes)]
-        if bad.numel():
-            raise ConditionError(f"class label {int(bad[0])} is out of range 0..{self.cfg.num_classes} "
-                                 f"({self.cfg.num_classes} = unconditional)")
-        return labels
+        bad = [v for v in values if not 0 <= v <= n]
+        if bad:
+            raise ConditionError(f"class label {bad[0]} is out of range 0..{n} ({n} = unconditional)")
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # ---- generation steps
     @torch.no_grad()
     def prepare(self, condition: Any, *, guidance: float, seed: int,
-                top_k: int | None = None, top_p: float | None = None) -> VARState:
+                top_k: int | None = None, top_p: float | None = None,
+                kv_capacity: Sequence[int] | None = None) -> VARState:
         """Class embeddings for the cond rows and the unconditional rows (always both, as upstream),
-        the per-block AdaLN modulations, empty KV caches and a zero latent; seeds the RNG."""
+        the per-block AdaLN modulations, empty KV caches and a zero latent; seeds the RNG.
+        ``kv_capacity`` (tokens per block): static caches written in place."""
         tr = self.transformer
         cfg = parse_guidance(guidance)
         if not isinstance(cfg, float):
@@ -539,10 +523,33 @@ class VARAdapter(Adapter):
             top_p=self.cfg.top_p if top_p is None else float(top_p),
             cond_BD=cond_BD, block_mods=[blk.modulation(cond) for blk in tr.blocks],
             head_mod=tr.head_nm.modulation(cond_BD), lvl_pos=tr.lvl_pos(),
-            caches=[KVCache() for _ in tr.blocks],
+            caches=[KVCache() for _ in tr.blocks] if kv_capacity is None else self._static_caches(2 * B, kv_capacity),
             f_hat=cond_BD.new_zeros(B, self.cfg.Cvae, H, W, dtype=self.vae.post_quant_conv.weight.dtype),
             next_input=None, next_k=0, tokens=[],
         )
+
+    def _static_caches(self, rows: int, capacity: Sequence[int]) -> list[StaticKVCache]:
+        cfg = self.cfg
+        if len(capacity) != cfg.depth:
+            raise ValueError(f"kv_capacity has {len(capacity)} entries, the model has {cfg.depth} blocks")
+        dtype = self.transformer.word_embed.weight.dtype
+        return [StaticKVCache(rows, cfg.num_heads, int(n), cfg.head_dim, dtype, dtype, self.device) for n in capacity]
+
+    def condition_signature(self, condition: Any) -> tuple[int]:
+        return (int(self._labels(condition).shape[0]),)
+
+    def runs_unconditional(self, guidance: Any) -> bool:
+        return True                                 # upstream VAR always runs both branches
+
+    def state_inputs(self, state: VARState) -> dict[str, torch.Tensor]:
+        out = {"cond_BD": state.cond_BD, "head_mod": state.head_mod, "lvl_pos": state.lvl_pos, "f_hat": state.f_hat}
+        for i, m in enumerate(state.block_mods):
+            out[f"block_mods.{i}"] = m
+        return out
+
+    def sampling_noise_shape(self, batch_size: int, k: int) -> tuple[int, int]:
+        pn = self.cfg.patch_nums[k]
+        return batch_size * pn * pn, self.cfg.vocab_size
 
     @torch.no_grad()
     def scale_input(self, state: VARState, k: int) -> torch.Tensor:
@@ -591,9 +598,10 @@ class VARAdapter(Adapter):
         t = self.guidance_weight(state, k)
         return (1 + t) * logits_BLV[:B] - t * logits_BLV[B:]
 
-    def sample(self, state: VARState, k: int, logits_BLV: torch.Tensor) -> torch.Tensor:
+    def sample(self, state: VARState, k: int, logits_BLV: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Top-k / top-p multinomial sampling with ``state.generator`` -> token ids (B, l)."""
-        return sample_top_k_top_p(logits_BLV, top_k=state.top_k, top_p=state.top_p, generator=state.generator)
+        return sample_top_k_top_p(logits_BLV, top_k=state.top_k, top_p=state.top_p, generator=state.generator,
+                                  noise=noise)
 
     @torch.no_grad()
     def update(self, state: VARState, k: int, codes: torch.Tensor) -> None:
@@ -888,8 +896,14 @@ _CONFIGS = {
 def _register_official(name: str, description: str) -> None:
     cfg = _CONFIGS[name]
 
-    @register_model(name, description=description, family="var")
-    def build(weights=None, device="cpu", dtype=torch.float32, random_weights=False) -> VARAdapter:
+    @register_model(name, description=description, family="var", narrowable=True)
+    def build(weights=None, device="cpu", dtype=torch.float32, random_weights=False, narrow=None) -> VARAdapter:
+        if narrow is not None:
+            from stagevar.errors import StageVarError
+            if narrow < cfg.depth or narrow % cfg.depth:
+                raise StageVarError(f"--narrow {narrow}: the width must be a multiple of {name}'s {cfg.depth} heads "
+                                    f"(e.g. {2 * cfg.depth}).")
+            return build_var(name, dataclasses.replace(cfg, width=int(narrow)), device=device, dtype=dtype, random_weights=True)
         return build_var(name, cfg, weights=weights, device=device, dtype=dtype, random_weights=random_weights)
 
     build.__name__ = f"build_{name.replace('-', '_')}"

@@ -288,6 +288,8 @@ class VectorQuantizer2(nn.Module):
             self.quant_resi = PhiPartiallyShared(nn.ModuleList([make_phi() for _ in range(share_quant_resi)]))
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), vocab_size))
         self.embedding = nn.Embedding(vocab_size, Cvae)
+        # the Phi conv of every scale, looked up once (a plain tuple: the modules stay registered above)
+        self._phi_by_scale = tuple(self.quant_resi.for_scale(si, self.num_scales) for si in range(self.num_scales))
 
     @property
     def num_scales(self) -> int:
@@ -295,7 +297,7 @@ class VectorQuantizer2(nn.Module):
 
     def phi(self, si: int) -> nn.Module:
         """The Phi conv of scale ``si``."""
-        return self.quant_resi.for_scale(si, self.num_scales)
+        return self._phi_by_scale[si]
 
     # ---- codes <-> latent
     def embed_idx(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:

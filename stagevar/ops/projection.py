@@ -9,19 +9,13 @@ a valid sample of its neighbourhood, so it can be computed at the cell's represe
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-def cell_grid(h: int, w: int, gh: int, gw: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut an ``h x w`` grid into ``gh x gw`` cells.
-
-    Returns ``cells`` (h*w,) the cell index of every token (row-major), and ``centres`` (gh*gw,)
-    the token index of each cell's centre.
-
-    >>> cells, centres = cell_grid(4, 4, 2, 2)
-    >>> cells.view(4, 4)[0].tolist(), centres.tolist()
-    ([0, 0, 1, 1], [5, 7, 13, 15])
-    """
+@functools.lru_cache(maxsize=256)
+def _cell_grid(h: int, w: int, gh: int, gw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     ci = torch.arange(h, device=device) * gh // h
     cj = torch.arange(w, device=device) * gw // w
     cells = (ci[:, None] * gw + cj[None, :]).reshape(-1)
@@ -38,13 +32,27 @@ def cell_grid(h: int, w: int, gh: int, gw: int, device=None) -> tuple[torch.Tens
     return cells, centres
 
 
+def cell_grid(h: int, w: int, gh: int, gw: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut an ``h x w`` grid into ``gh x gw`` cells.
+
+    Returns ``cells`` (h*w,) the cell index of every token (row-major), and ``centres`` (gh*gw,)
+    the token index of each cell's centre. Built once per grid and device (the tensors are shared:
+    do not modify them).
+
+    >>> cells, centres = cell_grid(4, 4, 2, 2)
+    >>> cells.view(4, 4)[0].tolist(), centres.tolist()
+    ([0, 0, 1, 1], [5, 7, 13, 15])
+    """
+    return _cell_grid(int(h), int(w), int(gh), int(gw), torch.device(device if device is not None else "cpu"))
+
+
 def random_cell_projection(cells: torch.Tensor, num_cells: int, batch_size: int,
                            generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-token weights (B, M) such that the weights of each cell sum to 1 (random convex
-    combinations). ``P[i, j] = weights[j]`` if ``cells[j] == i`` else 0."""
+    combinations). ``P[i, j] = weights[j]`` if ``cells[j] == i`` else 0. Drawn on the device of
+    ``cells`` (``generator``, if given, must live there), so nothing waits for the host."""
     M = cells.shape[0]
-    u = torch.rand(batch_size, M, generator=generator) - 0.5
+    u = torch.rand(batch_size, M, generator=generator, device=cells.device) - 0.5
     wts = 1.0 + u
-    cells_cpu = cells.cpu()
-    sums = torch.zeros(batch_size, num_cells).index_add_(1, cells_cpu, wts)
-    return wts / sums[:, cells_cpu]
+    sums = torch.zeros(batch_size, num_cells, device=cells.device).index_add_(1, cells, wts)
+    return wts / sums[:, cells]

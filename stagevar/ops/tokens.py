@@ -66,32 +66,51 @@ def _grid_dims(h: int, w: int, n: int) -> tuple[int, int]:
     return gh, max(1, min(w, round(n / gh)))
 
 
+def grid_dims(h: int, w: int, n: int) -> tuple[int, int]:
+    """The ``gh x gw`` cell grid a grid-based selection of about ``n`` of ``h x w`` tokens uses."""
+    return _grid_dims(h, w, n)
+
+
+def grid_selection(method: str, hw: tuple[int, int], n: int, batch_size: int, rows: int, device=None,
+                   generator: torch.Generator | None = None) -> Selection:
+    """The ``uniform`` or ``random_projection`` subset of a scale: it does not depend on the hidden
+    states, so an engine can build it before the scale runs (the projection's weights are drawn
+    from ``generator``, on ``device``)."""
+    h, w = hw
+    gh, gw = _grid_dims(h, w, n)
+    cells, centres = cell_grid(h, w, gh, gw, device=device)
+    pos = centres.unsqueeze(0).expand(rows, -1)
+    if method == "uniform":
+        return Selection(pos)
+    if method == "random_projection":
+        weights = random_cell_projection(cells, gh * gw, batch_size, generator)
+        return Selection(pos, cells, weights.repeat(rows // batch_size, 1))
+    raise ValueError(f"unknown selection {method!r}")
+
+
+def deviation_selection(x_BLC: torch.Tensor, n: int, batch_size: int) -> Selection:
+    """FastVAR's high-deviation tokens of the conditional rows, reused for the unconditional ones."""
+    rows = x_BLC.shape[0]
+    xc = x_BLC[:batch_size].float()
+    score = (xc - xc.mean(dim=1, keepdim=True)).pow(2).sum(-1)             # (B, M)
+    pos = score.topk(n, dim=1).indices.sort(dim=1).values
+    return Selection(pos.repeat(rows // batch_size, 1))
+
+
 def select_tokens(method: str, x_BLC: torch.Tensor, hw: tuple[int, int], n: int, batch_size: int,
                   generator: torch.Generator | None = None) -> Selection:
     """Choose ``n`` tokens (about ``n`` for grid methods) of a scale with grid ``hw``.
 
     ``x_BLC`` is the hidden state at the first layer of the subset, rows = B or 2B (cond first).
+    ``generator`` (on the device of ``x_BLC``) draws the random projection.
 
     >>> x = torch.zeros(1, 4, 1); x[0, 2, 0] = 5.0
     >>> select_tokens("deviation", x, (2, 2), 1, 1).positions.tolist()
     [[2]]
     """
-    rows, M, _ = x_BLC.shape
-    h, w = hw
     if method == "deviation":
-        xc = x_BLC[:batch_size].float()
-        score = (xc - xc.mean(dim=1, keepdim=True)).pow(2).sum(-1)             # (B, M)
-        pos = score.topk(n, dim=1).indices.sort(dim=1).values
-        return Selection(pos.repeat(rows // batch_size, 1))
-    gh, gw = _grid_dims(h, w, n)
-    cells, centres = cell_grid(h, w, gh, gw, device=x_BLC.device)
-    pos = centres.unsqueeze(0).expand(rows, -1)
-    if method == "uniform":
-        return Selection(pos)
-    if method == "random_projection":
-        weights = random_cell_projection(cells, gh * gw, batch_size, generator).to(x_BLC.device)
-        return Selection(pos, cells, weights.repeat(rows // batch_size, 1))
-    raise ValueError(f"unknown selection {method!r}")
+        return deviation_selection(x_BLC, n, batch_size)
+    return grid_selection(method, hw, n, batch_size, x_BLC.shape[0], x_BLC.device, generator)
 
 
 def upsample_hidden(prev_BLC: torch.Tensor, prev_hw: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,8 @@ A reference directory holds ``infinity/golden/`` and/or ``var/golden/``, each de
 ``golden_meta.json`` (see ``shared/reference/README.md`` for the format). :func:`check_directory`
 runs every family found there and returns one :class:`CheckRow` per compared tensor, in the
 recommended order: teacher-forced logits -> forced-token inference logits -> free-running greedy
-tokens -> latent -> image.
+tokens -> latent -> image; then the same greedy generation through the runtime on an engine
+(:func:`runtime_rows`: every scale's codes and the image), so the path users run is checked too.
 """
 from __future__ import annotations
 
@@ -50,18 +51,39 @@ def compare_exact(family: str, stage: str, name: str, ours: torch.Tensor, ref: t
     return CheckRow(family, stage, name, float(n), n / max(1, ref.numel()), 0.0, n == 0, note or "mismatching elements")
 
 
-def check_directory(root: str | Path, family: str | None = None) -> list[CheckRow]:
-    """Run every family present under ``root`` (``infinity/golden``, ``var/golden``), or only ``family``."""
+def runtime_rows(family: str, stage: str, model, condition, guidance, seed: int, engine: str | None,
+                 ref_codes: list[torch.Tensor], ref_image: torch.Tensor | None, image_tol: float,
+                 image_of=lambda img: img, **sampling) -> list[CheckRow]:
+    """The greedy generation of ``stage`` through :class:`~stagevar.runtime.Runtime` on ``engine``
+    (identity policy): every scale's codes exactly, and the image (``image_of`` maps the runtime's
+    [0, 1] image to the reference's convention) within ``image_tol``."""
+    from stagevar.runtime import Runtime
+    codes: list[torch.Tensor] = []
+    rt = Runtime(model, engine=engine)
+    res = rt.generate(condition=condition, guidance=guidance, seed=seed,
+                      observer=lambda o: codes.append(o.codes.detach().clone()), **sampling)
+    label = f"runtime {res.engine} {stage}"
+    ours = torch.cat([c.reshape(c.shape[0], -1) for c in codes], 1)
+    want = torch.cat([c.reshape(c.shape[0], -1) for c in ref_codes], 1)
+    rows = [compare_exact(family, label, "codes (all scales)", ours, want)]
+    if ref_image is not None:
+        rows.append(compare(family, label, "image", image_of(res.images), ref_image, image_tol))
+    return rows
+
+
+def check_directory(root: str | Path, family: str | None = None, engine: str | None = None) -> list[CheckRow]:
+    """Run every family present under ``root`` (``infinity/golden``, ``var/golden``), or only
+    ``family``; the runtime rows run on ``engine`` (None: the device's default)."""
     root = Path(root)
     rows: list[CheckRow] = []
     found = False
     if family in (None, "infinity") and (root / "infinity" / "golden" / "golden_meta.json").is_file():
         from stagevar.reference.infinity import check_infinity_golden
-        rows += check_infinity_golden(root / "infinity" / "golden")
+        rows += check_infinity_golden(root / "infinity" / "golden", engine=engine)
         found = True
     if family in (None, "var") and (root / "var" / "golden" / "golden_meta.json").is_file():
         from stagevar.reference.var import check_var_golden
-        rows += check_var_golden(root / "var" / "golden")
+        rows += check_var_golden(root / "var" / "golden", engine=engine)
         found = True
     if not found:
         from stagevar.errors import StageVarError

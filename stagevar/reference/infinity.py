@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from stagevar.reference import CheckRow, compare, compare_exact
+from stagevar.reference import CheckRow, compare, compare_exact, runtime_rows
 
 FAMILY = "infinity"
 TF_TOL = 1e-4
@@ -51,7 +51,7 @@ def _build(meta: dict, golden: Path):
     return model
 
 
-def check_infinity_golden(golden: str | Path) -> list[CheckRow]:
+def check_infinity_golden(golden: str | Path, engine: str | None = None) -> list[CheckRow]:
     from stagevar.models.infinity import TextCondition
 
     golden = Path(golden)
@@ -106,4 +106,8 @@ def check_infinity_golden(golden: str | Path) -> list[CheckRow]:
             rows.append(compare(FAMILY, f"image {stage}", "image_m11", img_m11, ref["image_m11"], IMG_TOL))
         if "image_m11_avgpool8" in ref:
             rows.append(compare(FAMILY, f"image {stage}", "image_m11_avgpool8", F.avg_pool2d(img_m11, 8), ref["image_m11_avgpool8"], IMG_TOL))
+        # (4) the same greedy generation through the runtime
+        rows += runtime_rows(FAMILY, f"greedy {stage}", model, cond, cfg_value, int(kw.get("g_seed", 0)), engine,
+                             [b.long() for b in ref_bits], ref.get("image_m11"), IMG_TOL, lambda im: im * 2 - 1,
+                             tau=tau, top_k=top_k, top_p=top_p)
     return rows

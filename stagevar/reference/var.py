@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stagevar.reference import CheckRow, compare, compare_exact
+from stagevar.reference import CheckRow, compare, compare_exact, runtime_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def build_from_meta(config: dict[str, Any]):
 
 
 @torch.no_grad()
-def check_var_golden(golden_dir: Path) -> list[CheckRow]:
+def check_var_golden(golden_dir: Path, engine: str | None = None) -> list[CheckRow]:
     """Compare the VAR implementation with one golden directory; one :class:`CheckRow` per tensor."""
     from stagevar.models.var import _VAE_DERIVED, _VAR_DERIVED, load_checked_state_dict
 
@@ -158,6 +158,8 @@ def check_var_golden(golden_dir: Path) -> list[CheckRow]:
         if "image_01_avgpool8" in ref:
             rows.append(compare(FAMILY, stage, "image_01_avgpool8", F.avg_pool2d(image, 8),
                                 ref["image_01_avgpool8"], TOL_IMAGE))
+        rows += runtime_rows(FAMILY, f"greedy cfg={cfg:g}", adapter, labels, cfg, seed, engine, ref_idx,
+                             ref.get("image_01"), TOL_IMAGE, top_k=top_k, top_p=top_p)
     bad = [r for r in rows if not r.passed]
     log.info("VAR golden %s: %d/%d rows passed", golden_dir, len(rows) - len(bad), len(rows))
     return rows

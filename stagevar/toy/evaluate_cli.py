@@ -70,7 +70,7 @@ def run_evaluate(args) -> int:
         items = make_split(args.split, n, seed=0)
         policy = load_policy(args.policy) if args.policy else None
         model = _load_model(args)
-        runtime = Runtime(model, policy, args.operating_point)
+        runtime = Runtime(model, policy, args.operating_point, engine=args.engine)
         result, secs = generate_and_evaluate(model, items, list(range(args.seeds)), runtime, args.batch_size)
         title = (f"{model.name} on {len(items)} {args.split} prompts x {args.seeds} seed(s)"
                  + (f", policy {args.policy}" + (f" [{args.operating_point}]" if args.operating_point else "") if policy else "")
