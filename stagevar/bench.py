@@ -102,6 +102,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--engine", default="auto", metavar="E[,E...]",
                    help="engine(s) every method runs on, comma-separated to compare them in one run: " + ENGINE_HELP)
+    p.add_argument("--fit-budget", metavar="SPEEDUP",
+                   help="also run the paper-like plan refitted to this speedup (e.g. 3x) by measurement on the last "
+                        "--engine: the refinement length and the largest uniform keep that meet it (most work kept)")
     p.add_argument("--compare-vae", action="store_true",
                    help="also time the VAE decoding of one latent in float32 and in the compute dtype (Infinity)")
 
@@ -424,6 +427,66 @@ def measure_quality(adapter, methods: list[Method], runtimes: dict[str, Any], it
     return out
 
 
+def _speedup(text: str) -> float:
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)x\s*", str(text))
+    if not m or float(m.group(1)) <= 1:
+        raise StageVarError(f"--fit-budget {text!r}: give a speedup above 1, such as 3x.")
+    return float(m.group(1))
+
+
+def _describe(point, depth: int) -> str:
+    from stagevar.baselines import describe
+    return describe(point, depth)
+
+
+#: keep ratios :func:`fit_budget` tries, most tokens first
+FIT_KEEPS = (0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+
+
+def fit_budget(adapter, condition, guidance, speedup: float, engine: str, repeats: int = 3,
+               lengths: Sequence[int] = (2, 3, 4, 5), margin: float = 0.03) -> dict[str, Any]:
+    """The paper-like plan (:func:`stagevar.baselines.paper_policy`: guidance dropped and a uniform
+    random-projection keep on the last ``R`` scales) refitted to ``speedup`` by measurement: for
+    each refinement length ``R`` the largest keep of :data:`FIT_KEEPS` whose measured speedup over
+    the full model (same engine, medians) reaches ``speedup * (1 + margin)`` (latency falls with
+    the keep, so a bisection), then the candidate that computes the most token-layers. Random
+    weights say nothing of quality; computing more is the stand-in. ``point`` is None when no
+    candidate meets the budget."""
+    from stagevar.baselines import paper_policy
+    from stagevar.policy import predicted_work_skipped
+    from stagevar.runtime import Runtime
+
+    def median_s(point) -> float:
+        rt = Runtime(adapter, point, synchronize=True, engine=engine)
+        rt.generate(condition=condition, guidance=guidance, seed=0)                    # warm-up / capture
+        return statistics.median(rt.generate(condition=condition, guidance=guidance, seed=0).seconds
+                                 for _ in range(repeats))
+
+    n = len(adapter.scale_schedule)
+    full = median_s(None)
+    tried, passing = [], []
+    for R in [r for r in lengths if r < n]:
+        lo, hi, best = 0, len(FIT_KEEPS) - 1, None
+        while lo <= hi:                                    # the smallest index (largest keep) that meets it
+            mid = (lo + hi) // 2
+            point = paper_policy(adapter, keep=FIT_KEEPS[mid], refinement_scales=R)
+            s = full / median_s(point)
+            tried.append({"refinement_scales": R, "keep": FIT_KEEPS[mid], "speedup": round(s, 3)})
+            _progress(f"fit {speedup:g}x on {engine}: last {R} scales at keep {FIT_KEEPS[mid]:g}: {s:.2f}x")
+            if s >= speedup * (1 + margin):
+                best, hi = (FIT_KEEPS[mid], point), mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            passing.append((1 - predicted_work_skipped(best[1], adapter.scale_schedule, adapter.num_layers), R, best))
+    if not passing:
+        return {"point": None, "speedup": speedup, "engine": engine, "full_s": full, "tried": tried}
+    kept, R, (keep, point) = max(passing, key=lambda c: c[0])
+    return {"point": point, "speedup": speedup, "engine": engine, "full_s": full, "tried": tried,
+            "chosen": {"refinement_scales": R, "keep": keep, "work_kept": round(kept, 4)}}
+
+
 def compare_vae(adapter, condition, guidance, repeats: int) -> dict[str, Any] | None:
     """Seconds to decode one generated latent with the VAE in float32 and in the compute dtype
     (interleaved, median), for adapters that can (``decode_dtype``); None otherwise."""
@@ -659,7 +722,17 @@ def cmd_bench(args) -> int:
     device = adapter.device
     guidance = bench_guidance(adapter, args)
     engines = bench_engines(args.engine, device)
-    methods = on_engines(build_methods(adapter, args, guidance), engines)
+    base_methods = build_methods(adapter, args, guidance)
+    fitted = None
+    if args.fit_budget:
+        lat_prompts = [p["prompt"] for p in bench_prompts(adapter, args.batch_size, args.prompt_draw)]
+        fitted = fit_budget(adapter, adapter.encode_prompts(lat_prompts), guidance, _speedup(args.fit_budget),
+                            engines[-1], args.repeats)
+        if fitted["point"] is not None:
+            base_methods.append(Method(f"fitted-{args.fit_budget}", "fitted", fitted["point"],
+                                       f"paper-like plan fitted to {args.fit_budget} by measurement on {engines[-1]}",
+                                       _describe(fitted["point"], adapter.num_layers)))
+    methods = on_engines(base_methods, engines)
     _progress("methods: " + ", ".join(m.name for m in methods))
     runtimes = {m.name: _Guided(Runtime(adapter, m.point, synchronize=True, engine=m.engine), guidance) for m in methods}
     fp = adapter.fingerprint()
@@ -722,6 +795,8 @@ def cmd_bench(args) -> int:
     from stagevar import __version__
     cfg["stagevar"] = __version__
     res = {"config": cfg, "methods": rows}
+    if fitted is not None:
+        res["fit_budget"] = {k: v for k, v in fitted.items() if k != "point"}
     if vae is not None:
         res["vae_decode"] = vae
 
@@ -733,6 +808,13 @@ def cmd_bench(args) -> int:
     sys.stdout.write(md)
     sys.stdout.flush()
     written = [out / "bench.md", out / "bench.json"]
+    if fitted is not None and fitted["point"] is not None:      # reusable: --policy OUT/fitted-3x.yaml
+        from stagevar.policy import Policy, base_provenance, binding_for
+        pol = Policy(model=binding_for(adapter), operating_points={args.fit_budget: fitted["point"]},
+                     default=args.fit_budget, provenance=base_provenance(
+                         source="stagevar bench --fit-budget", calibrated=False, engine=fitted["engine"],
+                         batch_size=args.batch_size, fit=fitted["chosen"], guidance=guidance_json(guidance)))
+        written.append(pol.save(out / f"fitted-{args.fit_budget}.yaml"))
     if not args.no_plot:
         written.append(plot(res, out))
     _progress("wrote " + ", ".join(str(w) for w in written))

@@ -264,15 +264,26 @@ def test_bench_errors_are_one_paragraph(tiny, tmp_path, capsys):
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu.sh end to end on the CPU, in bfloat16 as on the GPU (weights in bf16 under autocast)."""
+    """benchmarks/gpu.sh end to end on the CPU, with the engines a CPU runs, a budget the tiny model
+    can meet (so the fitted plan is passed on to the batch step) and small batches, in float32 (the
+    bfloat16 paths are checked in test_engine; on a CPU they are slow); the time limits are scaled
+    up (a busy machine)."""
     env = dict(os.environ, STAGEVAR_BENCH_MODEL="infinity-tiny", STAGEVAR_BENCH_DEVICE="cpu",
-               STAGEVAR_BENCH_DTYPE="bfloat16", STAGEVAR_BENCH_REPEATS="1", STAGEVAR_BENCH_EXTRA="--threads 1",
-               OUT=str(tmp_path), PYTHON=sys.executable)
-    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert "| `fastvar` |" in res.stdout and "| `paper` |" in res.stdout
-    for f in ("env.txt", "bench.log", "bench.md", "bench.json"):
+               STAGEVAR_BENCH_DTYPE="float32", STAGEVAR_BENCH_REPEATS="1", STAGEVAR_BENCH_EXTRA="--threads 1",
+               STAGEVAR_BENCH_BUDGET="1.1x", STAGEVAR_BENCH_BATCH="2", STAGEVAR_BENCH_LARGE_CHECK="0",
+               STAGEVAR_BENCH_SCALE="20", OUT=str(tmp_path), PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for engine in ("eager", "static"):
+        assert f"| `fastvar@{engine}` |" in res.stdout and f"| `paper@{engine}` |" in res.stdout
+    assert "comparisons identical to eager" in res.stdout
+    fitted = tmp_path / "b1" / "fitted-1.1x.yaml"
+    assert fitted.is_file() and "| `fitted-1.1x:1.1x@static` |" in res.stdout      # the b1 fit, benched at batch 2
+    for f in ("env.txt", "steps.log", "b1/bench.md", "b1/bench.json", "b8/bench.json", "engine-check/engine_check.json"):
         assert (tmp_path / f).is_file(), f
+    assert "vae_decode" in json.loads((tmp_path / "b1" / "bench.json").read_text())
+    profile = json.loads((tmp_path / "profile-eager.out").read_text().strip().splitlines()[-1])
+    assert profile["host_syncs_per_image"] == 0 and profile["engine"] == "eager"
 
 
 def test_steady_allocator_is_applied_and_reported(monkeypatch):

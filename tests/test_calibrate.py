@@ -1001,6 +1001,7 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     assert point.measured["budget"] == "50x"
     assert policy.provenance["calibration_record"] == rec.key
     assert policy.provenance["guidance"] == rec.inputs["guidance"] == load_model("infinity-tiny").default_guidance
+    assert policy.provenance["engine"] == rec.inputs["engine"] == "eager"          # the engine the latencies are of
     policy.save(tmp_path / "copy.yaml")
     assert load_policy(tmp_path / "copy.yaml") == policy
 

@@ -144,6 +144,14 @@ def test_cli_engine_the_device_cannot_run_is_one_clear_error(capsys):
     assert err.startswith("error:") and "graphs" in err and "eager, static" in err and "Traceback" not in err
 
 
+def test_calibrate_engine_the_device_cannot_run_is_one_clear_error(capsys, tmp_path):
+    from calibrate.cli import main
+    rc = main(["--model", "infinity-tiny", "--budget", "2x", "--engine", "graphs", "--out", str(tmp_path / "cal")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a CUDA device" in err and "eager, static" in err and "Traceback" not in err
+    assert not (tmp_path / "cal").exists()
+
+
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("engine", ["eager", "static"])
 def test_profile_counts_no_host_sync_inside_or_outside_the_scales(models, plan, engine):

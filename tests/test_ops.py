@@ -1,7 +1,7 @@
 """Token ops against fixtures whose expected values are worked out by hand."""
 import torch
 
-from stagevar.ops.projection import cell_grid, random_cell_projection
+from stagevar.ops.projection import cell_grid, cell_layout, cell_sum, random_cell_projection
 from stagevar.ops.sampling import sample_top_k_top_p
 from stagevar.ops.tokens import Selection, restore_tokens, select_tokens, upsample_hidden
 
@@ -36,8 +36,8 @@ def test_uneven_cells_have_centres_inside_them():
 
 
 def test_random_projection_rows_are_convex_combinations_of_their_cell():
-    cells, _ = cell_grid(4, 4, 2, 2)
-    w = random_cell_projection(cells, 4, batch_size=3, generator=torch.Generator().manual_seed(0))
+    cells, _, members = cell_layout(4, 4, 2, 2)
+    w = random_cell_projection(cells, members, batch_size=3, generator=torch.Generator().manual_seed(0))
     sums = torch.zeros(3, 4).index_add_(1, cells, w)
     assert torch.allclose(sums, torch.ones(3, 4))
     assert (w > 0).all()
@@ -90,3 +90,25 @@ def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([[[2.0, 0.0, -20.0]]]).repeat(1, 50, 1)
     out = sample_top_k_top_p(logits, top_p=0.5, generator=torch.Generator().manual_seed(0))
     assert (out == 0).all()
+
+
+def test_cell_members_list_every_token_once_in_order():
+    for h, w, gh, gw in ((4, 6, 2, 3), (13, 13, 5, 4), (16, 16, 7, 7), (3, 5, 1, 2)):
+        cells, _, members = cell_layout(h, w, gh, gw)
+        for i, row in enumerate(members.tolist()):
+            real = [j for j in row if j < h * w]
+            assert real == sorted(real) and all(int(cells[j]) == i for j in real)
+            assert row[len(real):] == [h * w] * (len(row) - len(real))          # padding only at the end
+        assert sorted(j for row in members.tolist() for j in row if j < h * w) == list(range(h * w))
+
+
+def test_ordered_cell_sum_is_index_add_bit_for_bit():
+    """The fixed-order sum used on CUDA (where index_add_ accumulates in any order) adds each cell's
+    tokens in the order CPU index_add_ does: the same bits."""
+    g = torch.Generator().manual_seed(0)
+    for h, w, gh, gw in ((16, 16, 7, 7), (13, 13, 5, 4), (32, 32, 9, 9)):
+        cells, _, members = cell_layout(h, w, gh, gw)
+        x = torch.randn(3, h * w, 8, generator=g) * 1e3
+        plain = cell_sum(x, cells, members, ordered=False)
+        assert torch.equal(plain, torch.zeros(3, gh * gw, 8).index_add_(1, cells, x))
+        assert torch.equal(cell_sum(x, cells, members, ordered=True), plain)

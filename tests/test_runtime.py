@@ -83,13 +83,14 @@ def test_subset_keeps_true_positions_and_defines_kv_cache(model, monkeypatch):
     assert res.records[-1].computed_tokens == kept
 
 
-def test_kv_cache_receives_only_computed_tokens():
+@pytest.mark.parametrize("engine", ["eager", "static"])
+def test_kv_cache_receives_only_computed_tokens(engine):
     model = load_model("infinity-tiny")
     cond = _cond(model)
     n = len(model.scale_schedule)
     total = sum(model.tokens_per_scale())
     plan = ScalePlan(n - 1, guidance="cond_only", keep=0.5, selection="uniform", layers=(1, 2))
-    rt = Runtime(model, _point(model, [plan]))
+    rt = Runtime(model, _point(model, [plan]), engine=engine)
     caches = {}
     orig_finish = type(model).finish
 

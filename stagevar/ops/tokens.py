@@ -34,7 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from stagevar.ops.projection import cell_grid, random_cell_projection
+from stagevar.ops.projection import cell_layout, cell_sum, random_cell_projection
 
 
 @dataclasses.dataclass
@@ -45,6 +45,7 @@ class Selection:
     positions: torch.Tensor
     cells: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    members: torch.Tensor | None = None           # (cells, S) tokens of each cell (projections)
 
     @property
     def count(self) -> int:
@@ -55,10 +56,7 @@ class Selection:
         if self.weights is None:
             idx = self.positions.unsqueeze(-1).expand(-1, -1, x_BLC.shape[-1])
             return torch.gather(x_BLC, 1, idx)
-        rows, M, C = x_BLC.shape
-        out = x_BLC.new_zeros(rows, self.count, C)
-        out.index_add_(1, self.cells, x_BLC * self.weights.unsqueeze(-1).to(x_BLC.dtype))
-        return out
+        return cell_sum(x_BLC * self.weights.unsqueeze(-1).to(x_BLC.dtype), self.cells, self.members)
 
 
 def _grid_dims(h: int, w: int, n: int) -> tuple[int, int]:
@@ -78,13 +76,13 @@ def grid_selection(method: str, hw: tuple[int, int], n: int, batch_size: int, ro
     from ``generator``, on ``device``)."""
     h, w = hw
     gh, gw = _grid_dims(h, w, n)
-    cells, centres = cell_grid(h, w, gh, gw, device=device)
+    cells, centres, members = cell_layout(h, w, gh, gw, device)
     pos = centres.unsqueeze(0).expand(rows, -1)
     if method == "uniform":
         return Selection(pos)
     if method == "random_projection":
-        weights = random_cell_projection(cells, gh * gw, batch_size, generator)
-        return Selection(pos, cells, weights.repeat(rows // batch_size, 1))
+        weights = random_cell_projection(cells, members, batch_size, generator)
+        return Selection(pos, cells, weights.repeat(rows // batch_size, 1), members)
     raise ValueError(f"unknown selection {method!r}")
 
 
