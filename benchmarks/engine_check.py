@@ -51,13 +51,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--models", default="infinity-tiny,var-tiny", help="small models checked on every plan (batch 2)")
     p.add_argument("--large", help="also check this model with random weights (batch 1), e.g. infinity-2b")
     p.add_argument("--large-plans", default="full,paper,fastvar")
     p.add_argument("--out", type=Path, default=Path("out/engine-check"))
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     rows = []
-    for name in ("infinity-tiny", "var-tiny"):
+    for name in [m for m in a.models.split(",") if m]:
         rows += check(load_model(name, device=a.device, dtype=dtype), ["full", "paper", "fastvar"], 2)
     if a.large:
         model = load_model(a.large, device=a.device, dtype=dtype, random_weights=True)

@@ -24,7 +24,8 @@
 #
 # STAGEVAR_BENCH_MODEL (infinity-2b), STAGEVAR_BENCH_DEVICE (cuda), STAGEVAR_BENCH_DTYPE (bfloat16),
 # STAGEVAR_BENCH_REPEATS (5), STAGEVAR_BENCH_BUDGET (3x), STAGEVAR_BENCH_BATCH (8: the throughput step's
-# batch), STAGEVAR_BENCH_LARGE_CHECK (1: the engine check also runs the model itself), STAGEVAR_BENCH_EXTRA
+# batch), STAGEVAR_BENCH_LARGE_CHECK (1: the engine check also runs the model itself), STAGEVAR_BENCH_CHECK_MODELS
+# (infinity-tiny,var-tiny: the small models the engine check runs), STAGEVAR_BENCH_EXTRA
 # (more bench arguments), STAGEVAR_BENCH_SCALE (1.0: multiplies every step's time limit).
 set -uo pipefail
 
@@ -35,6 +36,7 @@ DTYPE="${STAGEVAR_BENCH_DTYPE:-bfloat16}"
 REPEATS="${STAGEVAR_BENCH_REPEATS:-5}"
 BUDGET="${STAGEVAR_BENCH_BUDGET:-3x}"
 BATCH="${STAGEVAR_BENCH_BATCH:-8}"
+FEW=$(( REPEATS < 3 ? REPEATS : 3 ))          # repeats of the batch step and the profiles
 LARGE=(--large "$MODEL" --large-plans full,paper)
 [ "${STAGEVAR_BENCH_LARGE_CHECK:-1}" = "1" ] || LARGE=()
 SCALE="${STAGEVAR_BENCH_SCALE:-1.0}"
@@ -75,19 +77,19 @@ BENCH=("$PY" -m stagevar.bench --model "$MODEL" --random-weights --device "$DEVI
        --engine "$ENGINES" --baselines paper,fastvar --policies-dir "$OUT/no-policies" --no-quality --no-plot)
 
 step engine-check 100 "$PY" benchmarks/engine_check.py --device "$DEVICE" --dtype "$DTYPE" "${LARGE[@]}" \
-  --out "$OUT/engine-check"
+  --models "${STAGEVAR_BENCH_CHECK_MODELS:-infinity-tiny,var-tiny}" --out "$OUT/engine-check"
 # shellcheck disable=SC2086
 step bench-b1 190 "${BENCH[@]}" --batch-size 1 --prompts 1 --repeats "$REPEATS" --fit-budget "$BUDGET" --compare-vae \
   --out "$OUT/b1" ${STAGEVAR_BENCH_EXTRA:-}
 FIT=()
 [ -f "$OUT/b1/fitted-$BUDGET.yaml" ] && FIT=(--policy "$OUT/b1/fitted-$BUDGET.yaml")
 # shellcheck disable=SC2086
-step bench-b8 150 "${BENCH[@]}" --batch-size "$BATCH" --prompts "$BATCH" --repeats 3 --no-memory "${FIT[@]}" \
+step bench-b8 150 "${BENCH[@]}" --batch-size "$BATCH" --prompts "$BATCH" --repeats "$FEW" --no-memory --sequential "${FIT[@]}" \
   --out "$OUT/b8" ${STAGEVAR_BENCH_EXTRA:-}
 for engine in ${ENGINES//,/ }; do
   [ "$engine" = "static" ] && continue
   step "profile-$engine" 60 "$PY" -m stagevar.profile --model "$MODEL" --random-weights --device "$DEVICE" --dtype "$DTYPE" \
-    --engine "$engine" --repeats 3 --json
+    --engine "$engine" --repeats "$FEW" --json
 done
 
 echo

@@ -6,6 +6,7 @@ Public API::
     model = stagevar.load_model("infinity-mini")                  # the embedded default model
     policy = stagevar.load_policy("policies/infinity-mini.128.2x-3x-4x.yaml")
     images = stagevar.generate(model, ["two green squares"], policy, seed=0)   # (B, 3, H, W) in [0, 1]
+    images = stagevar.generate(model, ["two green squares"], policy, engine="static")  # eager | static | graphs
 
 Importing this package never imports ``calibrate``, optuna or scipy (the runtime stays light).
 

@@ -105,6 +105,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-budget", metavar="SPEEDUP",
                    help="also run the paper-like plan refitted to this speedup (e.g. 3x) by measurement on the last "
                         "--engine: the refinement length and the largest uniform keep that meet it (most work kept)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time one method after the other (warm-up, repeats, then its memory released) instead of "
+                        "interleaved rounds: at large batches the captured graphs and caches of every method at once "
+                        "may not fit on the device")
     p.add_argument("--compare-vae", action="store_true",
                    help="also time the VAE decoding of one latent in float32 and in the compute dtype (Infinity)")
 
@@ -202,6 +206,16 @@ class _Guided:
     def generate(self, **kwargs):
         return self.runtime.generate(guidance=self.guidance, **kwargs)
 
+    def release(self) -> None:
+        """Drop what the runtime holds between generations (captured CUDA graphs, their caches)."""
+        import gc
+
+        import torch
+        self.runtime._captured.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
 
 def build_methods(adapter, args, guidance) -> list[Method]:
     """``guidance``: what every method runs at (:func:`bench_guidance`); policies calibrated at
@@ -272,12 +286,25 @@ def _percentile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_methods(runtimes: dict[str, Any], condition, seed: int,
-                 repeats: int) -> tuple[dict[str, list[float]], dict[str, list[list[float]]], dict[str, float]]:
+def time_methods(runtimes: dict[str, Any], condition, seed: int, repeats: int, sequential: bool = False
+                 ) -> tuple[dict[str, list[float]], dict[str, list[list[float]]], dict[str, float]]:
     """Warm-up round, then ``repeats`` interleaved rounds. Per method: seconds per run, per run the
     seconds of each scale (device times when the runtimes synchronise), and the warm-up
-    generation's seconds (the first image: it includes a CUDA-graph capture)."""
+    generation's seconds (the first image: it includes a CUDA-graph capture). ``sequential``: one
+    method after the other (warm-up and repeats), each runtime released before the next, so that
+    only one method's captured graphs and caches are held at a time (large batches)."""
     names = list(runtimes)
+    if sequential:
+        samples: dict[str, list[float]] = {}
+        per_scale: dict[str, list[list[float]]] = {}
+        first = {}
+        for nm in names:
+            first[nm] = runtimes[nm].generate(condition=condition, seed=seed).seconds
+            runs = [runtimes[nm].generate(condition=condition, seed=seed) for _ in range(repeats)]
+            samples[nm], per_scale[nm] = [r.seconds for r in runs], [[rec.seconds for rec in r.records] for r in runs]
+            runtimes[nm].release()
+            _progress(f"{nm}: first {first[nm]:.3f}s, median {statistics.median(samples[nm]):.3f}s")
+        return samples, per_scale, first
     _progress(f"warm-up round ({len(names)} methods)")
     first = {nm: runtimes[nm].generate(condition=condition, seed=seed).seconds for nm in names}
     samples: dict[str, list[float]] = {nm: [] for nm in names}
@@ -544,7 +571,8 @@ def render_markdown(res: dict[str, Any]) -> str:
          f"{cfg['resolution']}px, {cfg['num_scales']} scales, {cfg['num_layers']} layers"
          f"{' (random weights)' if cfg['random_weights'] else ''}; {cfg['device_name']} ({cfg['device']}), {cfg['dtype']}; "
          f"torch {cfg['torch']}, {cfg['threads']} CPU threads, {cfg.get('allocator', 'system default')}; {cfg['date']}", "",
-         f"Latency: batch {cfg['batch_size']}, median / p90 of {cfg['repeats']} interleaved rounds after a warm-up round, "
+         f"Latency: batch {cfg['batch_size']}, median / p90 of {cfg['repeats']} "
+         f"{'runs per method, one method after the other,' if cfg.get('sequential') else 'interleaved rounds'} after a warm-up round, "
          "device-synchronised, prompt encoding excluded, VAE decoding included. Speedup = full median / method median"
          + (f" (the full model on {cfg['engines'][0]}; 'same engine': on the method's engine)"
             if len(cfg.get("engines", [])) > 1 else "") + ". "
@@ -742,12 +770,14 @@ def cmd_bench(args) -> int:
     items = bench_prompts(adapter, args.prompts, args.prompt_draw)
     lat_prompts = [items[i % len(items)]["prompt"] for i in range(args.batch_size)]
     condition = adapter.encode_prompts(lat_prompts)
-    samples, per_scale, first = time_methods(runtimes, condition, 0, args.repeats)
+    samples, per_scale, first = time_methods(runtimes, condition, 0, args.repeats, sequential=args.sequential)
     vae = compare_vae(adapter, condition, guidance, args.repeats) if args.compare_vae else None
 
     mem: dict[str, dict[str, Any]] = {}
     if not args.no_memory:
         for m in methods:
+            for r in runtimes.values():    # captured graphs hold memory: measure each method on its own,
+                r.release()                 # its capture included
             mem[m.name] = measure_memory(runtimes[m.name], condition, 0, device)
             _progress(f"peak memory {m.name}: {_f(mem[m.name]['peak_mem_mib'], '.1f')} MiB")
     mem_method = next(iter(mem.values()))["peak_mem_method"] if mem else "not measured (--no-memory)"
@@ -789,7 +819,7 @@ def cmd_bench(args) -> int:
            "latency_prompts": lat_prompts, "prompts": args.prompts, "prompt_draw": args.prompt_draw, "seeds": args.seeds,
            "quality_batch_size": args.quality_batch_size, "no_quality": bool(args.no_quality),
            "quality_images": args.prompts * args.seeds, "evaluator": bool(use_eval and not args.no_quality),
-           "peak_mem_method": mem_method, "engines": engines,
+           "peak_mem_method": mem_method, "engines": engines, "sequential": bool(args.sequential),
            "guidance": guidance_json(guidance),
            "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
     from stagevar import __version__

@@ -38,7 +38,7 @@ import yaml
 from stagevar.errors import StageVarError
 from stagevar.guidance import GuidanceError, guidance_per_scale
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GUIDANCE = ("cfg", "cond_only")
 SELECTIONS = ("random_projection", "deviation", "uniform")
 RESTORES = ("cached_update", "cached_output")
@@ -209,7 +209,7 @@ class OperatingPoint:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "stages": {k: list(v) for k, v in self.stages.items()},
+            "stages": {k: list(v) if v[1] >= v[0] else None for k, v in self.stages.items()},   # empty: null
             "plans": [p.to_dict() for p in self.plans],
         }
         if self.measured:
@@ -404,15 +404,18 @@ def _stages_from_dict(d: Any, n: int, src: str, path: str) -> dict[str, tuple[in
     expected_start = 0
     for name in STAGES:
         v = d[name]
+        if v is None:                                      # an empty stage
+            out[name] = (expected_start, expected_start - 1)
+            continue
         if not isinstance(v, list) or len(v) != 2:
-            raise _fail(src, f"{path}.{name}", f"must be [first_scale, last_scale] (inclusive), got {v!r}")
+            raise _fail(src, f"{path}.{name}", f"must be [first_scale, last_scale] (inclusive) or null (empty), got {v!r}")
         a = _int(v[0], src, f"{path}.{name}[0]", lo=0, hi=n)
         b = _int(v[1], src, f"{path}.{name}[1]", lo=-1, hi=n - 1)
         if a != expected_start:
             raise _fail(src, f"{path}.{name}", f"starts at scale {a}, expected {expected_start}: stages must be contiguous "
                         "and cover every scale in the order semantic, structure, refinement")
-        if b < a - 1:
-            raise _fail(src, f"{path}.{name}", f"is {v}: last scale before first (an empty stage is [a, a-1])")
+        if b < a:
+            raise _fail(src, f"{path}.{name}", f"is {v}: last scale before first (an empty stage is null)")
         out[name] = (a, b)
         expected_start = b + 1
     if expected_start != n:
@@ -430,7 +433,18 @@ def default_stages(n: int, first_refinement: int) -> dict[str, tuple[int, int]]:
 
 # ------------------------------------------------------------------------------------- migration
 # version -> function upgrading a dict of that version to version+1. Version 1 is the first.
-MIGRATIONS: dict[int, Any] = {}
+def _v1_to_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 wrote an empty stage as ``[a, a-1]``; version 2 writes null."""
+    for point in (d.get("operating_points") or {}).values():
+        stages = point.get("stages") if isinstance(point, Mapping) else None
+        if isinstance(stages, Mapping):
+            for name, v in stages.items():
+                if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) and v[1] == v[0] - 1:
+                    stages[name] = None
+    return d
+
+
+MIGRATIONS: dict[int, Any] = {1: _v1_to_v2}
 
 
 def migrate(d: dict[str, Any], version: int) -> dict[str, Any]:

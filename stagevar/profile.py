@@ -82,9 +82,9 @@ def _to_host(func, args, kwargs) -> bool:
     return len(tensors) >= 2 and tensors[0].device.type == "cpu" and tensors[1].device.type != "cpu"
 
 
-def count_ops(runtime, condition, guidance, seed: int) -> tuple[dict[str, dict[str, int]], int]:
-    """Ops per scale (and ``outside``) of one generation, and the synchronisations the CUDA driver
-    reported (0 off CUDA)."""
+def count_ops(runtime, condition, guidance, seed: int) -> tuple[dict[str, dict[str, int]], int, Any]:
+    """Ops per scale (and ``outside``) of one generation, the synchronisations the CUDA driver
+    reported (0 off CUDA), and the generation's result."""
     counter = OpCounter()
     step = runtime._step
 
@@ -104,47 +104,49 @@ def count_ops(runtime, condition, guidance, seed: int) -> tuple[dict[str, dict[s
                 torch.cuda.set_sync_debug_mode("warn")
             try:
                 with counter:
-                    runtime.generate(condition=condition, guidance=guidance, seed=seed)
+                    result = runtime.generate(condition=condition, guidance=guidance, seed=seed)
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode("default")
     finally:
         del runtime._step
     driver_syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
-    return counter.counts, driver_syncs
+    return counter.counts, driver_syncs, result
 
 
 def profile(runtime, condition, guidance, seed: int = 0, repeats: int = 3) -> dict[str, Any]:
-    """Warm-up (first image), one counted generation, ``repeats`` timed ones (medians)."""
+    """Warm-up (first image), one counted generation, ``repeats`` timed ones (medians). With
+    ``repeats=0`` only the counted generation runs (no times: a large model on a small machine)."""
     import time
     ad = runtime.adapter
-    batch = ad.condition_signature(condition)[0] if runtime.engine != "eager" else None
-    t0 = time.perf_counter()
-    first = runtime.generate(condition=condition, guidance=guidance, seed=seed)
-    if ad.device.type == "cuda":
-        torch.cuda.synchronize(ad.device)
-    first_s = time.perf_counter() - t0
-    counts, driver_syncs = count_ops(runtime, condition, guidance, seed)
+    first_s = None
+    if repeats:
+        t0 = time.perf_counter()
+        runtime.generate(condition=condition, guidance=guidance, seed=seed)
+        if ad.device.type == "cuda":
+            torch.cuda.synchronize(ad.device)
+        first_s = time.perf_counter() - t0
+    counts, driver_syncs, counted = count_ops(runtime, condition, guidance, seed)
     timed = [runtime.generate(condition=condition, guidance=guidance, seed=seed) for _ in range(repeats)]
-    batch = batch or first.images.shape[0]
+    batch = counted.images.shape[0]
+    device_times = runtime.synchronize and ad.device.type == "cuda"
     per_scale = []
-    for i, rec in enumerate(timed[0].records):
+    for i, rec in enumerate(counted.records):
         c = counts.get(rec.scale, {"ops": 0, "launching_ops": 0, "host_syncs": 0})
-        row = {"scale": rec.scale, "rows": rec.rows, "tokens": rec.tokens, "computed_tokens": rec.computed_tokens,
-               "wall_s": statistics.median(r.records[i].wall_seconds for r in timed),
-               "device_s": statistics.median(r.records[i].seconds for r in timed) if runtime.synchronize and ad.device.type == "cuda" else None,
-               **c}
-        per_scale.append(row)
+        per_scale.append({"scale": rec.scale, "rows": rec.rows, "tokens": rec.tokens, "computed_tokens": rec.computed_tokens,
+                          "wall_s": statistics.median(r.records[i].wall_seconds for r in timed) if timed else None,
+                          "device_s": statistics.median(r.records[i].seconds for r in timed) if timed and device_times else None,
+                          **c})
     total = {k: sum(c[k] for c in counts.values()) for k in ("ops", "launching_ops", "host_syncs")}
     outside = counts.get("outside", {"ops": 0, "launching_ops": 0, "host_syncs": 0})
-    seconds = statistics.median(r.seconds for r in timed)
+    seconds = statistics.median(r.seconds for r in timed) if timed else None
     return {"engine": runtime.engine, "batch_size": batch,
             "ops_per_image": total["ops"] / batch, "launching_ops_per_image": total["launching_ops"] / batch,
             "host_syncs_per_image": (total["host_syncs"] + driver_syncs) / batch,
             "driver_reported_syncs": driver_syncs,
-            "seconds_per_image": seconds / batch, "seconds_per_generation": seconds,
+            "seconds_per_image": None if seconds is None else seconds / batch, "seconds_per_generation": seconds,
             "first_generation_s": first_s, "repeats": repeats,
-            "outside_scales": {**outside, "wall_s": seconds - sum(r["wall_s"] for r in per_scale)},
+            "outside_scales": {**outside, "wall_s": None if seconds is None else seconds - sum(r["wall_s"] for r in per_scale)},
             "per_scale": per_scale}
 
 
@@ -176,23 +178,28 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="images per generation (default 1)")
     p.add_argument("--prompt", default="a red circle", help="prompt (class id for var-*; default 'a red circle')")
     p.add_argument("--guidance", type=guidance_argument, help=GUIDANCE_HELP)
-    p.add_argument("--repeats", type=int, default=3, help="timed generations after the warm-up and the counted one (default 3)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed generations after the warm-up and the counted one (default 3; 0: count only, no times)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _ms(v) -> str:
+    return "-" if v is None else f"{v * 1e3:.2f}"
+
+
 def _table(res: dict[str, Any]) -> str:
-    lines = [f"engine {res['engine']}, batch {res['batch_size']}: {res['seconds_per_image']:.4f} s/image, "
-             f"{res['ops_per_image']:.0f} ops/image ({res['launching_ops_per_image']:.0f} launching), "
-             f"{res['host_syncs_per_image']:.0f} host syncs/image; first generation {res['first_generation_s']:.3f} s",
+    timed = "" if res["seconds_per_image"] is None else (
+        f"{res['seconds_per_image']:.4f} s/image (first generation {res['first_generation_s']:.3f} s), ")
+    lines = [f"engine {res['engine']}, batch {res['batch_size']}: {timed}{res['ops_per_image']:.0f} ops/image "
+             f"({res['launching_ops_per_image']:.0f} launching), {res['host_syncs_per_image']:.0f} host syncs/image",
              "", "| scale | rows | tokens | computed | wall ms | device ms | ops | launching | host syncs |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["per_scale"]:
-        dev = "-" if r["device_s"] is None else f"{r['device_s'] * 1e3:.2f}"
-        lines.append(f"| {r['scale']} | {r['rows']} | {r['tokens']} | {r['computed_tokens']} | {r['wall_s'] * 1e3:.2f} | {dev} | "
-                     f"{r['ops']} | {r['launching_ops']} | {r['host_syncs']} |")
+        lines.append(f"| {r['scale']} | {r['rows']} | {r['tokens']} | {r['computed_tokens']} | {_ms(r['wall_s'])} | "
+                     f"{_ms(r['device_s'])} | {r['ops']} | {r['launching_ops']} | {r['host_syncs']} |")
     o = res["outside_scales"]
-    lines.append(f"| outside | | | | {o['wall_s'] * 1e3:.2f} | | {o['ops']} | {o['launching_ops']} | {o['host_syncs']} |")
+    lines.append(f"| outside | | | | {_ms(o['wall_s'])} | | {o['ops']} | {o['launching_ops']} | {o['host_syncs']} |")
     return "\n".join(lines)
 
 
@@ -200,8 +207,8 @@ def cmd_profile(args) -> int:
     from stagevar.models.registry import load_model
     from stagevar.policy import load_policy
     from stagevar.runtime import Runtime
-    if args.batch_size < 1 or args.repeats < 1:
-        raise StageVarError(f"--batch-size and --repeats must be >= 1, got {args.batch_size} and {args.repeats}.")
+    if args.batch_size < 1 or args.repeats < 0:
+        raise StageVarError(f"--batch-size must be >= 1 and --repeats >= 0, got {args.batch_size} and {args.repeats}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

@@ -87,7 +87,7 @@ def _runner() -> tuple[list[str], int | None, int | None]:
     return ["runuser", "-u", "postgres", "--"], pw.pw_uid, pw.pw_gid
 
 
-def start_server(timeout: float = 60.0) -> PgServer:
+def start_server(timeout: float = 600.0) -> PgServer:       # hang guards only
     bindir = find_bin_dir()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (no initdb under /usr/lib/postgresql/*/bin or on PATH); "
@@ -117,7 +117,7 @@ def start_server(timeout: float = 60.0) -> PgServer:
         port = free_port()
         opts = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='{root}' "
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
-        res = run(bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-o", opts, "-w", "-t", "60", "start", check=False)
+        res = run(bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-o", opts, "-w", "-t", "300", "start", check=False)
         if res.returncode == 0:
             break
         run(bindir / "pg_ctl", "-D", data, "stop", "-m", "immediate", check=False)

@@ -164,6 +164,34 @@ def test_bench_speed_only(tiny, tmp_path, capsys):
     assert "[bench] warm-up round" in captured.err
 
 
+def test_bench_on_several_engines_one_method_at_a_time(tiny, tmp_path, capsys):
+    """--engine eager,static: every method on every engine (rows name@engine, speedups against the
+    first engine's full model and the same engine's); --sequential times one method after the
+    other; --fit-budget adds the paper-like plan fitted by measurement and saves it as a policy."""
+    out = tmp_path / "out"
+    rc = bench_main(TINY_ARGS + ["--no-quality", "--no-plot", "--no-memory", "--baselines", "paper", "--engine",
+                                 "eager,static", "--sequential", "--fit-budget", "1.01x", "--policies-dir",
+                                 str(tmp_path / "none"), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    res = json.loads((out / "bench.json").read_text())
+    names = [m["name"] for m in res["methods"]]
+    fitted = [n for n in names if n.startswith("fitted-1.01x")]
+    assert names[:2] == ["full@eager", "paper@eager"] and len(names) == 2 * (2 + len(fitted) // 2)
+    assert res["config"]["engines"] == ["eager", "static"] and res["config"]["sequential"] is True
+    rows = {m["name"]: m for m in res["methods"]}
+    assert rows["full@eager"]["speedup"] == pytest.approx(1.0) == rows["full@static"]["speedup_same_engine"]
+    assert all(m["engine"] == m["name"].split("@")[1] and m["latency"]["first_s"] > 0 for m in res["methods"])
+    assert res["fit_budget"]["engine"] == "static" and res["fit_budget"]["tried"]
+    if fitted:                                         # the fit met the budget: the plan is benched and saved
+        from stagevar.policy import load_policy
+        assert load_policy(out / "fitted-1.01x.yaml").provenance["fit"] == res["fit_budget"]["chosen"]
+    assert "one method after the other" in (out / "bench.md").read_text()
+    rc = bench_main(TINY_ARGS + ["--no-quality", "--no-plot", "--engine", "eager,graphs", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a CUDA device" in err
+
+
 def test_bench_with_quality(tmp_path, capsys):
     out = tmp_path / "q"
     rc = bench_main(TINY_ARGS + ["--no-memory", "--policies-dir", str(tmp_path / "none"), "--out", str(out)])
@@ -271,6 +299,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     env = dict(os.environ, STAGEVAR_BENCH_MODEL="infinity-tiny", STAGEVAR_BENCH_DEVICE="cpu",
                STAGEVAR_BENCH_DTYPE="float32", STAGEVAR_BENCH_REPEATS="1", STAGEVAR_BENCH_EXTRA="--threads 1",
                STAGEVAR_BENCH_BUDGET="1.1x", STAGEVAR_BENCH_BATCH="2", STAGEVAR_BENCH_LARGE_CHECK="0",
+               STAGEVAR_BENCH_CHECK_MODELS="infinity-tiny",
                STAGEVAR_BENCH_SCALE="20", OUT=str(tmp_path), PYTHON=sys.executable)
     res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

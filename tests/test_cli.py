@@ -101,7 +101,7 @@ def test_console_script_installed():
     exe = Path(sys.executable).parent / "stagevar"
     cmd = str(exe) if exe.exists() else shutil.which("stagevar")
     assert cmd, "the 'stagevar' console script is not installed (pip install -e .)"
-    res = subprocess.run([cmd, "--help"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([cmd, "--help"], capture_output=True, text=True, timeout=600)      # a hang guard
     assert res.returncode == 0, res.stderr
     assert "example" in res.stdout
     for sub in SUBCOMMANDS:

@@ -114,6 +114,22 @@ def test_base_dict_is_valid(tmp_path):
     assert pol.source == str(tmp_path / "policy.yaml")
 
 
+def test_an_empty_stage_is_null_and_version_1_files_are_migrated(tmp_path):
+    """Version 2 writes an empty stage as null (version 1 wrote [a, a-1], read as such); an
+    inverted range is refused."""
+    d = base_dict()
+    d["operating_points"]["3x"]["stages"] = {"semantic": [0, 4], "structure": [5, 4], "refinement": [5, 6]}
+    old = load_policy(_write(tmp_path, d, "v1.yaml"))
+    assert old.operating_point("3x").stages == {"semantic": (0, 4), "structure": (5, 4), "refinement": (5, 6)}
+    saved = yaml.safe_load(old.save(tmp_path / "v2.yaml").read_text())
+    assert saved["schema_version"] == SCHEMA_VERSION == 2
+    assert saved["operating_points"]["3x"]["stages"] == {"semantic": [0, 4], "structure": None, "refinement": [5, 6]}
+    assert load_policy(tmp_path / "v2.yaml") == old
+    d["schema_version"] = 2
+    with pytest.raises(PolicyError, match=r"structure.*\[5, 4\].*an empty stage is null"):
+        load_policy(_write(tmp_path, d, "bad.yaml"))
+
+
 @pytest.mark.parametrize("which", ["identity", "accelerated"])
 def test_round_trip(tiny, tmp_path, which):
     pol = Policy.identity(tiny) if which == "identity" else accelerated_policy(tiny)

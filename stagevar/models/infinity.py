@@ -174,12 +174,19 @@ def rope2d_table(head_dim: int, schedule: Schedule, grid: tuple[int, int], base:
     return out
 
 
-def apply_rope(x_BHLc: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2p, 2p+1) of ``x`` by the table. ``cos_sin``: (2, 1|B, 1, L, c/2)."""
-    x = x_BHLc.reshape(*x_BHLc.shape[:-1], -1, 2)
+def rope_apply_table(cos_sin: torch.Tensor) -> torch.Tensor:
+    """A (2, L, c/2) table of :func:`rope2d_table` in the form :func:`apply_rope` uses, built once
+    per model: (2, L, c) with ``[cos, cos]`` and ``[-sin, sin]`` on every pair."""
     cos, sin = cos_sin[0], cos_sin[1]
-    x0, x1 = x[..., 0], x[..., 1]
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).reshape(x_BHLc.shape)
+    return torch.stack([torch.stack([cos, cos], -1), torch.stack([-sin, sin], -1)]).flatten(-2)
+
+
+def apply_rope(x_BHLc: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2p, 2p+1) of ``x``: ``(x0 cos - x1 sin, x0 sin + x1 cos)``, as
+    ``x * [cos, cos] + (x1, x0) * [-sin, sin]`` (the same roundings, four ops instead of seven).
+    ``table``: :func:`rope_apply_table`'s, broadcast to (2, 1|B, 1, L, c)."""
+    swapped = x_BHLc.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x_BHLc * table[0] + swapped * table[1]
 
 
 # ----------------------------------------------------------------------------------------- layers
@@ -290,12 +297,18 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
 
+    def constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused qkv bias ``[q_bias, 0, v_bias]`` and the clamped per-head scale: functions of
+        the weights alone, computed once per generation rather than at every scale."""
+        return (torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)),
+                self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+
     def forward(self, x_BLC: torch.Tensor, rope: torch.Tensor, cache: KVCache | StaticKVCache | None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, consts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        qkv = F.linear(x_BLC, self.mat_qkv.weight, torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)))
+        bias, scale_mul = self.constants() if consts is None else consts
+        qkv = F.linear(x_BLC, self.mat_qkv.weight, bias)
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul)
         k = F.normalize(k, dim=-1, eps=1e-12)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -318,9 +331,9 @@ class CrossAttnBlock(nn.Module):
         self.ffn = FFN(C, cfg.mlp_hidden)
         self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=True)
 
-    def forward(self, x, gss_B16C, text: TextKV, text_kv, rope, cache, attn_mask=None):
+    def forward(self, x, gss_B16C, text: TextKV, text_kv, rope, cache, attn_mask=None, sa_consts=None):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss_B16C).unbind(2)
-        x = x + self.sa(ada_layer_norm(x, self.eps, scale1, shift1), rope, cache, attn_mask).mul_(gamma1)
+        x = x + self.sa(ada_layer_norm(x, self.eps, scale1, shift1), rope, cache, attn_mask, sa_consts).mul_(gamma1)
         x = x + self.ca(self.ca_norm(x), text, text_kv).float()
         x = x + self.ffn(ada_layer_norm(x, self.eps, scale2, shift2)).mul(gamma2)
         return x
@@ -378,8 +391,10 @@ class InfinityTransformer(nn.Module):
         return self._blocks
 
     def rope_tables(self, device) -> list[torch.Tensor]:
+        """Per scale the (2, h*w, c) table of :func:`apply_rope`, built once per device."""
         if self._rope is None or self._rope[0].device != torch.device(device):
-            self._rope = [t.to(device) for t in rope2d_table(self.cfg.head_dim, list(self.cfg.scale_schedule), self.cfg.rope_grid)]
+            tables = rope2d_table(self.cfg.head_dim, list(self.cfg.scale_schedule), self.cfg.rope_grid)
+            self._rope = [rope_apply_table(t).to(device) for t in tables]
         return self._rope
 
     # ---- conditioning
@@ -415,7 +430,7 @@ class InfinityTransformer(nn.Module):
         level = torch.cat([torch.full((n,), i, dtype=torch.long, device=x.device) for i, n in enumerate(sizes)])
         x = x + self.lvl_embed(level).unsqueeze(0)
         mask = torch.where(level[:, None] >= level[None, :], 0.0, float("-inf")).to(x.dtype)
-        rope = torch.cat(self.rope_tables(x.device), dim=1)[:, None, None]      # (2,1,1,L,c/2)
+        rope = torch.cat(self.rope_tables(x.device), dim=1)[:, None, None]      # (2,1,1,L,c)
         for blk, kv in zip(self._blocks, text_kv):
             x = blk(x, gss, text, kv, rope, None, mask)
         logits = self.logits(x[:, :L], cond_BD)
@@ -469,6 +484,7 @@ class InfinityState(GenerationState):
     text: TextKV = None
     text_kv: list = None                  # per layer (k, v) of the prompt
     caches: list = None                   # per layer self-attention KVCache (or StaticKVCache)
+    sa_consts: list = None                # per layer (qkv bias, scale) of the self-attention (weights only)
     next_input: torch.Tensor = None       # (B, h*w, d_token) codes-space input of the next scale
     summed_codes: torch.Tensor = None     # (B, d, 1, H, W)
     cfg: tuple = ()                       # guidance per scale
@@ -576,6 +592,7 @@ class InfinityAdapter(Adapter):
             batch_size=B, guided=guided, generator=gen,
             cond_BD=cond_BD, gss=gss, text=text,
             text_kv=[blk.ca.text_kv(text) for blk in tr.layers],
+            sa_consts=[blk.sa.constants() for blk in tr.layers],
             caches=[KVCache() for _ in tr.layers] if kv_capacity is None else self._static_caches(rows, kv_capacity),
             next_input=None, summed_codes=None if kv_capacity is None else self._zero_latent(B),
             static=kv_capacity is not None,
@@ -634,14 +651,14 @@ class InfinityAdapter(Adapter):
     @_reduced_precision
     def forward_layers(self, state: InfinityState, k: int, x_BLC: torch.Tensor, layers: range,
                        positions: torch.Tensor | None = None) -> torch.Tensor:
-        table = self.transformer.rope_tables(x_BLC.device)[k]                  # (2, l, c/2)
+        table = self.transformer.rope_tables(x_BLC.device)[k]                  # (2, l, c)
         if positions is None:
             rope = table[:, None, None]                                           # (2,1,1,l,c/2)
         else:
             rope = table[:, positions][:, :, None]                               # (2,rows,1,n,c/2)
         blocks = self.transformer.layers
         for i in layers:
-            x_BLC = blocks[i](x_BLC, state.gss, state.text, state.text_kv[i], rope, state.caches[i])
+            x_BLC = blocks[i](x_BLC, state.gss, state.text, state.text_kv[i], rope, state.caches[i], None, state.sa_consts[i])
         return x_BLC
 
     @_reduced_precision
@@ -732,7 +749,7 @@ class InfinityAdapter(Adapter):
             x = x + tr.lvl_embed.weight[si]
             rope = ropes[si][:, None, None]
             for i, blk in enumerate(blocks):
-                x = blk(x, st.gss, st.text, st.text_kv[i], rope, st.caches[i])
+                x = blk(x, st.gss, st.text, st.text_kv[i], rope, st.caches[i], None, st.sa_consts[i])
             logits = tr.logits(x, st.cond_BD).float().mul(1 / st.tau)
             if st.guided:
                 logits = st.cfg[si] * logits[:B] + (1 - st.cfg[si]) * logits[B:]
