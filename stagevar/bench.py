@@ -211,6 +211,8 @@ class _Guided:
         import gc
 
         import torch
+        if not self.runtime._captured:
+            return
         self.runtime._captured.clear()
         gc.collect()
         if torch.cuda.is_available():
