@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from stagevar.errors import StageVarError
+from stagevar.models.kv_cache import CacheOverflowError
 from stagevar.ops.sampling import sampling_noise
 from stagevar.ops.tokens import Selection, grid_dims, grid_selection
 from stagevar.policy import ScalePlan
@@ -152,7 +153,6 @@ def check_capacity(compiled: CompiledPlan, caches: Sequence[Any]) -> None:
     for i, (need, cache) in enumerate(zip(compiled.kv_capacity, caches)):
         have = getattr(cache, "capacity", None)
         if have is not None and need > have:
-            from stagevar.models.kv_cache import CacheOverflowError
             raise CacheOverflowError(f"the plan appends {need} tokens to layer {i}'s KV cache, which holds {have}: "
                                      "allocate the caches for this plan (prepare(kv_capacity=...)) or run a smaller one")
 

@@ -59,14 +59,10 @@ class Selection:
         return cell_sum(x_BLC * self.weights.unsqueeze(-1).to(x_BLC.dtype), self.cells, self.members)
 
 
-def _grid_dims(h: int, w: int, n: int) -> tuple[int, int]:
-    gh = max(1, min(h, round(h * math.sqrt(n / (h * w)))))
-    return gh, max(1, min(w, round(n / gh)))
-
-
 def grid_dims(h: int, w: int, n: int) -> tuple[int, int]:
     """The ``gh x gw`` cell grid a grid-based selection of about ``n`` of ``h x w`` tokens uses."""
-    return _grid_dims(h, w, n)
+    gh = max(1, min(h, round(h * math.sqrt(n / (h * w)))))
+    return gh, max(1, min(w, round(n / gh)))
 
 
 def grid_selection(method: str, hw: tuple[int, int], n: int, batch_size: int, rows: int, device=None,
@@ -75,7 +71,7 @@ def grid_selection(method: str, hw: tuple[int, int], n: int, batch_size: int, ro
     states, so an engine can build it before the scale runs (the projection's weights are drawn
     from ``generator``, on ``device``)."""
     h, w = hw
-    gh, gw = _grid_dims(h, w, n)
+    gh, gw = grid_dims(h, w, n)
     cells, centres, members = cell_layout(h, w, gh, gw, device)
     pos = centres.unsqueeze(0).expand(rows, -1)
     if method == "uniform":
