@@ -185,7 +185,9 @@ def measure_sensitivity(store: UnitStore, subject: Subject, settings: MeasureSet
 
 def measure_latency(store: UnitStore, subject: Subject, settings: MeasureSettings, unit_done) -> tuple[dict, list[dict]]:
     """Per-scale latency table (rounds interleave the variants, after a warm-up round that is not
-    stored; seconds per batch) and the latency model's check on held-out policies."""
+    stored; seconds per batch, timed on the first batch) and the latency model's check on
+    held-out policies."""
+    subject = subject.first_batch()
     n = subject.num_scales
     lat_variants = variant_grid(settings.keeps, settings.selections)
     rounds = [store.get(f"latency/round{r}") for r in range(settings.latency_repeats)]

@@ -57,6 +57,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
     p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: a bundled set for the model)")
     p.add_argument("--num-prompts", type=int, default=8, help="bundled calibration prompts used (default 8)")
+    p.add_argument("--prompt-draw", type=int, default=0,
+                   help="which draw of the bundled calibration split (default 0; another draw checks that the stages "
+                        "and plans do not depend on the prompts)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generated batch; latency budgets refer to it (default 8)")
     p.add_argument("--guidance", type=guidance_argument, help=GUIDANCE_HELP)
@@ -84,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled held-out prompts for verification, from a draw of the held-out split that "
                         "'stagevar bench' and 'stagevar evaluate' do not score (default 64: one image of 64 is "
                         "0.016 of a score)")
+    p.add_argument("--report-prompts", type=Path, help="prompts the chosen point's numbers are measured on (default: a bundled "
+                   "draw of the held-out split that neither the search nor the choice sees)")
+    p.add_argument("--num-report", type=int, default=64,
+                   help="bundled report prompts (default 64; generated with the seeds + 1000; 0: write the numbers of the "
+                        "selection set, which overstate the chosen point a little)")
     p.add_argument("--verify-candidates", type=int, default=5, help="best feasible trials re-measured end to end (default 5)")
     p.add_argument("--verify-near", type=int, default=2,
                    help="also re-measure this many best trials predicted up to 10%% over the target (the latency "
@@ -123,6 +131,8 @@ def _setup(args):
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:
         raise StageVarError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.prompt_draw < 0:
+        raise StageVarError(f"--prompt-draw must be >= 0, got {args.prompt_draw}.")
     try:
         seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     except ValueError:
@@ -131,7 +141,7 @@ def _setup(args):
         raise StageVarError("--seeds is empty.")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     from calibrate.prompts import bundled, read_prompt_file
-    prompts = read_prompt_file(args.prompts) if args.prompts else bundled(args.model, "calibration", args.num_prompts)
+    prompts = read_prompt_file(args.prompts) if args.prompts else bundled(args.model, "calibration", args.num_prompts, draw=args.prompt_draw)
     model = load_model(args.model, args.weights, device=args.device, dtype=dtype, random_weights=args.random_weights)
     model.encode_prompts(prompts)            # validate every prompt up front (clear error naming the bad one)
     return model, prompts, seeds
@@ -169,8 +179,8 @@ def cmd_calibrate(args) -> int:
     from calibrate.report import write_report
     from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, local_search,
                                   measured_trials, open_study, params_for_point, pareto_front, parse_budgets,
-                                  point_from_params, summarize_trial, verification_candidates)
-    from calibrate.verify import verify_candidates
+                                  point_from_params, skipping_allowed, summarize_trial, verification_candidates)
+    from calibrate.verify import REPORT_SEED_OFFSET, verify_candidates
     from calibrate.worker import STUDY_ATTR, open_storage
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for, load_policy
 
@@ -179,6 +189,8 @@ def cmd_calibrate(args) -> int:
         raise StageVarError(f"--trials must be >= 1, got {args.trials}.")
     if args.verify_repeats < 1:
         raise StageVarError(f"--verify-repeats must be >= 1, got {args.verify_repeats}.")
+    if args.num_report < 0:
+        raise StageVarError(f"--num-report must be >= 0, got {args.num_report}.")
     if args.local_trials < 0:
         raise StageVarError(f"--local-trials must be >= 0, got {args.local_trials}.")
     if not 0.0 <= args.latency_margin < 0.5:
@@ -190,6 +202,10 @@ def cmd_calibrate(args) -> int:
         warm.check_compatible(model)
     heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "verification", args.num_heldout)
     model.encode_prompts(heldout)
+    report_prompts = (read_prompt_file(args.report_prompts) if args.report_prompts
+                      else bundled(args.model, "report", args.num_report) if args.num_report else [])
+    if report_prompts:
+        model.encode_prompts(report_prompts)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t0 = time.time()
     rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
@@ -208,6 +224,8 @@ def cmd_calibrate(args) -> int:
     all_trials, chosen_trials, infeasible = [], {}, []
     held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance, engine=rec.inputs["engine"])
     held_cache: dict[str, Any] = {}
+    report_subject = Subject(model, report_prompts, [s + REPORT_SEED_OFFSET for s in seeds], args.batch_size, args.guidance,
+                             engine=rec.inputs["engine"]) if report_prompts else None
     warm_points = dict(warm.operating_points) if warm is not None else {}
     warm_params = [p for p in (params_for_point(rec, pt) for pt in warm_points.values()) if p is not None]
     searched = []                                    # (budget, target_s: budget less the margin, study name, study)
@@ -231,7 +249,8 @@ def cmd_calibrate(args) -> int:
             _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
         left_out = enqueue_seeds(study, rec, warm_points,
                                  fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - args.latency_margin),
-                                                           warm_params), limit=args.trials)
+                                                           warm_params), limit=args.trials,
+                                 allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s))
         if left_out:
             log.warning("--warm-start: operating point(s) %s of %s lie outside this search space and were left out",
                         ", ".join(left_out), args.warm_start)
@@ -260,14 +279,15 @@ def cmd_calibrate(args) -> int:
                 pooled.append(t)
                 found_by[id(t)] = (name, budget.name)
     for budget, target_s, name, study in searched:
-        cand_points = verification_candidates(rec, pooled, target_s, args.verify_candidates, args.verify_near)
+        cand_points = verification_candidates(rec, pooled, target_s, args.verify_candidates, args.verify_near,
+                                              allow_skip=objective_for[name].allow_skip)
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
             done_trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
             best_effort = sorted(done_trials, key=lambda t: t.user_attrs.get("predicted_latency_s", float("inf")))[:1]
             cand_points = [(t, point_from_params(rec, t.params)) for t in best_effort]
         best = verify_candidates(model, held_subject, cand_points, budget, scorer, held_cache, repeats=args.verify_repeats,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, report_subject=report_subject)
         trial, point, measured = best
         study_name, study_budget = found_by.get(id(trial), (name, budget.name))
         measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),
@@ -283,7 +303,7 @@ def cmd_calibrate(args) -> int:
         batch_size=args.batch_size, guidance=rec.inputs["guidance"], engine=rec.inputs["engine"],
         weights_sha256=weights_hash(model), calibrated=True,
         calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
-        verification_prompts=len(heldout), seeds=seeds, optuna_storage=_redact(args.storage) or "journal file in --out",
+        verification_prompts=len(heldout), report_prompts=len(report_prompts), seeds=seeds, optuna_storage=_redact(args.storage) or "journal file in --out",
         optuna_sampler_seed=args.seed, trials_per_budget=args.trials))
     out_path = args.policy_out or Path("policies") / f"{model.name}.{model.resolution}.{'-'.join(b.name for b in budgets)}.yaml"
     replaced = keep_replaced_policy(out_path, Path(args.out))
@@ -293,7 +313,8 @@ def cmd_calibrate(args) -> int:
     summary = {"policy": str(out_path), "report": str(report), "record": str(rdir / "record.json"),
                "seconds": round(time.time() - t0, 1), **({"replaced_policy": str(replaced)} if replaced else {}),
                "operating_points": {k: {kk: v.measured.get(kk) for kk in ("feasible", "speedup", "latency_s", "baseline_latency_s",
-                                                                          "quality", "score_full", "score", "score_drop", "trial")}
+                                                                          "quality", "quality_se", "score_full", "score", "score_drop",
+                                                                          "score_drop_se", "trial")}
                                     for k, v in points.items()}}
     if args.frontier:
         front = pareto_front([(t["quality"], t["predicted_latency_s"], (t["budget"], t["number"])) for t in all_trials
@@ -306,7 +327,9 @@ def cmd_calibrate(args) -> int:
         print(f"report: {report}")
         for k, v in summary["operating_points"].items():
             print(f"  {k}: {'met' if v['feasible'] else 'NOT met'}; verified speedup {v['speedup']:.2f}x, quality {v['quality']:.3f}"
-                  + (f", evaluator {v['score_full']:.3f} -> {v['score']:.3f}" if v.get("score") is not None else ""))
+                  + _pm(v.get("quality_se"))
+                  + (f", evaluator {v['score_full']:.3f} -> {v['score']:.3f} (drop {v['score_drop']:.3f}{_pm(v.get('score_drop_se'))})"
+                     if v.get("score") is not None else ""))
         if args.frontier:
             print("frontier (quality, predicted latency):")
             for f in summary["frontier"]:
@@ -316,6 +339,11 @@ def cmd_calibrate(args) -> int:
         print(f"budget not met ({msg}). The best-effort operating point is written and marked feasible: false.", file=sys.stderr)
         return 3
     return 0
+
+
+def _pm(se) -> str:
+    """`` ± se`` (a standard error), or nothing when it is unknown."""
+    return "" if se is None else f" ± {se:.3f}"
 
 
 def keep_replaced_policy(path: Path, out_dir: Path) -> Path | None:

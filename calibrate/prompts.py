@@ -4,7 +4,8 @@
   seeded ``calibration`` / ``heldout`` splits (held-out prompt combinations never appear in
   calibration); ``verification`` is another draw of the held-out split
   (:data:`VERIFICATION_DRAW`), so the images calibration picks its operating points on are not
-  the ones ``stagevar bench`` and ``stagevar evaluate`` score (draw 0);
+  the ones ``stagevar bench`` and ``stagevar evaluate`` score (draw 0); ``report`` is a third
+  draw (:data:`REPORT_DRAW`): the chosen point's numbers written into a policy come from it;
 * other text-to-image models: short GenEval-style prompts below;
 * class-conditional models (``var-*``): ImageNet class names spread over the label range (resolved by
   :func:`stagevar.models.imagenet.class_id`; a user file may mix names and ids).
@@ -37,21 +38,29 @@ CLASS_PROMPTS_HELDOUT = ["bald eagle", "flamingo", "lion", "giant panda", "conve
 
 #: the draw of the held-out split that verification uses (benchmarks and evaluation score draw 0)
 VERIFICATION_DRAW = 1
+#: the draw the numbers written into a policy are measured on (bench's fresh draw is 2)
+REPORT_DRAW = 3
+SPLITS = ("calibration", "heldout", "verification", "report")
 
 
-def bundled(model: str, split: str, n: int) -> list[str]:
-    """``n`` prompts of ``split`` ('calibration', 'heldout' or 'verification') suitable for ``model``."""
-    if split not in ("calibration", "heldout", "verification"):
+def bundled(model: str, split: str, n: int, draw: int = 0) -> list[str]:
+    """``n`` prompts of ``split`` (one of :data:`SPLITS`) suitable for ``model``. Without a grammar to
+    draw from (other models), ``verification`` and ``report`` are the held-out list; the report
+    set then differs from the selection set by its seeds only (:mod:`calibrate.verify`).
+    ``draw`` chooses another draw of the ``calibration`` split (other models: the list rotated)."""
+    if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     if model in SCENE_MODELS:
         from stagevar.toy.prompts import make_split
-        if split == "verification":
-            return [it["prompt"] for it in make_split("heldout", n, seed=VERIFICATION_DRAW)]
-        return [it["prompt"] for it in make_split(split, n, seed=0)]
+        heldout_draw = {"verification": VERIFICATION_DRAW, "report": REPORT_DRAW}.get(split)
+        if heldout_draw is not None:
+            return [it["prompt"] for it in make_split("heldout", n, seed=heldout_draw)]
+        return [it["prompt"] for it in make_split(split, n, seed=draw if split == "calibration" else 0)]
     if model.startswith("var-"):
         base = CLASS_PROMPTS_CALIBRATION if split == "calibration" else CLASS_PROMPTS_HELDOUT
     else:
         base = TEXT_PROMPTS_CALIBRATION if split == "calibration" else TEXT_PROMPTS_HELDOUT
-    return [base[i % len(base)] for i in range(n)]
+    start = draw * n if split == "calibration" else 0
+    return [base[(start + i) % len(base)] for i in range(n)]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from calibrate.measure.sensitivity import resolved
 from calibrate.record import CalibrationRecord
 from stagevar.guidance import format_guidance
 from stagevar.policy import atomic_write_text
@@ -42,10 +43,17 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     c = record.convergence
-    ax.plot(range(n), c["semantic"], "o-", label=f"semantic ({c.get('semantic_measure', 'semantic')})")
-    ax.plot(range(n), c["ssim"], "s-", label="structure (SSIM)")
+    curves = [("semantic", "o-", None, f"semantic ({c.get('semantic_measure', 'semantic')})"),
+              ("ssim", "s-", None, "structure (SSIM)")]
     if "evaluator" in c:
-        ax.plot(range(n), c["evaluator"], "^--", color="0.4", label=f"evaluator pass rate (final {c['final_semantic']:.2f})")
+        curves.append(("evaluator", "^--", "0.4", f"evaluator pass rate (final {c['final_semantic']:.2f})"))
+    for name, style, color, label in curves:
+        line, = ax.plot(range(n), c[name], style, color=color, label=label)
+        se = c.get(f"{name}_se")
+        if se and all(v is not None for v in se):           # a band of two standard errors
+            lo = [m - 2 * e for m, e in zip(c[name], se)]
+            hi = [m + 2 * e for m, e in zip(c[name], se)]
+            ax.fill_between(range(n), lo, hi, color=line.get_color(), alpha=0.15, lw=0)
     for name, color in (("semantic", "#dde"), ("structure", "#ede"), ("refinement", "#eed")):
         a, b = st[name]
         if b >= a:
@@ -62,8 +70,11 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
     scales = sorted({r["scale"] for r in record.sensitivity})
     if variants and scales:
         grid = np.full((len(scales), len(variants)), np.nan)
+        unresolved = np.zeros(grid.shape, dtype=bool)
         for r in record.sensitivity:
-            grid[scales.index(r["scale"]), variants.index(r["variant"])] = r["damage"]
+            i, j = scales.index(r["scale"]), variants.index(r["variant"])
+            grid[i, j] = r["damage"]
+            unresolved[i, j] = "damage_se" in r and not resolved(r["damage"], r["damage_se"])
         fig, ax = plt.subplots(figsize=(1 + 0.6 * len(variants), 1 + 0.45 * len(scales)))
         im = ax.imshow(grid, cmap="magma_r", aspect="auto", vmin=0)
         ax.set_xticks(range(len(variants)), variants, rotation=60, ha="right", fontsize=7)
@@ -71,10 +82,10 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
         for i in range(len(scales)):
             for j in range(len(variants)):
                 if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if grid[i, j] > np.nanmax(grid) / 2 else "black")
+                    ax.text(j, i, f"({grid[i, j]:.2f})" if unresolved[i, j] else f"{grid[i, j]:.2f}", ha="center",
+                            va="center", fontsize=6, color="white" if grid[i, j] > np.nanmax(grid) / 2 else "black")
         fig.colorbar(im, ax=ax, label="damage = 1 - quality")
-        ax.set_title("sensitivity: one scale accelerated at a time")
+        ax.set_title("sensitivity: one scale accelerated at a time\n(in brackets: within two standard errors of 0)", fontsize=9)
         files["sensitivity"] = _save(fig, out / "sensitivity.png")
 
     if record.spectra:
@@ -128,6 +139,48 @@ def plot_front(trials: list[dict[str, Any]], chosen: dict[str, Any], out: Path) 
     return _save(fig, out / "front.png")
 
 
+def _pm(se) -> str:
+    return "" if se is None else f" ± {se:.3f}"
+
+
+def _selection_line(m: dict[str, Any]) -> list[str]:
+    """Where the numbers above come from, and the selection set's numbers when they differ."""
+    if "selection_quality" not in m:
+        return [f"Numbers from: {m['quality_from']}.", ""] if m.get("quality_from") else []
+    sel = (f"On the selection set ({m.get('selection_images', '?')} images, {m.get('candidates', '?')} candidates) it scored "
+           f"quality {m['selection_quality']:.3f}{_pm(m.get('selection_quality_se'))}")
+    if m.get("selection_score") is not None:
+        sel += f", evaluator {m['selection_score_full']:.3f} -> {m['selection_score']:.3f}"
+    return [f"The numbers above are measured on the report set ({m.get('verification_images', '?')} images the choice "
+            f"did not see). {sel}.", ""]
+
+
+def sensitivity_table(record: CalibrationRecord) -> list[str]:
+    """Markdown: damage ± standard error per scale and variant; a damage within two standard errors
+    of zero (one the images cannot tell from none) in brackets."""
+    rows = record.sensitivity
+    if not rows:
+        return []
+    variants = sorted({r["variant"] for r in rows}, key=lambda v: (v != "cond", v))
+    scales = sorted({r["scale"] for r in rows})
+    cell = {(r["scale"], r["variant"]): r for r in rows}
+    images = max((r.get("images", 0) for r in rows), default=0)
+    out = [f"Damage ± standard error over the {images} calibration images (paired: each image against the full "
+           "model's image of the same seed); in brackets where it is within two standard errors of zero.", "",
+           "| scale | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for k in scales:
+        cells = []
+        for v in variants:
+            r = cell.get((k, v))
+            if r is None:
+                cells.append("")
+                continue
+            text = f"{r['damage']:.3f}{_pm(r.get('damage_se'))}"
+            cells.append(text if "damage_se" not in r or resolved(r["damage"], r["damage_se"]) else f"({text})")
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | None = None) -> Path:
     out = Path(out)
     files = plot_record(record, out)
@@ -143,6 +196,7 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
     if "sensitivity" in files:
         lines += ["## Sensitivity", "", "Damage (1 - quality vs the full model) when only that scale is accelerated "
                   "(`cond`: guidance dropped from that scale on).", "", f"![sensitivity]({files['sensitivity']})", ""]
+        lines += sensitivity_table(record)
     if "spectra" in files:
         lines += ["## Spectra", "", "| scale | tokens | layer | eff. rank 90% | 95% | 99% |", "|---|---|---|---|---|---|"]
         for r in record.spectra:
@@ -169,14 +223,17 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
             lines += [f"### {name}: {'feasible' if m.get('feasible') else 'NOT met'}", "",
                       f"Verified on held-out prompts: speedup {m.get('speedup', 0):.2f}x "
                       f"({m.get('baseline_latency_s', 0) * 1000:.0f} ms -> {m.get('latency_s', 0) * 1000:.0f} ms), "
-                      f"quality {m.get('quality', 0):.3f} (worst prompt {m.get('quality_worst', 0):.3f})"
-                      + (f", evaluator score {m['score_full']:.3f} -> {m['score']:.3f}" if m.get("score") is not None else "") + ".", "",
+                      f"quality {m.get('quality', 0):.3f}{_pm(m.get('quality_se'))} (worst prompt {m.get('quality_worst', 0):.3f})"
+                      + (f", evaluator score {m['score_full']:.3f} -> {m['score']:.3f} (paired drop {m['score_drop']:.3f}"
+                         f"{_pm(m.get('score_drop_se'))})" if m.get("score") is not None else "") + ".", "",
+                      *_selection_line(m),
                       "| scale | plan | why (damage of this scale's variants at calibration) |", "|---|---|---|"]
             for p in pt["plans"]:
                 if len(p) == 1:
                     continue
-                ev = {r["variant"]: r["damage"] for r in record.sensitivity if r["scale"] == p["scale"]}
-                why = ", ".join(f"{v} {d:.3f}" for v, d in sorted(ev.items(), key=lambda kv: kv[1])[:4]) or "not measured"
+                ev = {r["variant"]: r for r in record.sensitivity if r["scale"] == p["scale"]}
+                why = ", ".join(f"{v} {r['damage']:.3f}{_pm(r.get('damage_se'))}"
+                                for v, r in sorted(ev.items(), key=lambda kv: kv[1]["damage"])[:4]) or "not measured"
                 plan = ", ".join(f"{k}={v}" for k, v in p.items() if k != "scale")
                 lines.append(f"| {p['scale']} | {plan} | {why} |")
             lines.append("")

@@ -129,13 +129,14 @@ def search_bounds(record: CalibrationRecord) -> tuple[int, int]:
     return lo, n
 
 
-def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord) -> OperatingPoint:
-    """Every Optuna parameter of the space, and the operating point they describe."""
+def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord, allow_skip: bool = True) -> OperatingPoint:
+    """Every Optuna parameter of the space, and the operating point they describe. Without
+    ``allow_skip`` (:func:`skipping_allowed`) ``skip_from`` has the one value N (nothing skipped)."""
     lo, n = search_bounds(record)
     depth = record.inputs["num_layers"]
     first = trial.suggest_int("first_accelerated", lo, n)           # n: nothing accelerated
     cond_from = trial.suggest_int("cond_only_from", lo, n)          # n: guidance never dropped
-    skip_from = trial.suggest_int("skip_from", lo, n)               # n: no scale skipped (SkipVAR-style stop)
+    skip_from = trial.suggest_int("skip_from", lo if allow_skip else n, n)   # n: no scale skipped (SkipVAR-style stop)
     restore = trial.suggest_categorical("restore", RESTORES)
     layer_start = trial.suggest_int("layer_start", 0, max(0, depth // 4))
     keeps, sels = {}, {}
@@ -168,6 +169,25 @@ def stages_for(record: CalibrationRecord, first_accelerated: int) -> dict[str, t
     first = max(1, min(first_accelerated, n))
     s_end = min(s_end, first - 1)
     return {"semantic": (0, s_end), "structure": (s_end + 1, first - 1), "refinement": (first, n - 1)}
+
+
+def skipping_allowed(record: CalibrationRecord, latency: LatencyModel, tokens: list[int], budget_s: float | None) -> bool:
+    """Whether the search may skip scales at ``budget_s``: only when no plan that computes every
+    scale can meet it, i.e. when even the cheapest one (guidance dropped and 10% of the tokens
+    kept on every scale of the search range) is predicted over the budget. A skipped scale
+    leaves the image at the previous scale's resolution; on held-out prompts every skipping 3x
+    plan the search found lost more than the plans that compute every scale with fewer tokens
+    (``benchmarks/RESULTS.md``), and on 8 calibration images their blur scored deceptively well."""
+    if budget_s is None:
+        return True
+    lo, n = search_bounds(record)
+    for sel in SELECTIONS:
+        params = dict(seed_params(record)["identity"], first_accelerated=lo, cond_only_from=lo)
+        params.update({f"keep_{k}": min(KEEPS) for k in range(lo, n)})
+        params.update({f"selection_{k}": sel for k in range(lo, n)})
+        if latency.predict(point_from_params(record, params), tokens) <= budget_s:
+            return False
+    return True
 
 
 def seed_params(record: CalibrationRecord) -> dict[str, dict[str, Any]]:
@@ -293,9 +313,10 @@ class Objective:
         self.budget_s, self.scorer = budget_s, scorer
         self.reference, self.reference_semantic = reference, reference_semantic
         self.tokens = subject.adapter.tokens_per_scale()
+        self.allow_skip = skipping_allowed(record, latency, self.tokens, budget_s)
 
     def __call__(self, trial: optuna.trial.Trial) -> float | tuple[float, float]:
-        point = suggest_policy(trial, self.record)
+        point = suggest_policy(trial, self.record, self.allow_skip)
         predicted = self.latency.predict(point, self.tokens)
         trial.set_user_attr("predicted_latency_s", predicted)
         trial.set_user_attr("predicted_speedup", self.latency.baseline(self.tokens) / predicted)
@@ -306,6 +327,7 @@ class Objective:
                 return estimated_quality(self.record, point)
         out = self.subject.run(point)
         m = compare(out, self.reference, self.subject.item_prompts, self.scorer, self.reference_semantic)
+        trial.set_user_attr("quality_se", m["quality_se"])
         trial.set_user_attr("quality_worst", m["quality_worst"])
         trial.set_user_attr("ssim", m["ssim"])
         trial.set_user_attr("semantic", m["semantic"])
@@ -342,12 +364,16 @@ def ranked_within(trials: list[optuna.trial.FrozenTrial], budget_s: float, low: 
 
 
 def verification_candidates(record: CalibrationRecord, trials: list[optuna.trial.FrozenTrial], budget_s: float, k: int,
-                            k_near: int) -> list[tuple]:
+                            k_near: int, allow_skip: bool = True) -> list[tuple]:
     """What verification re-measures for one budget, from measured ``trials`` (this budget's study
     and the other studies of the run, all on the same record): the ``k`` best distinct trials
     predicted within the budget, then the ``k_near`` best distinct ones predicted up to
     ``INFEASIBLE_MARGIN`` over it (the latency model's error band: verification measures their
-    real latency and keeps them only if it meets the budget), never the same policy twice."""
+    real latency and keeps them only if it meets the budget), never the same policy twice; without
+    ``allow_skip`` (:func:`skipping_allowed`), no policy that skips a scale (another budget's study
+    may have found some)."""
+    if not allow_skip:
+        trials = [t for t in trials if not any(p.skip for p in point_from_params(record, t.params).plans)]
     strict = distinct_candidates(record, ranked_within(trials, budget_s), k)
     if k_near <= 0:
         return strict
@@ -390,14 +416,15 @@ def is_local(t: optuna.trial.FrozenTrial) -> bool:
     return LOCAL_ATTR in t.user_attrs
 
 
-def neighbours(record: CalibrationRecord, params: dict[str, Any]) -> list[dict[str, Any]]:
+def neighbours(record: CalibrationRecord, params: dict[str, Any], allow_skip: bool = True) -> list[dict[str, Any]]:
     """Every parameter set one move away from ``params``: a keep ratio one notch up or down, another
     token selection at one scale, the first accelerated scale / guidance-drop scale / first skipped
-    scale / first pruned layer moved by one, or the other restoration. Moves stay in the space."""
+    scale / first pruned layer moved by one, or the other restoration. Moves stay in the space
+    (without ``allow_skip``, nothing is skipped)."""
     lo, n = search_bounds(record)
     top_layer = max(0, record.inputs["num_layers"] // 4)
     out = []
-    for name, low, high in (("first_accelerated", lo, n), ("cond_only_from", lo, n), ("skip_from", lo, n),
+    for name, low, high in (("first_accelerated", lo, n), ("cond_only_from", lo, n), ("skip_from", lo if allow_skip else n, n),
                             ("layer_start", 0, top_layer)):
         out += [dict(params, **{name: params[name] + d}) for d in (-1, 1) if low <= params[name] + d <= high]
     out += [dict(params, restore=r) for r in RESTORES if r != params["restore"]]
@@ -438,7 +465,7 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
         first_round = False
         queue = []
         for start in starts:
-            for params in neighbours(record, start.params):
+            for params in neighbours(record, start.params, getattr(objective, "allow_skip", True)):
                 point = point_from_params(record, params)
                 key = _plan_key(point)
                 if key in seen or objective.latency.predict(point, tokens) > target_s:
@@ -524,7 +551,8 @@ def params_for_point(record: CalibrationRecord, point: OperatingPoint) -> dict[s
 
 def enqueue_seeds(study: optuna.Study, record: CalibrationRecord,
                   warm_start: dict[str, OperatingPoint] | None = None,
-                  fitted: dict[str, dict[str, Any]] | None = None, limit: int | None = None) -> list[str]:
+                  fitted: dict[str, dict[str, Any]] | None = None, limit: int | None = None,
+                  allow_skip: bool = True) -> list[str]:
     """Enqueue the baselines once (a resumed or joined study already has them), the budget-fitted
     seeds ``fitted`` (:func:`budget_seed_params`), and the operating points of ``warm_start``
     (e.g. the policy being recalibrated) that fit the search space, in that order.
@@ -532,7 +560,9 @@ def enqueue_seeds(study: optuna.Study, record: CalibrationRecord,
     ``limit`` (``--trials``) bounds the sampler trials of the study, enqueued seeds included: only
     the first ``limit`` seeds are enqueued (the others are named in a warning), so that no seed is
     left queued when the sampler stops. Returns the names of the warm-start points that did not
-    fit the search space (they are left out)."""
+    fit the search space (they are left out). Without ``allow_skip`` (:func:`skipping_allowed`)
+    the seeds that skip scales (the FastVAR-like one, a warm start's) are left out too: they lie
+    outside the study's space."""
     if study.user_attrs.get("seeded"):
         return []
     seeds = [(name, params) for name, params in {**seed_params(record), **(fitted or {})}.items()]
@@ -543,6 +573,12 @@ def enqueue_seeds(study: optuna.Study, record: CalibrationRecord,
             left_out.append(name)
             continue
         seeds.append((f"warm-start:{name}", params))
+    if not allow_skip:
+        skipping = [name for name, params in seeds if params["skip_from"] < record.num_scales]
+        if skipping:
+            log.info("no scale is skipped at this budget (plans computing every scale meet it): seed(s) %s left out",
+                     ", ".join(skipping))
+        seeds = [(name, params) for name, params in seeds if params["skip_from"] >= record.num_scales]
     if limit is not None and len(seeds) > limit:
         log.warning("--trials %d is fewer than the %d seed policies: %s not tried (raise --trials to try them)",
                     limit, len(seeds), ", ".join(name for name, _ in seeds[limit:]))

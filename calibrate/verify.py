@@ -1,34 +1,59 @@
-"""Verification: re-measure the best search candidates end to end on held-out prompts.
+"""Verification: re-measure the best search candidates end to end on held-out prompts, choose one,
+and measure the chosen one again on prompts that took no part in the choice.
 
 Latency: the full model and every candidate are timed on the same batch in the same process,
 interleaved (full, c1, c2, ..., full, c1, c2, ...) after a warm-up round, median of ``repeats``;
 the speedup is the ratio of medians. Quality: every held-out prompt and seed is generated with the
 candidate and compared with the full model's image of the same seed (SSIM, semantic agreement,
-and for the embedded model the evaluator's score of both). Only these numbers go into a policy's
-``measured`` block.
+and for the embedded model the evaluator's score of both), each mean with its standard error
+(:func:`calibrate.measure.sensitivity.summarize`).
+
+Selection and reporting use different images: the candidate with the best quality on the
+*selection* set (``--num-heldout``) that meets the budget is chosen, and the quality numbers of a
+policy's ``measured`` block come from the *report* set (``--num-report``; another draw of the
+held-out split, generated with other seeds), so that they are not the maximum of several noisy
+estimates. The selection set's numbers are kept beside them (``selection_*``).
 """
 from __future__ import annotations
 
 import statistics
-
+from typing import Any
 
 from calibrate.measure.common import Subject
 from calibrate.measure.sensitivity import compare
 
+#: the report set's seeds are the calibration seeds plus this, so its images are never ones the
+#: selection saw, even where a prompt of the (finite) held-out split repeats
+REPORT_SEED_OFFSET = 1000
 
-def _batch_subject(subject: Subject) -> Subject:
-    prompts, seed = next(iter(subject.batches()))
-    return Subject(subject.adapter, prompts, [seed], len(prompts), subject.guidance, engine=subject.engine)
+
+def _reference(subject: Subject, scorer, cache: dict, key: str):
+    """The full model's output on ``subject`` and the evaluator's verdicts on it (cached)."""
+    if key not in cache:
+        ref = subject.run(None)
+        cache[key] = (ref, scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None)
+    return cache[key]
 
 
-def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache: dict, repeats: int = 3, progress: bool = True):
-    """candidates: [(trial, point)] -> the chosen (trial, point, measured dict)."""
-    if "ref" not in cache:
-        cache["ref"] = subject.run(None)
-        ref = cache["ref"]
-        cache["ref_sem"] = scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None
-    ref, ref_sem = cache["ref"], cache["ref_sem"]
-    one = _batch_subject(subject)
+def quality_fields(m: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The quality numbers of a :func:`compare` row, rounded, as a ``measured`` block holds them."""
+    r = lambda v: None if v is None else round(v, 4)  # noqa: E731
+    out = {"quality": r(m["quality"]), "quality_se": r(m["quality_se"]), "quality_worst": r(m["quality_worst"]),
+           "ssim": r(m["ssim"]), "semantic_agreement": r(m["semantic"]), "hf_ratio": r(m["hf_ratio"])}
+    if m.get("score") is not None:
+        out.update({"score_full": r(m["score_full"]), "score": r(m["score"]), "score_drop": r(m["score_full"] - m["score"]),
+                    "score_drop_se": r(m.get("score_drop_se"))})
+    return {prefix + k: v for k, v in out.items()}
+
+
+def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache: dict, repeats: int = 3, progress: bool = True,
+                      report_subject: Subject | None = None):
+    """candidates: [(trial, point)] -> the chosen (trial, point, measured dict).
+
+    ``subject``: the selection set. ``report_subject``: the report set (None: the numbers written
+    are the selection set's, and ``measured`` says so)."""
+    ref, ref_sem = _reference(subject, scorer, cache, "ref")
+    one = subject.first_batch()
     for _, point in candidates[:1]:
         one.run(None, timed=True)
         one.run(point, timed=True)                       # warm-up
@@ -41,19 +66,26 @@ def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache
     results = []
     for (trial, point), times in zip(candidates, cand_t):
         lat = statistics.median(times)
-        out = subject.run(point)
-        m = compare(out, ref, subject.item_prompts, scorer, ref_sem)
+        m = compare(subject.run(point), ref, subject.item_prompts, scorer, ref_sem)
         speedup = base / lat
         feasible = speedup >= budget.speedup if budget.speedup is not None else lat <= budget.seconds
         measured = {"verified": True, "feasible": bool(feasible), "baseline_latency_s": round(base, 4), "latency_s": round(lat, 4),
-                    "speedup": round(speedup, 3), "quality": round(m["quality"], 4), "quality_worst": round(m["quality_worst"], 4),
-                    "ssim": round(m["ssim"], 4), "semantic_agreement": round(m["semantic"], 4), "hf_ratio": round(m["hf_ratio"], 4),
-                    "verification_images": len(subject.items), "latency_batch": one.batch_size, "latency_repeats": repeats}
-        if scorer.name == "evaluator":
-            measured.update({"score_full": round(m["score_full"], 4), "score": round(m["score"], 4),
-                             "score_drop": round(m["score_full"] - m["score"], 4)})
+                    "speedup": round(speedup, 3), **quality_fields(m), "verification_images": len(subject.items),
+                    "latency_batch": one.batch_size, "latency_repeats": repeats}
         results.append((trial, point, measured))
     ok = [r for r in results if r[2]["feasible"]]
-    if ok:
-        return max(ok, key=lambda r: (r[2]["quality"], r[2]["speedup"]))
-    return max(results, key=lambda r: r[2]["speedup"])
+    chosen = max(ok, key=lambda r: (r[2]["quality"], r[2]["speedup"])) if ok else max(results, key=lambda r: r[2]["speedup"])
+    trial, point, measured = chosen
+    if report_subject is None:
+        measured["quality_from"] = "selection set (the numbers the candidate was chosen on)"
+        return chosen
+    rref, rref_sem = _reference(report_subject, scorer, cache, "report_ref")
+    m = compare(report_subject.run(point), rref, report_subject.item_prompts, scorer, rref_sem)
+    selection = {k: measured.pop(k) for k in list(measured) if k in quality_fields(m)}
+    measured.update(quality_fields(m))
+    measured.update({"selection_" + k: v for k, v in selection.items()})
+    measured["selection_images"] = measured.pop("verification_images")
+    measured["verification_images"] = len(report_subject.items)
+    measured["quality_from"] = "report set (images the choice did not see)"
+    measured["candidates"] = len(candidates)
+    return trial, point, measured

@@ -394,10 +394,11 @@ def _variants_of(rec):
 
 
 def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sampler_seed: int, wait_s: float = 120.0,
-               fitted: dict | None = None):
+               fitted: dict | None = None, allow_skip: bool = True):
     """Create the study (exactly one process succeeds) or load it; check that it was made for the
     same record and budget; enqueue the seed policies once (with the budget-fitted seeds ``fitted``,
-    as :func:`calibrate.search.budget_seed_params` makes them)."""
+    as :func:`calibrate.search.budget_seed_params` makes them; those that skip scales only with
+    ``allow_skip``)."""
     import optuna
     from calibrate.search import enqueue_seeds
 
@@ -417,7 +418,7 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
                             "Use another --study name.")
     if created:
         study.set_user_attr(STUDY_ATTR, info)
-        enqueue_seeds(study, rec, fitted=fitted, limit=trials)
+        enqueue_seeds(study, rec, fitted=fitted, limit=trials, allow_skip=allow_skip)
         log.info("created study %s", name)
         return study
     deadline = time.time() + wait_s
@@ -426,7 +427,7 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
             log.warning("study %s has no seed trials after %.0fs; enqueueing them", name, wait_s)
             if STUDY_ATTR not in study.user_attrs:
                 study.set_user_attr(STUDY_ATTR, info)
-            enqueue_seeds(study, rec, fitted=fitted, limit=trials)
+            enqueue_seeds(study, rec, fitted=fitted, limit=trials, allow_skip=allow_skip)
             break
         time.sleep(0.5)
     theirs = study.user_attrs.get(STUDY_ATTR)
@@ -541,7 +542,7 @@ def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
     from calibrate.metrics import scorer_for
-    from calibrate.search import LATENCY_MARGIN, Objective, budget_seed_params
+    from calibrate.search import LATENCY_MARGIN, Objective, budget_seed_params, skipping_allowed
 
     model, rec = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
@@ -553,7 +554,8 @@ def _run_worker(args, budget, storage) -> int:
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     with _storage_guard(args.storage):
         study = join_study(name, storage, rec, budget, budget_s, args.trials, _sampler_seed(args.seed, args.worker_index),
-                           fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)))
+                           fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
+                           allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s))
     subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
     scorer = scorer_for(model.name)
     reference = subject.run(None)
@@ -754,26 +756,12 @@ def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool):
 
 
 def _variant_items(subject, ref, scale, variant, scorer, ref_sem) -> dict[str, Any]:
-    """:func:`calibrate.measure.sensitivity.measure_variant` keeping per-image values."""
-    from calibrate.measure.common import point_from_plans
-    from calibrate.measure.sensitivity import compare
-    from calibrate.metrics import hf_ratio, ssim
+    """:func:`calibrate.measure.sensitivity.measure_variant` keeping the per-image values."""
+    from calibrate.measure.sensitivity import per_image, variant_header, variant_point
 
-    out = subject.run(point_from_plans(subject.num_scales, {scale: variant.plan(scale)}))
-    prompts = subject.item_prompts
-    s = ssim(out.images, ref.images)
-    item: dict[str, Any] = {"scale": scale, "variant": variant.name, "guidance": variant.guidance, "keep": variant.keep,
-                            "selection": variant.selection}
-    if scorer.name == "evaluator":
-        sem_acc = scorer.score(out.images, prompts, ref.images)
-        agree = (sem_acc == ref_sem).astype(np.float64)
-        item["sem_acc"], item["ref_sem"] = np.asarray(sem_acc).tolist(), np.asarray(ref_sem).tolist()
-    else:
-        agree = scorer.score(out.images, prompts, ref.images, out.final_codes, ref.final_codes)
-        m = compare(out, ref, prompts, scorer, ref_sem)      # the evaluator-score fields are constants here
-        item["const"] = {"score": m["score"], "score_full": m["score_full"]}
-    item.update({"ssim": np.asarray(s).tolist(), "agree": np.asarray(agree, dtype=np.float64).tolist(),
-                 "hf": np.asarray(hf_ratio(out.images, ref.images)).tolist()})
+    out = subject.run(variant_point(subject, scale, variant))
+    item: dict[str, Any] = variant_header(scale, variant)
+    item.update({k: v.tolist() for k, v in per_image(out, ref, subject.item_prompts, scorer, ref_sem).items()})
     return item
 
 
@@ -870,6 +858,8 @@ def merge_records(shards, out: str | Path | None = None):
     record a single process would have measured; saved in ``record_dir(out, key)`` when ``out`` is
     given. Latency, the latency check and the device fields come from shard 0."""
     from calibrate.calibration import record_dir
+    from calibrate.measure.convergence import summarize_curves
+    from calibrate.measure.sensitivity import PER_IMAGE, summarize as summarize_sensitivity
     from calibrate.measure.stages import detect_stages
     from calibrate.measure.spectra import ENERGIES
     from calibrate.record import CalibrationRecord, content_key
@@ -909,19 +899,14 @@ def merge_records(shards, out: str | Path | None = None):
                 out_vals += vals[si * (b - a):(si + 1) * (b - a)]
         return out_vals
 
-    # convergence
+    # convergence: the single-process reduction over the concatenated per-image values
     c0 = base["convergence"]
     n = len(c0["ssim"])
-    curves = {"scale": list(range(n)), "ssim": [], "semantic": [], "semantic_measure": c0["semantic_measure"]}
-    evaluator = "evaluator" in c0
-    if evaluator:
-        curves["final_semantic"] = float(np.mean(np.asarray(merged(lambda d: d["convergence"]["final_semantic"]), dtype=np.float64)))
-        curves["evaluator"] = []
-    for k in range(n):
-        curves["ssim"].append(float(np.asarray(merged(lambda d: d["convergence"]["ssim"][k]), dtype=np.float64).mean()))
-        curves["semantic"].append(float(np.asarray(merged(lambda d: d["convergence"]["semantic"][k]), dtype=np.float32).mean()))
-        if evaluator:
-            curves["evaluator"].append(float(np.asarray(merged(lambda d: d["convergence"]["evaluator"][k]), dtype=np.float64).mean()))
+    values = {name: [merged(lambda d, k=k: d["convergence"][name][k]) for k in range(n)]
+              for name in ("ssim", "semantic", "evaluator") if name in c0}
+    if "final_semantic" in c0:
+        values["final_semantic"] = merged(lambda d: d["convergence"]["final_semantic"])
+    curves = summarize_curves(values)
     # spectra
     spectra_rows, arrays = [], {}
     for j, srow in enumerate(c0["spectra"]):
@@ -935,22 +920,12 @@ def merge_records(shards, out: str | Path | None = None):
             row[f"eff_rank_{int(e * 100)}"] = r
             row[f"eff_rank_frac_{int(e * 100)}"] = r / full if full else 0.0
         spectra_rows.append(row)
-    # sensitivity
+    # sensitivity: the single-process reduction over the concatenated per-image values
     sens = []
     for j, r0 in enumerate(base["sensitivity"]):
-        s = np.asarray(merged(lambda d: d["sensitivity"][j]["ssim"]), dtype=np.float64)
-        agree = np.asarray(merged(lambda d: d["sensitivity"][j]["agree"]), dtype=np.float64)
-        hf = np.asarray(merged(lambda d: d["sensitivity"][j]["hf"]), dtype=np.float64)
-        q = 0.5 * s + 0.5 * agree
-        if "sem_acc" in r0:
-            score = float(np.asarray(merged(lambda d: d["sensitivity"][j]["sem_acc"]), dtype=np.float64).mean())
-            score_full = float(np.asarray(merged(lambda d: d["sensitivity"][j]["ref_sem"]), dtype=np.float64).mean())
-        else:
-            score, score_full = r0["const"]["score"], r0["const"]["score_full"]
         row = {k: r0[k] for k in ("scale", "variant", "guidance", "keep", "selection")}
-        row.update({"ssim": float(s.mean()), "semantic": float(agree.mean()), "hf_ratio": float(hf.mean()),
-                    "quality": float(q.mean()), "quality_worst": float(q.min()), "damage": float(1 - q.mean()),
-                    "score": score, "score_full": score_full})
+        row.update(summarize_sensitivity({name: merged(lambda d: d["sensitivity"][j][name]) if name in r0 else None
+                                          for name in PER_IMAGE}))
         sens.append(row)
     stages = detect_stages(curves, n)
     stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}

@@ -27,7 +27,7 @@ from pg import free_port, postgres  # noqa: F401 - fixture
 
 NO_CUDA = not torch.cuda.is_available()
 TINY = ["--model", "infinity-tiny"]
-CAL = ["--budget", "2x", "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "2", "--trials", "2", "--quiet"]
+CAL = ["--budget", "2x", "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "2", "--num-report", "2", "--trials", "2", "--quiet"]
 SECRET = "pw-not-shown-42"
 
 
@@ -181,6 +181,10 @@ CASES = [
     case("calibrate-latency-margin-1", C, [*TINY, *CAL, "--latency-margin", "1", "--out", "{work}/cal"], 1, "--latency-margin"),
     case("calibrate-verify-repeats-0", C, [*TINY, *CAL, "--verify-repeats", "0", "--out", "{work}/cal"], 1, "--verify-repeats"),
     case("calibrate-batch-size-0", C, [*TINY, *CAL, "--batch-size", "0", "--out", "{work}/cal"], 1, "--batch-size"),
+    case("calibrate-num-report-negative", C, [*TINY, *CAL, "--num-report", "-1", "--out", "{work}/cal"], 1, "--num-report"),
+    case("calibrate-prompt-draw-negative", C, [*TINY, *CAL, "--prompt-draw", "-2", "--out", "{work}/cal"], 1, "--prompt-draw"),
+    case("calibrate-report-prompts-empty", C, [*TINY, *CAL, "--report-prompts", "{prompts_empty}", "--out", "{work}/cal"], 1,
+         "no prompts"),
     case("calibrate-bad-seeds", C, [*TINY, *CAL, "--seeds", "a,b", "--out", "{work}/cal"], 1, "--seeds"),
     case("calibrate-unknown-model", C, ["--model", "nope", *CAL, "--out", "{work}/cal"], 1, "nope"),
     case("measure-unknown-option", C, ["measure", *TINY, "--budget", "2x"], 2, "--budget"),

@@ -8,6 +8,7 @@ hand-built inputs with hand-computed answers.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -299,6 +300,38 @@ def test_compare_same_output_is_exactly_zero_damage():
     m = compare(out, out, PROMPTS, CodeAgreementScorer())
     assert m["damage"] == 0.0 and m["quality"] == 1.0 and m["quality_worst"] == 1.0
     assert m["ssim"] == 1.0 and m["semantic"] == 1.0 and m["hf_ratio"] == 1.0
+
+
+def test_every_mean_carries_its_standard_error_and_the_evaluator_drop_is_paired():
+    from calibrate.measure.sensitivity import resolved, summarize
+    ssim_v = np.array([1.0, 0.8, 0.6, 0.9])
+    agree = np.array([1.0, 0.0, 1.0, 1.0])
+    row = summarize({"ssim": ssim_v, "agree": agree, "hf": np.ones(4)})
+    q = 0.5 * ssim_v + 0.5 * agree
+    assert row["quality"] == pytest.approx(q.mean()) and row["images"] == 4
+    assert row["quality_se"] == pytest.approx(q.std(ddof=1) / 2) and row["damage_se"] == row["quality_se"]
+    assert row["ssim_se"] == pytest.approx(ssim_v.std(ddof=1) / 2) and row["semantic_se"] == pytest.approx(0.25)
+    assert row["score"] is None and "score_drop_se" not in row
+    # the evaluator: the drop's error comes from the per-image differences (same seed), not from
+    # the two scores' errors: a policy failing exactly the images the full model passed...
+    full = np.array([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    acc = np.array([0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    row = summarize({"ssim": np.ones(8), "agree": (acc == full).astype(float), "hf": np.ones(8), "sem_acc": acc, "ref_sem": full})
+    assert row["score_full"] - row["score"] == pytest.approx(0.125)
+    assert row["score_drop_se"] == pytest.approx((full - acc).std(ddof=1) / np.sqrt(8))
+    assert row["score_drop_se"] < np.hypot(full.std(ddof=1), acc.std(ddof=1)) / np.sqrt(8)
+    assert summarize({"ssim": [1.0], "agree": [1.0], "hf": [1.0]})["quality_se"] is None   # one image: unknown
+    assert not resolved(0.1, None) and not resolved(0.1, 0.05) and resolved(0.11, 0.05)
+
+
+def test_report_brackets_damages_the_images_cannot_tell_from_zero(record):
+    from calibrate.report import sensitivity_table
+    rec = copy.deepcopy(record)
+    rec.sensitivity = [dict(rec.sensitivity[0], damage=0.2, damage_se=0.05, images=8),
+                       dict(rec.sensitivity[1], damage=0.05, damage_se=0.05, images=8)]
+    text = "\n".join(sensitivity_table(rec))
+    assert "0.200 ± 0.050" in text and "(0.050 ± 0.050)" in text and "(0.200" not in text
+    assert "8 calibration images" in text
 
 
 def test_identity_run_has_zero_damage(model, subject, reference):
@@ -605,6 +638,39 @@ def test_budget_seeds_fit_the_budget_with_the_largest_uniform_keep_then_spend_wh
     enqueue_seeds(study, rec, fitted=fitted)
     queued = [t.user_attrs["seed_policy"] for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
     assert queued == ["identity", "paper-like", "fastvar-like", *fitted]
+
+
+def test_scales_are_skipped_only_when_no_plan_computing_every_scale_meets_the_budget():
+    from types import SimpleNamespace
+
+    from calibrate.search import skipping_allowed, verification_candidates
+    rec = _hand_record(n=7, depth=2, refinement_start=4)                 # search range 3..6
+    tokens = [1, 4, 16, 36, 64, 100, 169]
+    lm = _linear_latency(7, tokens)
+    full = lm.baseline(tokens)
+    cheapest = dict(seed_params(rec)["identity"], first_accelerated=3, cond_only_from=3,
+                    **{f"keep_{k}": 0.1 for k in range(3, 7)})
+    floor = lm.predict(point_from_params(rec, cheapest), tokens)        # the cheapest plan computing every scale
+    assert full / 3 > floor
+    assert not skipping_allowed(rec, lm, tokens, full / 3) and not skipping_allowed(rec, lm, tokens, floor)
+    assert skipping_allowed(rec, lm, tokens, floor * 0.99) and skipping_allowed(rec, lm, tokens, None)
+    # the study's space, its seeds, the local search's moves and the candidates follow the rule
+    study = open_study("noskip", optuna.storages.InMemoryStorage(), direction_multi=False, seed=0)
+    enqueue_seeds(study, rec, allow_skip=False)
+    queued = [t.user_attrs["seed_policy"] for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert queued == ["identity", "paper-like"]                           # the FastVAR-like seed skips two scales
+    for _ in range(30):
+        t = study.ask()
+        point = suggest_policy(t, rec, allow_skip=False)
+        assert not any(p.skip for p in point.plans)
+        study.tell(t, 0.5)
+    skipping = dict(cheapest, skip_from=5)
+    assert any(nb["skip_from"] < 7 for nb in neighbours(rec, cheapest))
+    assert all(nb["skip_from"] == 7 for nb in neighbours(rec, cheapest, allow_skip=False))
+    trials = [SimpleNamespace(number=i, params=params, value=value, user_attrs={"predicted_latency_s": 0.5})
+              for i, (params, value) in enumerate(((skipping, 0.9), (cheapest, 0.8)))]
+    assert [t.value for t, _ in verification_candidates(rec, trials, 1.0, k=3, k_near=0)] == [0.9, 0.8]
+    assert [t.value for t, _ in verification_candidates(rec, trials, 1.0, k=3, k_near=0, allow_skip=False)] == [0.8]
 
 
 def test_search_reaches_the_span_of_the_published_policies():
@@ -973,7 +1039,7 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     prompts.write_text("\n".join(PROMPTS) + "\n")
     policy_path = work / "p.yaml"
     argv = ["--model", "infinity-tiny", "--budget", "50x", "--prompts", str(prompts), "--num-prompts", "2",
-            "--batch-size", "2", "--num-heldout", "2", "--trials", "4", "--verify-candidates", "1",
+            "--batch-size", "2", "--num-heldout", "2", "--num-report", "2", "--trials", "4", "--verify-candidates", "1",
             "--out", str(work), "--policy-out", str(policy_path), "--quiet", "--json", "--frontier"]
 
     def no_measure(*a, **k):
@@ -999,6 +1065,10 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     assert policy.default == "50x"
     assert point.measured["feasible"] is False and point.measured["verified"] is True
     assert point.measured["budget"] == "50x"
+    # chosen on the selection set, its numbers measured on the report set (other images)
+    assert point.measured["quality_from"].startswith("report set") and point.measured["verification_images"] == 2
+    assert {"selection_quality", "selection_quality_se", "quality_se"} <= set(point.measured)
+    assert point.measured["selection_images"] == 2 and policy.provenance["report_prompts"] == 2
     assert policy.provenance["calibration_record"] == rec.key
     assert policy.provenance["guidance"] == rec.inputs["guidance"] == load_model("infinity-tiny").default_guidance
     assert policy.provenance["engine"] == rec.inputs["engine"] == "eager"          # the engine the latencies are of
@@ -1076,7 +1146,7 @@ def test_cli_local_search_after_the_sampler_and_resume(measured, model, tmp_path
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     argv = ["--model", "infinity-tiny", "--budget", "1.05x", "--prompts", str(prompts), "--num-prompts", "2",
-            "--batch-size", "2", "--num-heldout", "2", "--trials", "4", "--local-trials", "3", "--verify-candidates", "1",
+            "--batch-size", "2", "--num-heldout", "2", "--num-report", "2", "--trials", "4", "--local-trials", "3", "--verify-candidates", "1",
             "--verify-near", "0", "--verify-repeats", "1", "--out", str(work), "--policy-out", str(work / "p.yaml"), "--quiet"]
     calibrate_main(argv)
     capsys.readouterr()
@@ -1177,3 +1247,16 @@ def test_latency_margin_default_is_the_one_workers_use():
     from calibrate.cli import build_parser
     from calibrate.search import LATENCY_MARGIN
     assert build_parser().parse_args(["--budget", "3x"]).latency_margin == LATENCY_MARGIN
+
+
+def test_bundled_draws_calibration_selection_and_report_sets_apart():
+    from calibrate.prompts import bundled
+    cal0, cal1 = bundled("infinity-mini", "calibration", 16), bundled("infinity-mini", "calibration", 16, draw=1)
+    assert cal0 == bundled("infinity-mini", "calibration", 16, draw=0) and cal0 != cal1
+    assert cal0[:8] == bundled("infinity-mini", "calibration", 8)
+    assert bundled("infinity-mini", "report", 64) != bundled("infinity-mini", "verification", 64)
+    assert bundled("infinity-mini", "report", 64, draw=5) == bundled("infinity-mini", "report", 64)   # draw: calibration only
+    text = bundled("infinity-2b", "calibration", 4, draw=1)
+    assert text != bundled("infinity-2b", "calibration", 4) and len(text) == 4
+    with pytest.raises(ValueError, match="unknown split"):
+        bundled("infinity-mini", "nope", 4)

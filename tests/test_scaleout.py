@@ -185,11 +185,12 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     workers = {t.user_attrs.get("worker") for t in trials}
     assert len(workers) >= 2, workers
     seeds = [t.user_attrs.get("seed_policy") for t in trials if t.user_attrs.get("seed_policy") and retried_trial_number(t) is None]
-    # enqueued exactly once each, the fixed ones first; budget-fitted ones after them when the
-    # latency table (measured on this machine) says no fixed seed meets the budget; within --trials
-    assert seeds[:3] == ["identity", "paper-like", "fastvar-like"], [
-        (t.number, t.state, t.user_attrs, t.system_attrs) for t in trials]
-    assert len(set(seeds)) == len(seeds) <= TRIALS and all(s.startswith("fitted:") for s in seeds[3:]), seeds
+    # enqueued exactly once each, the fixed ones first (the FastVAR-like one only where the latency
+    # table, measured on this machine, leaves skipping scales to the search); budget-fitted ones
+    # after them when it says no fixed seed meets the budget; within --trials
+    fixed = 3 if seeds[2:3] == ["fastvar-like"] else 2
+    assert seeds[:2] == ["identity", "paper-like"], [(t.number, t.state, t.user_attrs, t.system_attrs) for t in trials]
+    assert len(set(seeds)) == len(seeds) <= TRIALS and all(s.startswith("fitted:") for s in seeds[fixed:]), seeds
     n_before = len(trials)
 
     # the normal command picks the finished study up: no new sampler trials, its local search
@@ -199,7 +200,7 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     capsys.readouterr()
     rc = main(["--model", "infinity-tiny", "--num-prompts", "2", "--batch-size", "1", "--seeds", "0", "--out", str(out),
                "--budget", BUDGET, "--storage", postgres.url, "--study", study_name, "--trials", str(TRIALS),
-               "--num-heldout", "2", "--verify-candidates", "1", "--local-trials", "4", "--policy-out", str(policy_path),
+               "--num-heldout", "2", "--num-report", "2", "--verify-candidates", "1", "--local-trials", "4", "--policy-out", str(policy_path),
                "--quiet", "--threads", "1"])
     o, e = capsys.readouterr()
     assert rc in (0, 3), (rc, o, e)

@@ -104,6 +104,14 @@ class Subject:
             for i in range(0, len(self.prompts), self.batch_size):
                 yield self.prompts[i:i + self.batch_size], s
 
+    def first_batch(self) -> "Subject":
+        """The first batch alone (its prompts, the first seed): what latencies are timed on, since
+        they are per batch and do not depend on which prompts are drawn."""
+        prompts, seed = next(iter(self.batches()))
+        one = Subject(self.adapter, prompts, [seed], len(prompts), self.guidance, engine=self.engine)
+        one._cond_cache = {k: v for k, v in self._cond_cache.items() if k == tuple(prompts)}
+        return one
+
     def condition(self, prompts):
         key = tuple(prompts)
         if key not in self._cond_cache:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from calibrate.measure.sensitivity import standard_error
 from calibrate.metrics import SemanticScorer, ssim
 
 
@@ -59,6 +60,26 @@ def convergence_values(partial, final: np.ndarray, prompts: list[str], scorer: S
     return vals
 
 
+#: dtype each per-image curve value is reduced in (that of :func:`convergence_values`)
+CURVE_DTYPES = {"ssim": np.float64, "semantic": np.float32, "evaluator": np.float64}
+
+
+def summarize_curves(values: dict) -> dict:
+    """The one reduction of per-image curve values (:func:`convergence_values`, or their
+    concatenation over shards) to the record's curves: per scale the mean and its standard error
+    (``<name>_se``) over the images."""
+    n = len(values["ssim"])
+    curves: dict = {"scale": list(range(n)), "semantic_measure": "coarse_agreement"}
+    for name, dtype in CURVE_DTYPES.items():
+        if name in values:
+            arrays = [np.asarray(v, dtype=dtype) for v in values[name]]
+            curves[name] = [float(a.mean()) for a in arrays]
+            curves[f"{name}_se"] = [standard_error(a) for a in arrays]
+    if "final_semantic" in values:
+        curves["final_semantic"] = float(np.asarray(values["final_semantic"], dtype=np.float64).mean())
+    return curves
+
+
 def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep_spectra: bool = True):
     """One identity pass. Returns (curves dict, hidden features per (scale, layer) for spectra).
 
@@ -69,11 +90,5 @@ def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep
     final image). It is reported, not used for the boundaries, because a coarse partial image
     fails a shape test for lack of resolution even when its content is decided."""
     partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
-    vals = convergence_values(partial, out.images, subject.item_prompts, scorer)
-    curves = {"scale": list(range(subject.num_scales)), "semantic_measure": "coarse_agreement"}
-    for name in ("ssim", "semantic", "evaluator"):
-        if name in vals:
-            curves[name] = [float(v.mean()) for v in vals[name]]
-    if "final_semantic" in vals:
-        curves["final_semantic"] = float(vals["final_semantic"].mean())
+    curves = summarize_curves(convergence_values(partial, out.images, subject.item_prompts, scorer))
     return curves, {k: np.concatenate(v) for k, v in feats.items()}, out

@@ -6,38 +6,113 @@ Variants (see :class:`calibrate.measure.common.Variant`): ``cond`` drops guidanc
 is compared with the full model's output for the same prompt and seed.
 
 quality = 0.5 * SSIM + 0.5 * semantic agreement (per image; 1 = identical), damage = 1 - quality.
+
+Every comparison is made per image (:func:`per_image`) and reduced by one function
+(:func:`summarize`), whichever process measured the images: the single-process pass and the
+merge of a sharded one give the same numbers. Each mean carries its standard error over the
+images (``*_se``); since every image is compared with the full model's image of the same prompt
+and seed, a damage is already a paired difference, and ``score_drop_se`` is the standard error of
+the paired evaluator differences.
 """
 from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from calibrate.measure.common import RunOutput, Variant, point_from_plans
 from calibrate.metrics import SemanticScorer, hf_ratio, ssim
 
+#: per-image value names (:func:`per_image`); ``sem_acc`` / ``ref_sem`` only with the evaluator
+PER_IMAGE = ("ssim", "agree", "hf", "sem_acc", "ref_sem")
 
-def compare(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: SemanticScorer, ref_semantic=None) -> dict:
-    s = ssim(out.images, ref.images)
+
+def standard_error(values: Sequence[float] | np.ndarray) -> float | None:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); None below 2 values.
+
+    >>> standard_error([0.0, 1.0, 0.0, 1.0])
+    0.2886751345948129
+    >>> standard_error([1.0]) is None
+    True
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return None
+    return float(v.std(ddof=1) / math.sqrt(v.size))
+
+
+def per_image(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: SemanticScorer,
+              ref_semantic=None) -> dict[str, np.ndarray]:
+    """Per-image comparison of ``out`` with ``ref`` (same prompts and seeds): ``ssim``, ``agree``
+    (semantic agreement: with the evaluator, 1 where its verdict on both images is the same),
+    ``hf`` (high-frequency energy ratio) and, with the evaluator, ``sem_acc`` / ``ref_sem`` (its
+    verdict on each image)."""
+    vals = {"ssim": np.asarray(ssim(out.images, ref.images), dtype=np.float64),
+            "hf": np.asarray(hf_ratio(out.images, ref.images), dtype=np.float64)}
     if scorer.name == "evaluator":
         ref_sem = ref_semantic if ref_semantic is not None else scorer.score(ref.images, prompts, ref.images)
         sem_acc = scorer.score(out.images, prompts, ref.images)
-        agree = (sem_acc == ref_sem).astype(np.float64)
-        score_acc, score_ref = float(sem_acc.mean()), float(ref_sem.mean())
+        vals["sem_acc"] = np.asarray(sem_acc, dtype=np.float64)
+        vals["ref_sem"] = np.asarray(ref_sem, dtype=np.float64)
+        vals["agree"] = (vals["sem_acc"] == vals["ref_sem"]).astype(np.float64)
     else:
-        agree = scorer.score(out.images, prompts, ref.images, out.final_codes, ref.final_codes)
-        score_acc = score_ref = None
+        vals["agree"] = np.asarray(scorer.score(out.images, prompts, ref.images, out.final_codes, ref.final_codes),
+                                   dtype=np.float64)
+    return vals
+
+
+def summarize(vals: Mapping[str, Any]) -> dict[str, Any]:
+    """The one reduction of per-image values (:func:`per_image`, or their concatenation over
+    shards) to a sensitivity / quality row: means, standard errors, the worst image."""
+    s = np.asarray(vals["ssim"], dtype=np.float64)
+    agree = np.asarray(vals["agree"], dtype=np.float64)
     q = 0.5 * s + 0.5 * agree
-    return {
-        "ssim": float(s.mean()), "semantic": float(agree.mean()), "hf_ratio": float(hf_ratio(out.images, ref.images).mean()),
-        "quality": float(q.mean()), "quality_worst": float(q.min()), "damage": float(1 - q.mean()),
-        "score": score_acc, "score_full": score_ref, "per_image_quality": [float(v) for v in q],
+    row = {
+        "ssim": float(s.mean()), "ssim_se": standard_error(s),
+        "semantic": float(agree.mean()), "semantic_se": standard_error(agree),
+        "hf_ratio": float(np.asarray(vals["hf"], dtype=np.float64).mean()),
+        "quality": float(q.mean()), "quality_se": standard_error(q), "quality_worst": float(q.min()),
+        "damage": float(1 - q.mean()), "damage_se": standard_error(q),
+        "score": None, "score_full": None, "images": int(q.size),
     }
+    if vals.get("sem_acc") is not None:
+        acc = np.asarray(vals["sem_acc"], dtype=np.float64)
+        full = np.asarray(vals["ref_sem"], dtype=np.float64)
+        row.update({"score": float(acc.mean()), "score_full": float(full.mean()),
+                    "score_drop_se": standard_error(full - acc)})
+    return row
+
+
+def compare(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: SemanticScorer, ref_semantic=None) -> dict:
+    """:func:`summarize` of :func:`per_image`, with the per-image qualities (``per_image_quality``)."""
+    vals = per_image(out, ref, prompts, scorer, ref_semantic)
+    row = summarize(vals)
+    row["per_image_quality"] = [float(v) for v in 0.5 * vals["ssim"] + 0.5 * vals["agree"]]
+    return row
+
+
+def resolved(value: float, se: float | None, z: float = 2.0) -> bool:
+    """Whether a mean difference from zero (a damage, a drop) is more than ``z`` standard errors
+    (False when the error is unknown, i.e. fewer than two images).
+
+    >>> resolved(0.07, 0.05), resolved(0.2, 0.05)
+    (False, True)
+    """
+    return se is not None and abs(value) > z * se
+
+
+def variant_point(subject, scale: int, variant: Variant):
+    return point_from_plans(subject.num_scales, {scale: variant.plan(scale)})
+
+
+def variant_header(scale: int, variant: Variant) -> dict[str, Any]:
+    return {"scale": scale, "variant": variant.name, "guidance": variant.guidance, "keep": variant.keep,
+            "selection": variant.selection}
 
 
 def measure_variant(subject, ref: RunOutput, scale: int, variant: Variant, scorer, ref_semantic=None) -> dict:
-    point = point_from_plans(subject.num_scales, {scale: variant.plan(scale)})
-    out = subject.run(point)
-    row = {"scale": scale, "variant": variant.name, "guidance": variant.guidance, "keep": variant.keep,
-           "selection": variant.selection}
-    row.update(compare(out, ref, subject.item_prompts, scorer, ref_semantic))
-    row.pop("per_image_quality")
+    out = subject.run(variant_point(subject, scale, variant))
+    row = variant_header(scale, variant)
+    row.update(summarize(per_image(out, ref, subject.item_prompts, scorer, ref_semantic)))
     return row
