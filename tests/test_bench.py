@@ -298,7 +298,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     up (a busy machine)."""
     env = dict(os.environ, STAGEVAR_BENCH_MODEL="infinity-tiny", STAGEVAR_BENCH_DEVICE="cpu",
                STAGEVAR_BENCH_DTYPE="float32", STAGEVAR_BENCH_REPEATS="1", STAGEVAR_BENCH_EXTRA="--threads 1",
-               STAGEVAR_BENCH_BUDGET="1.1x", STAGEVAR_BENCH_BATCH="2", STAGEVAR_BENCH_LARGE_CHECK="0",
+               STAGEVAR_BENCH_BUDGET="1.01x", STAGEVAR_BENCH_BATCH="2", STAGEVAR_BENCH_LARGE_CHECK="0",
                STAGEVAR_BENCH_CHECK_MODELS="infinity-tiny",
                STAGEVAR_BENCH_SCALE="20", OUT=str(tmp_path), PYTHON=sys.executable)
     res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
@@ -306,8 +306,8 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     for engine in ("eager", "static"):
         assert f"| `fastvar@{engine}` |" in res.stdout and f"| `paper@{engine}` |" in res.stdout
     assert "comparisons identical to eager" in res.stdout
-    fitted = tmp_path / "b1" / "fitted-1.1x.yaml"
-    assert fitted.is_file() and "| `fitted-1.1x:1.1x@static` |" in res.stdout      # the b1 fit, benched at batch 2
+    fitted = tmp_path / "b1" / "fitted-1.01x.yaml"
+    assert fitted.is_file() and "| `fitted-1.01x:1.01x@static` |" in res.stdout      # the b1 fit, benched at batch 2
     for f in ("env.txt", "steps.log", "b1/bench.md", "b1/bench.json", "b8/bench.json", "engine-check/engine_check.json"):
         assert (tmp_path / f).is_file(), f
     assert "vae_decode" in json.loads((tmp_path / "b1" / "bench.json").read_text())
