@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stagevar.engine import ENGINE_HELP, ENGINES
+from calibrate.options import Parser, add_common_arguments, setup
 from stagevar.errors import StageVarError, run_command
-from stagevar.guidance import GUIDANCE_HELP, guidance_argument
 
 log = logging.getLogger("stagevar.calibrate")
 
@@ -41,40 +40,10 @@ record and the Optuna study live in --out.
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    from stagevar import DEFAULT_MODEL
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL})")
-    p.add_argument("--weights", type=Path, help="weights directory (default $STAGEVAR_WEIGHTS)")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights (latency only; quality is meaningless)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
-    p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: a bundled set for the model)")
-    p.add_argument("--num-prompts", type=int, default=8, help="bundled calibration prompts used (default 8)")
-    p.add_argument("--prompt-draw", type=int, default=0,
-                   help="which draw of the bundled calibration split (default 0; another draw checks that the stages "
-                        "and plans do not depend on the prompts)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generated batch; latency budgets refer to it (default 8)")
-    p.add_argument("--guidance", type=guidance_argument, help=GUIDANCE_HELP)
-    p.add_argument("--out", type=Path, default=Path("runs/calibration"), help="working directory: record, study, report (default runs/calibration)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--engine", choices=[*ENGINES, "auto"], default="auto",
-                   help="the engine latencies are measured with, and recorded in the policy: " + ENGINE_HELP)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="stagevar-calibrate", description="Measure a VAR model and search a stage-aware acceleration policy under a latency budget.",
+    p = Parser(prog="stagevar-calibrate", description="Measure a VAR model and search a stage-aware acceleration policy under a latency budget.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    _common(p)
+    add_common_arguments(p)
     p.add_argument("--budget", required=True, help="speedup (3x) or latency per batch (700ms); comma-separated for several")
     p.add_argument("--trials", type=int, default=60,
                    help="sampler trials per budget, the enqueued seed policies included, in total across resumes and "
@@ -114,39 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_measure_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="stagevar-calibrate measure", description="Run only the calibration pass and write its record and report.",
+    p = Parser(prog="stagevar-calibrate measure", description="Run only the calibration pass and write its record and report.",
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="examples:\n  stagevar-calibrate measure\n  stagevar-calibrate measure --model infinity-mini --prompts my_prompts.txt --out runs/cal\n")
-    _common(p)
+    add_common_arguments(p)
     return p
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _setup(args):
-    import torch
-    from stagevar.models.registry import load_model
-    from stagevar.perf import steady_allocator
-    steady_allocator()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch_size < 1:
-        raise StageVarError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    if args.prompt_draw < 0:
-        raise StageVarError(f"--prompt-draw must be >= 0, got {args.prompt_draw}.")
-    try:
-        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-    except ValueError:
-        raise StageVarError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
-    if not seeds:
-        raise StageVarError("--seeds is empty.")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    from calibrate.prompts import bundled, read_prompt_file
-    prompts = read_prompt_file(args.prompts) if args.prompts else bundled(args.model, "calibration", args.num_prompts, draw=args.prompt_draw)
-    model = load_model(args.model, args.weights, device=args.device, dtype=dtype, random_weights=args.random_weights)
-    model.encode_prompts(prompts)            # validate every prompt up front (clear error naming the bad one)
-    return model, prompts, seeds
-
-
 def _redact(url: str | None) -> str | None:
     import re
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url) if url else url
@@ -155,7 +99,7 @@ def _redact(url: str | None) -> str | None:
 def cmd_measure(args) -> int:
     from calibrate.calibration import measure, record_dir
     from calibrate.report import write_report
-    model, prompts, seeds = _setup(args)
+    model, prompts, seeds = setup(args)
     t0 = time.time()
     rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
                   progress=not args.quiet, engine=args.engine)
@@ -197,7 +141,7 @@ def cmd_calibrate(args) -> int:
         raise StageVarError(f"--latency-margin must be in [0, 0.5), got {args.latency_margin} (0.03 aims 3% under the budget).")
     storage = open_storage(args.storage) if args.storage else None      # a bad URL fails before any work
     warm = load_policy(args.warm_start) if args.warm_start else None      # a bad file too
-    model, prompts, seeds = _setup(args)
+    model, prompts, seeds = setup(args)
     if warm is not None:
         warm.check_compatible(model)
     heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "verification", args.num_heldout)

@@ -128,12 +128,12 @@ class StorageError(StageVarError):
 
 # ============================================================================== CLI
 def build_worker_parser() -> argparse.ArgumentParser:
-    from calibrate.cli import _common, _Parser
-    p = _Parser(prog="stagevar-calibrate worker",
+    from calibrate.options import Parser, add_common_arguments
+    p = Parser(prog="stagevar-calibrate worker",
                 description="Join a shared Optuna study and run policy-search trials until the study holds --trials "
                             "finished trials. Any number of workers on any number of machines.",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    _common(p)
+    add_common_arguments(p)
     p.add_argument("--storage", required=True,
                    help="Optuna RDB storage URL shared by all workers, e.g. postgresql://USER:PASSWORD@HOST:5432/DB "
                         "(mysql://... and, on one machine, sqlite:///FILE also work)")
@@ -357,8 +357,8 @@ def _load_record_for(args):
 
     if args.record is None:
         from calibrate.calibration import measure
-        from calibrate.cli import _setup
-        model, prompts, seeds = _setup(args)
+        from calibrate.options import setup
+        model, prompts, seeds = setup(args)
         rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
                       progress=not args.quiet, engine=args.engine)
         return model, rec
@@ -973,5 +973,7 @@ def repair_journal(path: str | Path) -> bool:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from calibrate.cli import main
-    sys.exit(main(["worker", *sys.argv[1:]]))
+    from stagevar.errors import run_command
+    _args = build_worker_parser().parse_args(sys.argv[1:])
+    logging.basicConfig(level=logging.WARNING if _args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(run_command(cmd_worker, _args, interrupted_hint="re-run the same command to resume"))

@@ -69,14 +69,10 @@ EPILOG = textwrap.dedent("""\
 
 # ----------------------------------------------------------------------------------------- parser
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from stagevar import DEFAULT_MODEL
     from stagevar.baselines import BASELINES
+    from stagevar.models.registry import add_model_arguments
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL})")
-    p.add_argument("--weights", type=Path, help="weights directory (default $STAGEVAR_WEIGHTS; embedded models need none)")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights at full size (speed only)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
+    add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=1, help="images per generation in the latency runs (default 1)")
     p.add_argument("--quality-batch-size", type=int, default=8, help="images per generation in the quality runs (default 8)")
     p.add_argument("--prompts", type=int, default=24, metavar="N", help="held-out prompts for the quality runs (default 24)")

@@ -134,20 +134,14 @@ def _engine_arg(p: argparse.ArgumentParser, what: str = "generation") -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from stagevar import DEFAULT_MODEL
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL}; see list-models)")
-    p.add_argument("--weights", type=Path, help="weights directory (default $STAGEVAR_WEIGHTS; embedded models need none)")
-    p.add_argument("--random-weights", action="store_true", help="seeded random weights at full size (speed tests only)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
+    from stagevar.models.registry import add_model_arguments
+    add_model_arguments(p, "seeded random weights at full size (speed tests only)")
 
 
 def _load_model(args):
-    import torch
-    from stagevar.models.registry import load_model
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    from stagevar.models.registry import load_model_from_args
     log.info("loading model %s", args.model)
-    return load_model(args.model, args.weights, device=args.device, dtype=dtype, random_weights=args.random_weights)
+    return load_model_from_args(args)
 
 
 # ----------------------------------------------------------------------------------------- commands

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import doctest
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -187,8 +187,11 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
     # the trial killed in step 2 stays RUNNING in the journal (no heartbeat in a journal study); it
     # is not counted as done, so another trial replaced it
     assert sum(t.state == TrialState.RUNNING for t in study.trials) <= 1
-    # at 1.05x plans computing every scale meet the budget: the FastVAR-like seed (it skips scales) is left out
-    assert [t.user_attrs.get("seed_policy") for t in study.trials[:3]] == ["identity", "paper-like", None]
+    # at 1.05x plans computing every scale meet the budget: the FastVAR-like seed (it skips scales) is
+    # left out; budget-fitted seeds follow only where this machine's latency table says the
+    # paper-like one misses the target
+    seeds = list(dict.fromkeys(t.user_attrs.get("seed_policy") for t in study.trials if t.user_attrs.get("seed_policy")))
+    assert seeds[:2] == ["identity", "paper-like"] and all(s.startswith("fitted:") for s in seeds[2:]), seeds
 
 
 def test_torn_journal_line_is_repaired(tmp_path):

@@ -1,7 +1,7 @@
 """Loading official checkpoints safely: ``.pth`` (``weights_only=True``, memory-mapped),
 ``.safetensors``, and sharded directories (``*.index.json`` weight maps or a folder of shards).
 
-Errors are :class:`~stagevar.models.registry.WeightsError` with the file, what was expected and
+Errors are :class:`~stagevar.models.catalog.WeightsError` with the file, what was expected and
 where it comes from.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from stagevar.models.registry import WeightsError
+from stagevar.models.catalog import WeightsError
 
 log = logging.getLogger(__name__)
 

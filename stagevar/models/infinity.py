@@ -31,6 +31,7 @@ from stagevar.guidance import guidance_per_scale, is_guided, parse_guidance
 from stagevar.models.layers import FFN
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.models.kv_cache import KVCache, StaticKVCache, attention_dtype
+from stagevar.models.text import TextCondition
 from stagevar.ops.sampling import sample_top_k_top_p
 
 log = logging.getLogger(__name__)
@@ -438,22 +439,6 @@ class InfinityTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------- text
-@dataclasses.dataclass
-class TextCondition:
-    """Prompts in upstream's compact form: ``kv_compact`` (sum(lens), Ct5) and ``lens``."""
-
-    kv_compact: torch.Tensor
-    lens: list[int]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.lens)
-
-    @property
-    def cu_seqlens(self) -> torch.Tensor:
-        return F.pad(torch.tensor(self.lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
-
-
 class HashTextEncoder(nn.Module):
     """A deterministic stand-in text encoder for random-weight models (tests, speed benchmarks):
     each word maps to a fixed pseudo-random vector (seeded by a hash of the word), plus EOS."""
@@ -822,7 +807,7 @@ def narrowed(cfg: InfinityConfig, vae_cfg, width: int):
 def _official(name: str, cfg: InfinityConfig, vae_cfg_name: str, ckpt_names: dict[str, str], weights, device, dtype,
               random_weights: bool, text_dir_name: str = "flan-t5-xl", narrow: int | None = None):
     from stagevar.models import bsq_vae, checkpoints
-    from stagevar.models.registry import WeightsError
+    from stagevar.models.catalog import WeightsError
 
     vae_cfg = getattr(bsq_vae.BSQVAEConfig, vae_cfg_name)()
     if narrow is not None:
@@ -861,7 +846,7 @@ def _official(name: str, cfg: InfinityConfig, vae_cfg_name: str, ckpt_names: dic
 
 
 def _register() -> None:
-    from stagevar.models.registry import register_model
+    from stagevar.models.catalog import register_model
 
     @register_model("infinity-tiny", family="infinity", needs_weights=False,
                     description="Infinity at a tiny config (depth 2, width 128, 7 scales, 256px), seeded random weights; for tests")

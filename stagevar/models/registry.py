@@ -11,48 +11,16 @@ has them).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from stagevar.errors import StageVarError
+from stagevar.models.catalog import _REGISTRY, ModelEntry, UnknownModelError, WeightsError, register_model
 
-_REGISTRY: dict[str, "ModelEntry"] = {}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    builder: Callable[..., "object"]
-    description: str
-    family: str
-    needs_weights: bool
-    narrowable: bool = False
-
-
-class UnknownModelError(StageVarError):
-    pass
-
-
-class WeightsError(StageVarError):
-    pass
-
-
-def register_model(name: str, *, description: str, family: str, needs_weights: bool = True, narrowable: bool = False):
-    """Decorator registering a builder under ``name``. Raises on duplicates. ``narrowable``: the
-    builder takes ``narrow=WIDTH`` (the same structure at a reduced width, random weights)."""
-
-    def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered (by {_REGISTRY[name].builder.__module__})")
-        _REGISTRY[name] = ModelEntry(name, fn, description, family, needs_weights, narrowable)
-        return fn
-
-    return deco
-
+__all__ = ["ModelEntry", "UnknownModelError", "WeightsError", "register_model", "list_models", "model_entry",
+           "load_model", "load_model_from_args", "add_model_arguments", "resolve_device", "weights_root"]
 
 def _ensure_builtin() -> None:
     # Importing the modules registers their models (kept lazy: importing stagevar stays cheap).
@@ -121,6 +89,23 @@ def load_model(
         raise StageVarError(f"--narrow {narrow} builds {name}'s structure at width {narrow}, which no checkpoint has: "
                             "add --random-weights.")
     return entry.builder(weights=None, device=device, dtype=dtype, random_weights=True, narrow=int(narrow))
+
+
+def add_model_arguments(p, random_weights_help: str = "seeded random weights at full size (speed only)") -> None:
+    """The options :func:`load_model_from_args` reads, for a command's parser."""
+    from stagevar import DEFAULT_MODEL
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL}; see list-models)")
+    p.add_argument("--weights", type=Path, help="weights directory (default $STAGEVAR_WEIGHTS; embedded models need none)")
+    p.add_argument("--random-weights", action="store_true", help=random_weights_help)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
+
+
+def load_model_from_args(args):
+    """:func:`load_model` from a command's parsed arguments (``model``, ``weights``, ``device``,
+    ``dtype`` as a name, ``random_weights``)."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    return load_model(args.model, args.weights, device=args.device, dtype=dtype, random_weights=args.random_weights)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

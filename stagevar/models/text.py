@@ -8,13 +8,31 @@ of ``google/flan-t5-xl`` (no download is attempted).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stagevar.errors import StageVarError
+
+
+@dataclasses.dataclass
+class TextCondition:
+    """Prompts in upstream's compact form: ``kv_compact`` (sum(lens), Ct5) and ``lens``."""
+
+    kv_compact: torch.Tensor
+    lens: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lens)
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return F.pad(torch.tensor(self.lens, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
 
 
 class T5TextEncoder(nn.Module):
@@ -35,7 +53,6 @@ class T5TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: Sequence[str]):
-        from stagevar.models.infinity import TextCondition
         tok = self.tokenizer(list(prompts), max_length=512, padding="longest", truncation=True, return_tensors="pt")
         ids = tok.input_ids.to(self.encoder.device)
         mask = tok.attention_mask.to(self.encoder.device)

@@ -40,7 +40,7 @@ from stagevar.models.layers import FFN
 from stagevar.models import imagenet
 from stagevar.models.base import Adapter, ConditionError, GenerationState, Schedule
 from stagevar.models.kv_cache import KVCache, StaticKVCache
-from stagevar.models.registry import WeightsError, register_model
+from stagevar.models.catalog import WeightsError, register_model
 from stagevar.models.vqvae import VQVAE
 from stagevar.ops.sampling import sample_top_k_top_p
 

@@ -58,7 +58,7 @@ def run_evaluate(args) -> int:
         result = evaluate_directory(args.images, args.prompts)
         title = f"evaluator scores for {args.images}"
     else:
-        from stagevar.cli import _load_model
+        from stagevar.models.registry import load_model_from_args
         from stagevar.policy import load_policy
         from stagevar.runtime import Runtime
         from stagevar.toy.prompts import make_split
@@ -69,7 +69,7 @@ def run_evaluate(args) -> int:
             raise StageVarError(f"--limit must be >= 1, got {n}.")
         items = make_split(args.split, n, seed=0)
         policy = load_policy(args.policy) if args.policy else None
-        model = _load_model(args)
+        model = load_model_from_args(args)
         runtime = Runtime(model, policy, args.operating_point, engine=args.engine)
         result, secs = generate_and_evaluate(model, items, list(range(args.seeds)), runtime, args.batch_size)
         title = (f"{model.name} on {len(items)} {args.split} prompts x {args.seeds} seed(s)"

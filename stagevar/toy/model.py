@@ -26,7 +26,8 @@ from torch import nn
 from stagevar.errors import StageVarError
 from stagevar.guidance import parse_guidance
 from stagevar.models.base import ConditionError
-from stagevar.models.infinity import InfinityAdapter, InfinityConfig, TextCondition, set_compute_dtype_
+from stagevar.models.infinity import InfinityAdapter, InfinityConfig, set_compute_dtype_
+from stagevar.models.text import TextCondition
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHT_FILES = ("config.json", "transformer.safetensors", "vae.safetensors", "text.safetensors")
@@ -218,7 +219,7 @@ def random_mini(device="cpu", dtype=torch.float32, seed: int = 0) -> InfinityAda
 
 
 def _register() -> None:
-    from stagevar.models.registry import register_model
+    from stagevar.models.catalog import register_model
 
     @register_model(MODEL_NAME, family="infinity", needs_weights=False,
                     description="Infinity trained here on the toy scenes (depth 8, width 256, 10 scales to 16x16, "

@@ -1,0 +1,61 @@
+"""The options every ``stagevar-calibrate`` command shares (model, prompts, seeds, device, ...) and
+the setup they imply: used by the main command, ``measure`` and ``worker``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stagevar.engine import ENGINE_HELP, ENGINES
+from stagevar.errors import StageVarError
+from stagevar.guidance import GUIDANCE_HELP, guidance_argument
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    from stagevar.models.registry import add_model_arguments
+    add_model_arguments(p, "seeded random weights (latency only; quality is meaningless)")
+    p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: a bundled set for the model)")
+    p.add_argument("--num-prompts", type=int, default=8, help="bundled calibration prompts used (default 8)")
+    p.add_argument("--prompt-draw", type=int, default=0,
+                   help="which draw of the bundled calibration split (default 0; another draw checks that the stages "
+                        "and plans do not depend on the prompts)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generated batch; latency budgets refer to it (default 8)")
+    p.add_argument("--guidance", type=guidance_argument, help=GUIDANCE_HELP)
+    p.add_argument("--out", type=Path, default=Path("runs/calibration"), help="working directory: record, study, report (default runs/calibration)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--engine", choices=[*ENGINES, "auto"], default="auto",
+                   help="the engine latencies are measured with, and recorded in the policy: " + ENGINE_HELP)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def setup(args):
+    import torch
+    from stagevar.models.registry import load_model_from_args
+    from stagevar.perf import steady_allocator
+    steady_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1:
+        raise StageVarError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.prompt_draw < 0:
+        raise StageVarError(f"--prompt-draw must be >= 0, got {args.prompt_draw}.")
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    except ValueError:
+        raise StageVarError(f"--seeds must be comma-separated integers, got {args.seeds!r}.") from None
+    if not seeds:
+        raise StageVarError("--seeds is empty.")
+    from calibrate.prompts import bundled, read_prompt_file
+    prompts = read_prompt_file(args.prompts) if args.prompts else bundled(args.model, "calibration", args.num_prompts, draw=args.prompt_draw)
+    model = load_model_from_args(args)
+    model.encode_prompts(prompts)            # validate every prompt up front (clear error naming the bad one)
+    return model, prompts, seeds

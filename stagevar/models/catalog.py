@@ -1,0 +1,42 @@
+"""The table of registered models and the errors of finding and loading them: what a model module
+needs to register itself (:func:`register_model`) without importing the registry that imports it.
+:mod:`stagevar.models.registry` builds and loads models from this table."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from stagevar.errors import StageVarError
+
+_REGISTRY: dict[str, "ModelEntry"] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., "object"]
+    description: str
+    family: str
+    needs_weights: bool
+    narrowable: bool = False
+
+
+class UnknownModelError(StageVarError):
+    pass
+
+
+class WeightsError(StageVarError):
+    pass
+
+
+def register_model(name: str, *, description: str, family: str, needs_weights: bool = True, narrowable: bool = False):
+    """Decorator registering a builder under ``name``. Raises on duplicates. ``narrowable``: the
+    builder takes ``narrow=WIDTH`` (the same structure at a reduced width, random weights)."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered (by {_REGISTRY[name].builder.__module__})")
+        _REGISTRY[name] = ModelEntry(name, fn, description, family, needs_weights, narrowable)
+        return fn
+
+    return deco
