@@ -91,11 +91,6 @@ def build_measure_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _redact(url: str | None) -> str | None:
-    import re
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url) if url else url
-
-
 def cmd_measure(args) -> int:
     from calibrate.calibration import measure, record_dir
     from calibrate.report import write_report
@@ -125,7 +120,8 @@ def cmd_calibrate(args) -> int:
                                   measured_trials, open_study, params_for_point, pareto_front, parse_budgets,
                                   point_from_params, skipping_allowed, summarize_trial, verification_candidates)
     from calibrate.verify import REPORT_SEED_OFFSET, verify_candidates
-    from calibrate.worker import STUDY_ATTR, open_storage
+    from calibrate.storage import open_storage, redact
+    from calibrate.worker import STUDY_ATTR
     from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for, load_policy
 
     budgets = parse_budgets(args.budget)
@@ -247,7 +243,7 @@ def cmd_calibrate(args) -> int:
         batch_size=args.batch_size, guidance=rec.inputs["guidance"], engine=rec.inputs["engine"],
         weights_sha256=weights_hash(model), calibrated=True,
         calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
-        verification_prompts=len(heldout), report_prompts=len(report_prompts), seeds=seeds, optuna_storage=_redact(args.storage) or "journal file in --out",
+        verification_prompts=len(heldout), report_prompts=len(report_prompts), seeds=seeds, optuna_storage=redact(args.storage) or "journal file in --out",
         optuna_sampler_seed=args.seed, trials_per_budget=args.trials))
     out_path = args.policy_out or Path("policies") / f"{model.name}.{model.resolution}.{'-'.join(b.name for b in budgets)}.yaml"
     replaced = keep_replaced_policy(out_path, Path(args.out))
@@ -310,7 +306,7 @@ def _journal(path: Path):
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
-    from calibrate.worker import repair_journal
+    from calibrate.storage import repair_journal
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = Path(str(path) + ".lock")
     if os.path.lexists(lock):            # held only for the instant of a write: still there a second later = stale

@@ -82,7 +82,9 @@ _BUDGET = re.compile(r"(\d+(?:\.\d+)?)(x|ms|s)")
 
 
 def parse_budget(text: str) -> Budget:
-    """>>> parse_budget("3x").speedup, parse_budget("700ms").seconds
+    """A budget from its text.
+
+    >>> parse_budget("3x").speedup, parse_budget("700ms").seconds
     (3.0, 0.7)
     """
     t = str(text).strip().lower()

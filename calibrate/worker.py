@@ -1,5 +1,4 @@
-"""Scale-out: many worker processes, on many machines, search one Optuna study; and calibration
-records measured in shards and merged.
+"""Scale-out: many worker processes, on many machines, search one Optuna study.
 
 Workers (``stagevar-calibrate worker``)
 ---------------------------------------
@@ -54,33 +53,15 @@ candidates end to end on held-out prompts and writes the policy. Run it with the
   calibrate command; with ``--n-workers`` the worst child's (a child killed by signal S counts as
   128 + S).
 
-Sharded records (:func:`measure_shard`, :func:`merge_records`)
---------------------------------------------------------------
-The calibration prompts are split into ``num_shards`` contiguous groups of whole batches (a
-batch is one generator stream, so an image only reproduces inside the same batch). Each shard
-measures the convergence pass, the spectra and every sensitivity variant on its prompts and keeps
-**per-image** values (resumable units, then one self-contained ``shard.json``); the merge
-reassembles them in the single-process order (seed-major, then prompt) and computes every mean,
-minimum and spectrum exactly as :func:`calibrate.calibration.measure` does. The merged record has
-the same key and the same tables as a single-process run of the same inputs on shard 0's machine
-(equal up to float rounding; in practice bit-identical). **Latency is hardware-specific**: shard 0
-alone times the latency grid and the latency-model check, over the whole calibration set as
-``measure`` does, and the merged record takes them (and its device fields) from shard 0. Run
-shard 0 on the hardware the policy targets; the other shards may run anywhere with the same model,
-dtype and code.
+Storage (URLs, drivers, the password kept out of every message, journal repair) is
+:mod:`calibrate.storage`; records measured in shards are :mod:`calibrate.shards`.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
-import inspect
-import json
 import logging
-import math
 import os
-import random
-import re
 import signal
 import socket
 import subprocess
@@ -88,16 +69,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
 
-import numpy as np
-
+from calibrate.storage import open_storage, redact, retried_trial_number, retry_callback, storage_guard
 from stagevar.errors import StageVarError
 
 log = logging.getLogger("stagevar.calibrate.worker")
 
-SHARD_FORMAT = "stagevar-calibration-shard"
-SHARD_VERSION = 1
 STUDY_ATTR = "stagevar"                    # study user attribute: record key / sha256, budget, model
 _CHILD_ENV = "STAGEVAR_WORKER_CHILD"       # set for the processes started by --n-workers
 
@@ -120,10 +97,6 @@ machine that measured the record, with the same --storage/--study/--trials/--bud
 It runs no new trial, verifies the best candidates on held-out prompts and writes the policy.
 Exit codes: 0 ok; 1 error (storage problems included); 2 usage; with --n-workers the worst child's.
 """
-
-
-class StorageError(StageVarError):
-    """The Optuna storage cannot be used (one paragraph, password redacted)."""
 
 
 # ============================================================================== CLI
@@ -185,166 +158,6 @@ def cmd_worker(args) -> int:
     if args.n_workers > 1:
         return _run_local_workers(args, budget)
     return _run_worker(args, budget, storage)
-
-
-# ============================================================================== storage
-def redact(url: str | None) -> str | None:
-    """The URL with its password replaced by ``***``.
-
-    >>> redact("postgresql://me:pa:ss@db:5432/x")
-    'postgresql://me:***@db:5432/x'
-    >>> redact("postgresql//me:p@ss@db/x")          # malformed URLs too
-    'postgresql//me:***@db/x'
-    """
-    if not url or "@" not in url:
-        return url
-    head, _, tail = url.rpartition("@")
-    i = head.find("//")
-    start = i + 2 if i >= 0 else head.find(":") + 1
-    userinfo = head[start:]
-    if ":" not in userinfo:
-        return url
-    return head[:start] + userinfo.split(":", 1)[0] + ":***@" + tail
-
-
-def _secrets(url: str) -> list[str]:
-    try:
-        from sqlalchemy.engine import make_url
-        pw = make_url(url).password
-    except Exception:  # noqa: BLE001 - unparsable: fall back to the raw text
-        m = re.search(r"://[^:/@]*:([^/]*)@", url)
-        pw = m.group(1) if m else None
-    from urllib.parse import quote
-    return [s for s in {pw, quote(pw or "", safe="")} if s and len(s) >= 3]
-
-
-def _scrub(text: str, url: str) -> str:
-    text = " ".join(str(text).split())                     # one paragraph
-    text = re.sub(r"\(Background on this error at: [^)]*\)", "", text).strip()
-    text = text.replace(url, redact(url))
-    for s in _secrets(url):
-        text = text.replace(s, "***")
-    return text
-
-
-_DRIVERS = {"postgresql": ("psycopg", "psycopg2", "pg8000", "asyncpg"), "mysql": ("pymysql", "MySQLdb", "mysql.connector")}
-_DRIVER_NAMES = {"MySQLdb": "mysqldb", "mysql.connector": "mysqlconnector"}
-
-
-def storage_url(url: str) -> str:
-    """Validate ``url`` and pin an installed DB driver when none is named (SQLAlchemy's default
-    driver for ``postgresql://`` is psycopg 3 from SQLAlchemy 2.1 on, psycopg2 before)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-    red = redact(url)
-    if not url or "://" not in url:
-        raise StorageError(f"invalid storage URL {red!r}: a worker needs a database URL shared by all workers, such as "
-                           "postgresql://USER:PASSWORD@HOST:5432/DATABASE (or sqlite:///FILE on one machine).")
-    try:
-        u = make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        raise StorageError(f"invalid storage URL {red}: {_scrub(exc, url)}. Use postgresql://USER:PASSWORD@HOST:5432/DATABASE "
-                           "(special characters in the password percent-encoded).") from None
-    backend, _, driver = u.drivername.partition("+")
-    if backend == "postgres":
-        raise StorageError(f"invalid storage URL {red}: the scheme is postgresql://, not postgres://.")
-    if backend not in ("postgresql", "mysql", "sqlite", "mariadb", "oracle", "mssql"):
-        raise StorageError(f"invalid storage URL {red}: unknown database {backend!r}. Use postgresql://USER:PASSWORD@HOST:5432/DATABASE.")
-    if backend in _DRIVERS and not driver:
-        try:
-            default = u.get_dialect().driver
-        except Exception:  # noqa: BLE001
-            default = None
-        mods = [m for m in _DRIVERS[backend] if _DRIVER_NAMES.get(m, m) == default] + list(_DRIVERS[backend])
-        found = next((m for m in mods if _usable_driver(backend, m)), None)
-        if found is None:
-            extra = "postgres" if backend == "postgresql" else backend
-            raise StorageError(f"cannot open the storage {red}: no {backend} driver is installed. Install one with "
-                               f"pip install 'stagevar[{extra}]' (psycopg) or pip install psycopg2-binary.")
-        u = u.set(drivername=f"{backend}+{_DRIVER_NAMES.get(found, found)}")
-        return u.render_as_string(hide_password=False)
-    return url
-
-
-def _usable_driver(backend: str, module: str) -> bool:
-    """The DB-API module is installed and this SQLAlchemy has a dialect for it."""
-    try:
-        if importlib.util.find_spec(module.split(".")[0]) is None:
-            return False
-        from sqlalchemy.dialects import registry
-        registry.load(f"{backend}.{_DRIVER_NAMES.get(module, module)}")
-        return True
-    except Exception:  # noqa: BLE001 - any failure: not usable
-        return False
-
-
-def _retry_callback(max_retry: int):
-    import optuna
-    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cls(max_retry=max_retry)
-
-
-def retried_trial_number(trial) -> int | None:
-    """The trial a retry re-runs (None for an original trial)."""
-    return trial.system_attrs.get("failed_trial")
-
-
-def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None, max_retry: int = 2,
-                 connect_timeout: int = 10):
-    """An :class:`optuna.storages.RDBStorage` for ``url`` (with heartbeat and retry of lost trials
-    when ``heartbeat_interval`` is given), or :class:`StorageError` with one clear paragraph."""
-    import optuna
-    import sqlalchemy.exc
-    red = redact(url)
-    real = storage_url(url)
-    engine_kwargs: dict[str, Any] = {}
-    if real.startswith(("postgresql", "mysql", "mariadb")):
-        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": int(connect_timeout)}}
-    kw: dict[str, Any] = {}
-    if heartbeat_interval:
-        params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
-        cb_name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-        kw = {"heartbeat_interval": int(heartbeat_interval), "grace_period": int(grace_period or 2 * heartbeat_interval),
-              cb_name: _retry_callback(max_retry)}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")                 # experimental / deprecation notices of the heartbeat API
-            return optuna.storages.RDBStorage(real, engine_kwargs=engine_kwargs, **kw)
-    except sqlalchemy.exc.OperationalError as exc:
-        reason = _scrub(getattr(exc, "orig", None) or exc, url)
-        low = reason.lower()
-        if "password" in low or "authentication" in low or "access denied" in low:
-            hint = "Check the user name and password in the URL."
-        elif "does not exist" in low or "unknown database" in low:
-            hint = "Check the database name; create it first (createdb NAME)."
-        elif "unable to open database file" in low:
-            hint = "Check that the directory of the SQLite file exists and is writable."
-        else:
-            hint = "Check that the server is running and reachable from this machine (host, port, firewall)."
-        raise StorageError(f"cannot connect to the Optuna storage {red}: {reason}. {hint}") from None
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, RuntimeError, ValueError) as exc:
-        raise StorageError(f"cannot open the Optuna storage {red}: {_scrub(exc, url)}. Check the URL "
-                           "(postgresql://USER:PASSWORD@HOST:5432/DATABASE) and that the database is an Optuna "
-                           "storage of a compatible version (optuna storage upgrade).") from None
-
-
-def _storage_guard(url: str):
-    """Context: turn database errors in the middle of a run into one StorageError paragraph."""
-    import contextlib
-
-    import sqlalchemy.exc
-
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except sqlalchemy.exc.SQLAlchemyError as exc:
-            raise StorageError(f"lost the Optuna storage {redact(url)}: {_scrub(getattr(exc, 'orig', None) or exc, url)}. "
-                               "The trial in flight is retried by another worker after the grace period; restart this "
-                               "worker to rejoin.") from None
-    return guard()
 
 
 # ============================================================================== record and study
@@ -552,7 +365,7 @@ def _run_worker(args, budget, storage) -> int:
     budget_s = budget.target_seconds(lat_model.baseline(tokens))
     name = _study_name(args, model, rec, budget)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    with _storage_guard(args.storage):
+    with storage_guard(args.storage):
         study = join_study(name, storage, rec, budget, budget_s, args.trials, _sampler_seed(args.seed, args.worker_index),
                            fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
                            allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s))
@@ -573,7 +386,7 @@ def _run_worker(args, budget, storage) -> int:
     t0 = time.time()
     previous = _sigterm_as_interrupt()
     try:
-        with _storage_guard(args.storage):
+        with storage_guard(args.storage):
             ran = run_trials(study, objective, args.trials, poll_s=max(0.5, min(float(args.heartbeat), 5.0)), on_trial=on_trial)
             c = study_counts(study)
     except KeyboardInterrupt:
@@ -634,7 +447,7 @@ def _requeue_interrupted(study, number: int | None) -> None:
             get = getattr(storage, "get_heartbeat_stale_trial_callback", None) or getattr(storage, "get_failed_trial_callback", None)
             if get is not None:
                 cb = get()
-            (cb or _retry_callback(2))(study, t)
+            (cb or retry_callback(2))(study, t)
     except Exception:  # noqa: BLE001 - best effort on the way out
         log.debug("could not re-queue trial %s", number, exc_info=True)
 
@@ -706,270 +519,6 @@ def _run_local_workers(args, budget) -> int:
     if name is not None:
         _print_next(args, budget, name)
     return worst
-
-
-# ============================================================================== sharded records
-def shard_range(num_prompts: int, batch_size: int, shard_index: int, num_shards: int) -> tuple[int, int]:
-    """Prompt indices [start, stop) of a shard: contiguous whole batches.
-
-    >>> [shard_range(5, 2, i, 2) for i in range(2)]
-    [(0, 2), (2, 5)]
-    """
-    chunks = math.ceil(num_prompts / batch_size)
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise StageVarError(f"shard {shard_index} of {num_shards}: the index must be in 0..{num_shards - 1}.")
-    if num_shards > chunks:
-        raise StageVarError(f"{num_shards} shards for {num_prompts} prompts in batches of {batch_size} ({chunks} batch(es)): "
-                            "a shard is at least one whole batch; use fewer shards.")
-    a, b = shard_index * chunks // num_shards, (shard_index + 1) * chunks // num_shards
-    return a * batch_size, min(b * batch_size, num_prompts)
-
-
-def shard_dir(out: str | Path, key: str, shard_index: int, num_shards: int) -> Path:
-    return Path(out) / f"calibration-{key}.shard{shard_index}of{num_shards}"
-
-
-def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool):
-    """:func:`calibrate.measure.convergence.measure_convergence` keeping per-image values."""
-    from calibrate.measure.convergence import collect_partials, convergence_values
-    from calibrate.measure.spectra import ENERGIES, effective_rank
-
-    partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
-    if not keep_spectra:
-        return None, out
-    vals = convergence_values(partial, out.images, subject.item_prompts, scorer)
-    items: dict[str, Any] = {"semantic_measure": "coarse_agreement", "spectra": [], "reference_seconds": out.seconds}
-    for name, v in vals.items():
-        items[name] = v.tolist() if isinstance(v, np.ndarray) else [a.tolist() for a in v]
-    for (k, layer), parts in sorted(feats.items()):
-        x = np.concatenate(parts)
-        P, M, C = x.shape
-        spectra, ranks = [], {str(e): [] for e in ENERGIES}
-        for mat in x:                                         # as calibrate.measure.spectra.spectra_rows
-            s = np.linalg.svd(mat.astype(np.float64) - mat.mean(0, keepdims=True), compute_uv=False)
-            spectra.append((s ** 2 / max((s ** 2).sum(), 1e-30))[:64].tolist())
-            for e in ENERGIES:
-                ranks[str(e)].append(effective_rank(s, e))
-        items["spectra"].append({"scale": k, "layer": layer, "tokens": M, "full_rank": min(M, C), "spectrum": spectra,
-                                 "ranks": ranks})
-    return items, out
-
-
-def _variant_items(subject, ref, scale, variant, scorer, ref_sem) -> dict[str, Any]:
-    """:func:`calibrate.measure.sensitivity.measure_variant` keeping the per-image values."""
-    from calibrate.measure.sensitivity import per_image, variant_header, variant_point
-
-    out = subject.run(variant_point(subject, scale, variant))
-    item: dict[str, Any] = variant_header(scale, variant)
-    item.update({k: v.tolist() for k, v in per_image(out, ref, subject.item_prompts, scorer, ref_sem).items()})
-    return item
-
-
-def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: int, num_shards: int, *, out: str | Path,
-                  batch_size: int = 8, guidance: float | Sequence[float] | None = None, settings=None, progress: bool = True,
-                  engine: str | None = None) -> Path:
-    """Measure one shard of the calibration pass (resumable); returns its directory, holding a
-    self-contained ``shard.json`` to give to :func:`merge_records`.
-
-    ``prompts`` is the *whole* calibration prompt list (every shard gets the same); the shard
-    measures prompts ``shard_range(len(prompts), batch_size, shard_index, num_shards)`` with all
-    seeds. Shard 0 also times the latency grid and the latency-model check on the whole set.
-    """
-    import torch
-    from calibrate.calibration import (MeasureSettings, _progress, default_spectra_layers, measure_latency,
-                                       measure_sensitivity, record_inputs, sensitivity_units)
-    from calibrate.measure.common import Subject
-    from calibrate.measure.latency import device_info
-    from calibrate.metrics import scorer_for
-    from calibrate.record import UnitStore, content_key
-    from stagevar.policy import atomic_write_text
-
-    settings = settings or MeasureSettings()
-    inputs = record_inputs(adapter, prompts, seeds, batch_size,
-                           adapter.default_guidance if guidance is None else guidance, settings, engine)
-    guidance = inputs["guidance"]
-    key = content_key(inputs)
-    start, stop = shard_range(len(prompts), batch_size, shard_index, num_shards)
-    directory = shard_dir(out, key, shard_index, num_shards)
-    if (directory / "shard.json").is_file():
-        log.info("calibration shard %s found: reusing it", directory)
-        return directory
-    store = UnitStore(directory)
-    torch.manual_seed(0)
-    random.seed(0)
-    subject = Subject(adapter, prompts[start:stop], seeds, batch_size, guidance, engine=inputs["engine"])
-    scorer = scorer_for(adapter.name)
-    n = subject.num_scales
-    spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else default_spectra_layers(adapter)
-    lat_total = settings.latency_repeats + 1 if shard_index == 0 else 0
-    bar = _progress(1 + len(sensitivity_units(settings, n)) + lat_total, f"calibrating {adapter.name} shard {shard_index}",
-                    progress)
-
-    def unit_done(name, new):
-        bar.update(1)
-
-    try:
-        conv = store.get("convergence")
-        items, ref = _convergence_items(subject, scorer, spectra_layers, keep_spectra=conv is None)
-        if conv is None:
-            conv = store.put("convergence", items)
-        bar.update(1)
-        ref_sem = scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None
-        sens = measure_sensitivity(store, subject, settings, unit_done,
-                                   lambda k, v: _variant_items(subject, ref, k, v, scorer, ref_sem))
-        shard: dict[str, Any] = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "key": key, "inputs": inputs,
-                                 "shard_index": shard_index, "num_shards": num_shards, "prompt_range": [start, stop],
-                                 "device_info": device_info(adapter), "convergence": conv, "sensitivity": sens}
-        if shard_index == 0:                  # latency: the whole calibration set, on this machine, as measure() does
-            full = Subject(adapter, prompts, seeds, batch_size, guidance, engine=inputs["engine"])
-            shard["latency"], shard["latency_check"] = measure_latency(store, full, settings, unit_done)
-        atomic_write_text(directory / "shard.json", json.dumps(shard, default=_np_default))
-    finally:
-        bar.close()
-    return directory
-
-
-def _np_default(o):
-    from calibrate.record import _np_default as d
-    return d(o)
-
-
-def load_shard(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    f = p / "shard.json" if p.is_dir() else p
-    if not f.is_file():
-        raise StageVarError(f"{f}: no finished calibration shard here (measure_shard writes shard.json when the shard is done).")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StageVarError(f"{f}: not a valid calibration shard ({exc}).") from None
-    if d.get("format") != SHARD_FORMAT or d.get("version") != SHARD_VERSION:
-        raise StageVarError(f"{f}: not a calibration shard of version {SHARD_VERSION} (format {d.get('format')!r}, "
-                            f"version {d.get('version')!r}).")
-    d["_path"] = str(f)
-    return d
-
-
-_DEVICE_FIELDS = ("device", "device_type")
-
-
-def merge_records(shards, out: str | Path | None = None):
-    """Merge finished shards (directories or ``shard.json`` files, any order) into the calibration
-    record a single process would have measured; saved in ``record_dir(out, key)`` when ``out`` is
-    given. Latency, the latency check and the device fields come from shard 0."""
-    from calibrate.calibration import record_dir
-    from calibrate.measure.convergence import summarize_curves
-    from calibrate.measure.sensitivity import PER_IMAGE, summarize as summarize_sensitivity
-    from calibrate.measure.stages import detect_stages
-    from calibrate.measure.spectra import ENERGIES
-    from calibrate.record import CalibrationRecord, content_key
-
-    parts = sorted((load_shard(s) for s in shards), key=lambda d: d["shard_index"])
-    if not parts:
-        raise StageVarError("no shards to merge.")
-    n_sh = parts[0]["num_shards"]
-    idx = [d["shard_index"] for d in parts]
-    if any(d["num_shards"] != n_sh for d in parts) or idx != list(range(n_sh)):
-        raise StageVarError(f"shards {', '.join(d['_path'] for d in parts)} do not form one complete set: indices {idx} "
-                            f"of {[d['num_shards'] for d in parts]} (need every index 0..N-1 exactly once).")
-    base = parts[0]
-    strip = lambda inp: {k: v for k, v in inp.items() if k not in _DEVICE_FIELDS}  # noqa: E731
-    for d in parts[1:]:
-        if strip(d["inputs"]) != strip(base["inputs"]):
-            diff = sorted(k for k in set(d["inputs"]) | set(base["inputs"])
-                          if k not in _DEVICE_FIELDS and d["inputs"].get(k) != base["inputs"].get(k))
-            raise StageVarError(f"shard {d['_path']} was measured with other inputs than shard 0 ({', '.join(diff)} differ): "
-                                "every shard needs the same model, prompts, seeds, batch size, guidance, dtype and settings.")
-        if d["inputs"]["device_type"] != base["inputs"]["device_type"]:
-            log.warning("shard %s ran on %s, shard 0 on %s: quality numbers may differ slightly by hardware",
-                        d["shard_index"], d["inputs"]["device_type"], base["inputs"]["device_type"])
-    inputs = base["inputs"]
-    key = content_key(inputs)
-    if "latency" not in base:
-        raise StageVarError(f"shard 0 ({base['_path']}) holds no latency table.")
-    n_seeds = len(inputs["seeds"])
-
-    def merged(get) -> np.ndarray | list:
-        """Concatenate per-image lists of every shard in the single-process order (seed-major)."""
-        out_vals = []
-        for si in range(n_seeds):
-            for d in parts:
-                a, b = d["prompt_range"]
-                vals = get(d)
-                out_vals += vals[si * (b - a):(si + 1) * (b - a)]
-        return out_vals
-
-    # convergence: the single-process reduction over the concatenated per-image values
-    c0 = base["convergence"]
-    n = len(c0["ssim"])
-    values = {name: [merged(lambda d, k=k: d["convergence"][name][k]) for k in range(n)]
-              for name in ("ssim", "semantic", "evaluator") if name in c0}
-    if "final_semantic" in c0:
-        values["final_semantic"] = merged(lambda d: d["convergence"]["final_semantic"])
-    curves = summarize_curves(values)
-    # spectra
-    spectra_rows, arrays = [], {}
-    for j, srow in enumerate(c0["spectra"]):
-        k, layer = srow["scale"], srow["layer"]
-        spec = np.mean(np.asarray(merged(lambda d: d["convergence"]["spectra"][j]["spectrum"]), dtype=np.float64), axis=0)
-        arrays[f"scale{k:02d}_layer{layer:02d}"] = spec[:64].astype(np.float32)
-        full = srow["full_rank"]
-        row = {"scale": k, "layer": layer, "tokens": srow["tokens"], "full_rank": full}
-        for e in ENERGIES:
-            r = float(np.mean(merged(lambda d: d["convergence"]["spectra"][j]["ranks"][str(e)])))
-            row[f"eff_rank_{int(e * 100)}"] = r
-            row[f"eff_rank_frac_{int(e * 100)}"] = r / full if full else 0.0
-        spectra_rows.append(row)
-    # sensitivity: the single-process reduction over the concatenated per-image values
-    sens = []
-    for j, r0 in enumerate(base["sensitivity"]):
-        row = {k: r0[k] for k in ("scale", "variant", "guidance", "keep", "selection")}
-        row.update(summarize_sensitivity({name: merged(lambda d: d["sensitivity"][j][name]) if name in r0 else None
-                                          for name in PER_IMAGE}))
-        sens.append(row)
-    stages = detect_stages(curves, n)
-    stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}
-    record = CalibrationRecord(key=key, inputs=inputs, convergence=curves, sensitivity=sens, spectra=spectra_rows,
-                               latency=base["latency"], latency_check=base["latency_check"], stages=stages,
-                               spectra_arrays=arrays)
-    if out is not None:
-        record.save(record_dir(out, key))
-    return record
-
-
-# ============================================================================== journal repair
-def repair_journal(path: str | Path) -> bool:
-    """Make an Optuna journal file safe to append to after a crash: drop a torn last line (a
-    write cut short), which Optuna skips on read but which would swallow the next appended entry
-    and make the whole journal unreadable. Returns True when something was removed. Call it
-    before opening the journal of a run that may have been killed (single writer)."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    size = p.stat().st_size
-    if size == 0:
-        return False
-    with open(p, "rb+") as f:
-        f.seek(max(0, size - 1))
-        if f.read(1) == b"\n":
-            return False
-        # find the end of the last complete line
-        pos, chunk = size, 1 << 16
-        keep = 0
-        while pos > 0:
-            step = min(chunk, pos)
-            pos -= step
-            f.seek(pos)
-            buf = f.read(step)
-            i = buf.rfind(b"\n")
-            if i >= 0:
-                keep = pos + i + 1
-                break
-        f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    log.warning("journal %s: removed a torn last entry (%d bytes) left by an interrupted write", p, size - keep)
-    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -197,14 +197,14 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
 def test_torn_journal_line_is_repaired(tmp_path):
     """A write cut short (SIGKILL in the middle of a large append, a full disk, a power loss) leaves
     a torn last line. Optuna skips it when reading, but the next append is glued onto it and the
-    resumed run crashes; :func:`calibrate.worker.repair_journal` truncates it first."""
+    resumed run crashes; :func:`calibrate.storage.repair_journal` truncates it first."""
     import warnings
 
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from calibrate.worker import repair_journal
+    from calibrate.storage import repair_journal
 
     path = tmp_path / "study.journal"
     storage = lambda: JournalStorage(JournalFileBackend(str(path)))  # noqa: E731

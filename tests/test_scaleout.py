@@ -71,7 +71,7 @@ def tiny_record(tiny, tmp_path_factory):
 
 def _study(url: str, name: str):
     import optuna
-    from calibrate.worker import storage_url
+    from calibrate.storage import storage_url
     return optuna.load_study(study_name=name, storage=storage_url(url))
 
 
@@ -138,7 +138,8 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     import shutil
 
     from calibrate.calibration import record_dir
-    from calibrate.worker import retried_trial_number, study_counts
+    from calibrate.storage import retried_trial_number
+    from calibrate.worker import study_counts
     from optuna.trial import TrialState
     from stagevar.policy import load_policy
 
@@ -219,7 +220,7 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
 def test_sigterm_requeues_the_running_trial(postgres, tiny_record, tmp_path):  # noqa: F811
     """SIGTERM (a scheduler's polite kill) re-queues the running trial at once, exit 130."""
     from calibrate.calibration import record_dir
-    from calibrate.worker import retried_trial_number
+    from calibrate.storage import retried_trial_number
     from optuna.trial import TrialState
 
     out, rec = tiny_record
@@ -249,7 +250,8 @@ def test_join_refuses_another_record_or_budget(tiny_record, tmp_path):
     import dataclasses
 
     from calibrate.search import parse_budget
-    from calibrate.worker import join_study, open_storage
+    from calibrate.storage import open_storage
+    from calibrate.worker import join_study
     from stagevar.errors import StageVarError
 
     rec = tiny_record[1]
@@ -277,7 +279,8 @@ def test_a_live_trial_taken_for_lost_does_not_stop_the_worker(tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from calibrate.worker import _TaggedObjective, _retry_callback, open_storage, retried_trial_number, run_trials
+    from calibrate.storage import open_storage, retried_trial_number, retry_callback
+    from calibrate.worker import _TaggedObjective, run_trials
 
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=3)
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -288,7 +291,7 @@ def test_a_live_trial_taken_for_lost_does_not_stop_the_worker(tmp_path):
         calls.append(trial.number)
         if len(calls) == 2:               # another worker decides this trial is lost, meanwhile
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            _retry_callback(2)(study, storage.get_trial(trial._trial_id))
+            retry_callback(2)(study, storage.get_trial(trial._trial_id))
         return x
 
     tagged = _TaggedObjective(objective, "me")
@@ -345,7 +348,7 @@ def test_sharded_record_merges_to_the_single_process_record(tmp_path, tiny, tiny
     comes from shard 0 (timings: only its shape is compared)."""
     from calibrate.calibration import record_dir
     from calibrate.record import CalibrationRecord
-    from calibrate.worker import measure_shard, merge_records
+    from calibrate.shards import measure_shard, merge_records
 
     single = tiny_record[1]
     prompts, seeds = single.inputs["prompts"], single.inputs["seeds"]
@@ -385,7 +388,7 @@ def _fake_shard(tmp_path, index, values, prompt_range, seeds=(0, 1), n=3):
     """A complete shard.json whose per-image values are ``values`` (seed-major within the shard)."""
     import json
 
-    from calibrate.worker import SHARD_FORMAT, SHARD_VERSION
+    from calibrate.shards import SHARD_FORMAT, SHARD_VERSION
     inputs = {"model": {"model": "fake", "scale_schedule": [[1, 1, 1]] * n}, "num_layers": 2, "prompts": ["a", "b"],
               "seeds": list(seeds), "batch_size": 1, "guidance": 3.0, "device": "x", "device_type": "cpu",
               "dtype": "float32", "settings": {}}
@@ -408,7 +411,7 @@ def test_merge_uses_the_single_process_order(tmp_path):
     """Means are taken over the images in the single-process order (seed-major, then prompt), so
     even float rounding matches: with values where summation order matters, the shard-major order
     would give 0.5 instead of 0.25."""
-    from calibrate.worker import merge_records
+    from calibrate.shards import merge_records
 
     big = 1e16
     # single process: seed 0 -> prompts a, b; seed 1 -> prompts a, b
@@ -426,7 +429,7 @@ def test_merge_uses_the_single_process_order(tmp_path):
 def test_merge_refuses_incomplete_or_mismatched_shards(tmp_path):
     import json
 
-    from calibrate.worker import SHARD_FORMAT, SHARD_VERSION, merge_records, shard_range
+    from calibrate.shards import SHARD_FORMAT, SHARD_VERSION, merge_records, shard_range
     from stagevar.errors import StageVarError
 
     def fake(i, n, **inputs):
@@ -454,7 +457,7 @@ def test_shard_records_per_scale_guidance_as_measure_does(tmp_path, tiny, one_th
     (a list), so the merged record's key matches the single-process one."""
     from calibrate.calibration import record_inputs
     from calibrate.record import content_key
-    from calibrate.worker import measure_shard
+    from calibrate.shards import measure_shard
     n = len(tiny.scale_schedule)
     guidance = [1.0, 1.0] + [3.0] * (n - 2)
     prompts = ["a red circle", "two blue squares"]

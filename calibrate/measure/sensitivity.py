@@ -31,8 +31,8 @@ PER_IMAGE = ("ssim", "agree", "hf", "sem_acc", "ref_sem")
 def standard_error(values: Sequence[float] | np.ndarray) -> float | None:
     """Standard error of the mean (sample standard deviation / sqrt(n)); None below 2 values.
 
-    >>> standard_error([0.0, 1.0, 0.0, 1.0])
-    0.2886751345948129
+    >>> round(standard_error([0.0, 1.0, 0.0, 1.0]), 4)
+    0.2887
     >>> standard_error([1.0]) is None
     True
     """

@@ -1,6 +1,6 @@
 """Model registry: names -> builders, and where weights come from.
 
->>> from stagevar.models import list_models
+>>> from stagevar.models.registry import list_models
 >>> "infinity-tiny" in list_models()
 True
 
