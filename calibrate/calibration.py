@@ -130,7 +130,7 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
         # 1. reference + convergence + spectra (one identity pass; re-run on resume: it is the reference)
         curves_unit = store.get("convergence")
         curves, feats, ref = measure_convergence(subject, scorer, spectra_layers, keep_spectra=curves_unit is None)
-        ref_sem = scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None
+        ref_sem = scorer.reference_verdicts(ref.images, subject.item_prompts)
         conv_new = curves_unit is None
         if conv_new:
             rows, arrays = spectra_rows(feats)

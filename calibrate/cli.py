@@ -156,7 +156,7 @@ def cmd_calibrate(args) -> int:
     subject = Subject(model, prompts, seeds, args.batch_size, args.guidance, engine=rec.inputs["engine"])
     scorer = scorer_for(model.name)
     reference = subject.run(None)
-    ref_sem = scorer.score(reference.images, subject.item_prompts, reference.images) if scorer.name == "evaluator" else None
+    ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
     lat_model = LatencyModel(rec.latency, variant_grid(tuple(rec.inputs["settings"]["keeps"]), tuple(rec.inputs["settings"]["selections"])), model.num_layers)
     tokens = model.tokens_per_scale()
     baseline_pred = lat_model.baseline(tokens)

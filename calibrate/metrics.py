@@ -3,10 +3,11 @@
 * structural: SSIM (Wang et al. 2004; Gaussian window sigma 1.5, on luma) and the
   high-frequency energy ratio (energy of the image spectrum above half the Nyquist radius,
   accelerated / full: < 1 means lost detail, > 1 means added noise);
-* semantic: a pluggable :class:`SemanticScorer`. For the embedded model the analytic evaluator
-  says whether the image still satisfies its prompt; for any other model the weight-free fallback
-  compares the model's own final codes (agreement of the tokens / bits it sampled at the last
-  computed scale with the full model's), so no CLIP / DINO weights are needed.
+* semantic: a pluggable :class:`SemanticScorer`, the one the model's registry entry names
+  (:data:`SCORERS`). For the embedded model the analytic evaluator says whether the image still
+  satisfies its prompt; the other models use, for now, the weight-free agreement of the model's
+  own final codes (the tokens / bits it sampled at the last computed scale) with the full
+  model's.
 """
 from __future__ import annotations
 
@@ -65,9 +66,19 @@ def hf_ratio(acc: np.ndarray, full: np.ndarray) -> np.ndarray:
 
 
 class SemanticScorer:
-    """Interface: per-image semantic agreement in [0, 1] between accelerated and full outputs."""
+    """Interface: per-image semantic agreement in [0, 1] between accelerated and full outputs.
+
+    ``judges_prompt``: the scorer gives each image a verdict against its own prompt (``score``
+    ignores the reference images), so the full model's images have verdicts too
+    (:meth:`reference_verdicts`) and agreement means the same verdict. Otherwise ``score`` is
+    itself the agreement of each image with its reference."""
 
     name = "semantic"
+    judges_prompt = False
+
+    def reference_verdicts(self, images: np.ndarray, prompts: list[str]) -> np.ndarray | None:
+        """The verdicts on the full model's images (None for a scorer that does not judge prompts)."""
+        return self.score(images, prompts, images) if self.judges_prompt else None
 
     def score(self, images: np.ndarray, prompts: list[str], reference_images: np.ndarray,
               codes: list | None = None, reference_codes: list | None = None) -> np.ndarray:
@@ -78,6 +89,7 @@ class ToyEvaluatorScorer(SemanticScorer):
     """The embedded model's analytic evaluator: 1 if the image satisfies its prompt, else 0."""
 
     name = "evaluator"
+    judges_prompt = True
 
     def score(self, images, prompts, reference_images, codes=None, reference_codes=None):
         from stagevar.toy.evaluate import score as eval_score
@@ -90,7 +102,7 @@ class CodeAgreementScorer(SemanticScorer):
     """Weight-free fallback: fraction of the final computed scale's codes (tokens or bits) equal
     to the full model's. Codes are compared per image."""
 
-    name = "code_agreement"
+    name = "codes"
 
     def score(self, images, prompts, reference_images, codes=None, reference_codes=None):
         if codes is None or reference_codes is None:
@@ -102,6 +114,15 @@ class CodeAgreementScorer(SemanticScorer):
         return eq.mean(axis=1)
 
 
+#: scorers by the name a model's registry entry gives (``register_model(scorer=...)``)
+SCORERS = {"evaluator": ToyEvaluatorScorer, "codes": CodeAgreementScorer}
+
+
 def scorer_for(model_name: str) -> SemanticScorer:
-    """The evaluator for models generating the procedural scenes, else the code agreement."""
-    return ToyEvaluatorScorer() if model_name in ("infinity-mini",) else CodeAgreementScorer()
+    """The scorer the model's registry entry names (the evaluator for models of the procedural
+    scenes, the code agreement where no better one is known)."""
+    from stagevar.models.registry import model_entry
+    name = model_entry(model_name).scorer
+    if name not in SCORERS:
+        raise ValueError(f"model {model_name!r} names the scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}")
+    return SCORERS[name]()

@@ -138,7 +138,7 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
         if conv is None:
             conv = store.put("convergence", items)
         bar.update(1)
-        ref_sem = scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None
+        ref_sem = scorer.reference_verdicts(ref.images, subject.item_prompts)
         sens = measure_sensitivity(store, subject, settings, unit_done,
                                    lambda k, v: _variant_items(subject, ref, k, v, scorer, ref_sem))
         shard: dict[str, Any] = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "key": key, "inputs": inputs,

@@ -31,7 +31,7 @@ def _reference(subject: Subject, scorer, cache: dict, key: str):
     """The full model's output on ``subject`` and the evaluator's verdicts on it (cached)."""
     if key not in cache:
         ref = subject.run(None)
-        cache[key] = (ref, scorer.score(ref.images, subject.item_prompts, ref.images) if scorer.name == "evaluator" else None)
+        cache[key] = (ref, scorer.reference_verdicts(ref.images, subject.item_prompts))
     return cache[key]
 
 

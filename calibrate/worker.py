@@ -372,7 +372,7 @@ def _run_worker(args, budget, storage) -> int:
     subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
     scorer = scorer_for(model.name)
     reference = subject.run(None)
-    ref_sem = scorer.score(reference.images, subject.item_prompts, reference.images) if scorer.name == "evaluator" else None
+    ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
     objective = _TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem), worker_id)
     log.info("worker %s joined study %s (record %s, budget %s = %.3fs predicted)", worker_id, name, rec.key, budget.name, budget_s)
 

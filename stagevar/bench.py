@@ -781,7 +781,8 @@ def cmd_bench(args) -> int:
     mem_method = next(iter(mem.values()))["peak_mem_method"] if mem else "not measured (--no-memory)"
 
     quality = None
-    use_eval = fp.model == "infinity-mini"
+    from stagevar.models.registry import model_entry
+    use_eval = model_entry(fp.model).scorer == "evaluator"      # the entry names the model's scorer
     if not args.no_quality:                 # every engine gives the same images: measured on the first
         first_engine = [m for m in methods if m.engine == engines[0]]
         by_base = measure_quality(adapter, first_engine, runtimes, items, args.seeds, args.quality_batch_size, use_eval)

@@ -1260,3 +1260,20 @@ def test_bundled_draws_calibration_selection_and_report_sets_apart():
     assert text != bundled("infinity-2b", "calibration", 4) and len(text) == 4
     with pytest.raises(ValueError, match="unknown split"):
         bundled("infinity-mini", "nope", 4)
+
+
+def test_the_scorer_is_the_one_the_model_entry_names(monkeypatch):
+    """Calibration asks the registry which scorer a model's images are compared with; no caller
+    branches on a scorer's name, only on what it does (``judges_prompt``)."""
+    import calibrate.metrics as metrics
+    from stagevar.models import catalog
+    from stagevar.models.registry import model_entry
+    mini, tiny = scorer_for("infinity-mini"), scorer_for("infinity-tiny")
+    assert model_entry("infinity-mini").scorer == "evaluator" and mini.judges_prompt
+    assert model_entry("infinity-tiny").scorer == "codes" and not tiny.judges_prompt
+    imgs = np.zeros((2, 3, 16, 16), dtype=np.float32)
+    assert tiny.reference_verdicts(imgs, ["a red circle"] * 2) is None
+    assert mini.reference_verdicts(imgs, ["a red circle"] * 2).tolist() == [0.0, 0.0]     # a blank image fails
+    monkeypatch.setitem(catalog._REGISTRY, "infinity-tiny", dataclasses.replace(model_entry("infinity-tiny"), scorer="clip"))
+    with pytest.raises(ValueError, match="scorer 'clip'.*codes, evaluator"):
+        metrics.scorer_for("infinity-tiny")

@@ -47,7 +47,7 @@ def convergence_values(partial, final: np.ndarray, prompts: list[str], scorer: S
     the embedded model's evaluator also ``evaluator`` (pass = 1.0, per scale) and
     ``final_semantic`` (the final images)."""
     vals: dict = {"ssim": [], "semantic": []}
-    evaluator = scorer.name == "evaluator"
+    evaluator = scorer.judges_prompt
     if evaluator:
         vals["final_semantic"] = np.asarray(scorer.score(final, prompts, final), dtype=np.float64)
         vals["evaluator"] = []

@@ -50,7 +50,7 @@ def per_image(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: Semant
     verdict on each image)."""
     vals = {"ssim": np.asarray(ssim(out.images, ref.images), dtype=np.float64),
             "hf": np.asarray(hf_ratio(out.images, ref.images), dtype=np.float64)}
-    if scorer.name == "evaluator":
+    if scorer.judges_prompt:
         ref_sem = ref_semantic if ref_semantic is not None else scorer.score(ref.images, prompts, ref.images)
         sem_acc = scorer.score(out.images, prompts, ref.images)
         vals["sem_acc"] = np.asarray(sem_acc, dtype=np.float64)

@@ -19,6 +19,7 @@ class ModelEntry:
     family: str
     needs_weights: bool
     narrowable: bool = False
+    scorer: str = "codes"
 
 
 class UnknownModelError(StageVarError):
@@ -29,14 +30,17 @@ class WeightsError(StageVarError):
     pass
 
 
-def register_model(name: str, *, description: str, family: str, needs_weights: bool = True, narrowable: bool = False):
+def register_model(name: str, *, description: str, family: str, needs_weights: bool = True, narrowable: bool = False,
+                   scorer: str = "codes"):
     """Decorator registering a builder under ``name``. Raises on duplicates. ``narrowable``: the
-    builder takes ``narrow=WIDTH`` (the same structure at a reduced width, random weights)."""
+    builder takes ``narrow=WIDTH`` (the same structure at a reduced width, random weights).
+    ``scorer``: the semantic scorer calibration compares its images with (``calibrate.metrics.SCORERS``:
+    ``evaluator`` for models of the procedural scenes, ``codes`` where no better one is known)."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered (by {_REGISTRY[name].builder.__module__})")
-        _REGISTRY[name] = ModelEntry(name, fn, description, family, needs_weights, narrowable)
+        _REGISTRY[name] = ModelEntry(name, fn, description, family, needs_weights, narrowable, scorer)
         return fn
 
     return deco

@@ -221,7 +221,7 @@ def random_mini(device="cpu", dtype=torch.float32, seed: int = 0) -> InfinityAda
 def _register() -> None:
     from stagevar.models.catalog import register_model
 
-    @register_model(MODEL_NAME, family="infinity", needs_weights=False,
+    @register_model(MODEL_NAME, family="infinity", needs_weights=False, scorer="evaluator",
                     description="Infinity trained here on the toy scenes (depth 8, width 256, 10 scales to 16x16, "
                                 "128px, BSQ VAE d=16); weights shipped in stagevar/toy/weights")
     def infinity_mini(weights=None, device="cpu", dtype=torch.float32, random_weights=False, **_):
