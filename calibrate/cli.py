@@ -115,10 +115,10 @@ def cmd_calibrate(args) -> int:
     from calibrate.measure.latency import LatencyModel
     from calibrate.metrics import scorer_for
     from calibrate.prompts import bundled, read_prompt_file
-    from calibrate.report import write_report
+    from calibrate.report import plus_minus, write_report
     from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, local_search,
                                   measured_trials, open_study, params_for_point, pareto_front, parse_budgets,
-                                  point_from_params, skipping_allowed, summarize_trial, verification_candidates)
+                                  point_from_params, summarize_trial, verification_candidates)
     from calibrate.verify import REPORT_SEED_OFFSET, verify_candidates
     from calibrate.storage import open_storage, redact
     from calibrate.worker import STUDY_ATTR
@@ -187,10 +187,11 @@ def cmd_calibrate(args) -> int:
                                              "budget_s": budget_s, "model": model.name, "trials": args.trials})
         if not args.storage:
             _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
+        objective = objective_for[name] = Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem)
         left_out = enqueue_seeds(study, rec, warm_points,
                                  fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - args.latency_margin),
                                                            warm_params), limit=args.trials,
-                                 allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s))
+                                 allow_skip=objective.allow_skip)
         if left_out:
             log.warning("--warm-start: operating point(s) %s of %s lie outside this search space and were left out",
                         ", ".join(left_out), args.warm_start)
@@ -198,7 +199,6 @@ def cmd_calibrate(args) -> int:
         done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                     and not is_local(t)])
         remaining = max(0, args.trials - done)
-        objective = objective_for[name] = Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem)
         if remaining:
             log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
             study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
@@ -267,8 +267,8 @@ def cmd_calibrate(args) -> int:
         print(f"report: {report}")
         for k, v in summary["operating_points"].items():
             print(f"  {k}: {'met' if v['feasible'] else 'NOT met'}; verified speedup {v['speedup']:.2f}x, quality {v['quality']:.3f}"
-                  + _pm(v.get("quality_se"))
-                  + (f", evaluator {v['score_full']:.3f} -> {v['score']:.3f} (drop {v['score_drop']:.3f}{_pm(v.get('score_drop_se'))})"
+                  + plus_minus(v.get("quality_se"))
+                  + (f", evaluator {v['score_full']:.3f} -> {v['score']:.3f} (drop {v['score_drop']:.3f}{plus_minus(v.get('score_drop_se'))})"
                      if v.get("score") is not None else ""))
         if args.frontier:
             print("frontier (quality, predicted latency):")
@@ -279,11 +279,6 @@ def cmd_calibrate(args) -> int:
         print(f"budget not met ({msg}). The best-effort operating point is written and marked feasible: false.", file=sys.stderr)
         return 3
     return 0
-
-
-def _pm(se) -> str:
-    """`` ± se`` (a standard error), or nothing when it is unknown."""
-    return "" if se is None else f" ± {se:.3f}"
 
 
 def keep_replaced_policy(path: Path, out_dir: Path) -> Path | None:

@@ -37,6 +37,20 @@ def content_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def read_json(path: str | os.PathLike, name: str, error: type[Exception], missing: str, invalid: str) -> tuple[Path, Any]:
+    """``(file, parsed JSON)`` of ``path`` (a file, or a directory holding ``name``); a missing
+    file raises ``error`` with ``missing``, unreadable JSON with ``invalid`` (``{exc}``: the
+    parser's message), each after the file's path."""
+    p = Path(path)
+    f = p / name if p.is_dir() else p
+    if not f.is_file():
+        raise error(f"{f}: {missing}")
+    try:
+        return f, json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{f}: " + invalid.format(exc=exc)) from None
+
+
 @dataclasses.dataclass
 class CalibrationRecord:
     key: str
@@ -74,14 +88,8 @@ class CalibrationRecord:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationRecord":
-        path = Path(path)
-        f = path / "record.json" if path.is_dir() else path
-        if not f.is_file():
-            raise RecordError(f"{f}: no calibration record here. Run `stagevar-calibrate measure` first.")
-        try:
-            d = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RecordError(f"{f}: not a valid calibration record ({exc}). Delete it and measure again.") from None
+        f, d = read_json(path, "record.json", RecordError, "no calibration record here. Run `stagevar-calibrate measure` first.",
+                         "not a valid calibration record ({exc}). Delete it and measure again.")
         if not isinstance(d, dict):
             raise RecordError(f"{f}: not a calibration record (top level is {type(d).__name__}). Delete it and measure again.")
         v = d.get("version")

@@ -139,16 +139,18 @@ def plot_front(trials: list[dict[str, Any]], chosen: dict[str, Any], out: Path) 
     return _save(fig, out / "front.png")
 
 
-def _pm(se) -> str:
+def plus_minus(se) -> str:
+    """`` ± se`` (a standard error), or nothing when it is unknown."""
     return "" if se is None else f" ± {se:.3f}"
+
 
 
 def _selection_line(m: dict[str, Any]) -> list[str]:
     """Where the numbers above come from, and the selection set's numbers when they differ."""
     if "selection_quality" not in m:
         return [f"Numbers from: {m['quality_from']}.", ""] if m.get("quality_from") else []
-    sel = (f"On the selection set ({m.get('selection_images', '?')} images, {m.get('candidates', '?')} candidates) it scored "
-           f"quality {m['selection_quality']:.3f}{_pm(m.get('selection_quality_se'))}")
+    sel = (f"On the selection set ({m.get('selection_images', '?')} images, {m.get('candidates', '?')} candidate{'' if m.get('candidates') == 1 else 's'}) it scored "
+           f"quality {m['selection_quality']:.3f}{plus_minus(m.get('selection_quality_se'))}")
     if m.get("selection_score") is not None:
         sel += f", evaluator {m['selection_score_full']:.3f} -> {m['selection_score']:.3f}"
     return [f"The numbers above are measured on the report set ({m.get('verification_images', '?')} images the choice "
@@ -175,7 +177,7 @@ def sensitivity_table(record: CalibrationRecord) -> list[str]:
             if r is None:
                 cells.append("")
                 continue
-            text = f"{r['damage']:.3f}{_pm(r.get('damage_se'))}"
+            text = f"{r['damage']:.3f}{plus_minus(r.get('damage_se'))}"
             cells.append(text if "damage_se" not in r or resolved(r["damage"], r["damage_se"]) else f"({text})")
         out.append(f"| {k} | " + " | ".join(cells) + " |")
     return out + [""]
@@ -223,16 +225,16 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
             lines += [f"### {name}: {'feasible' if m.get('feasible') else 'NOT met'}", "",
                       f"Verified on held-out prompts: speedup {m.get('speedup', 0):.2f}x "
                       f"({m.get('baseline_latency_s', 0) * 1000:.0f} ms -> {m.get('latency_s', 0) * 1000:.0f} ms), "
-                      f"quality {m.get('quality', 0):.3f}{_pm(m.get('quality_se'))} (worst prompt {m.get('quality_worst', 0):.3f})"
+                      f"quality {m.get('quality', 0):.3f}{plus_minus(m.get('quality_se'))} (worst prompt {m.get('quality_worst', 0):.3f})"
                       + (f", evaluator score {m['score_full']:.3f} -> {m['score']:.3f} (paired drop {m['score_drop']:.3f}"
-                         f"{_pm(m.get('score_drop_se'))})" if m.get("score") is not None else "") + ".", "",
+                         f"{plus_minus(m.get('score_drop_se'))})" if m.get("score") is not None else "") + ".", "",
                       *_selection_line(m),
                       "| scale | plan | why (damage of this scale's variants at calibration) |", "|---|---|---|"]
             for p in pt["plans"]:
                 if len(p) == 1:
                     continue
                 ev = {r["variant"]: r for r in record.sensitivity if r["scale"] == p["scale"]}
-                why = ", ".join(f"{v} {r['damage']:.3f}{_pm(r.get('damage_se'))}"
+                why = ", ".join(f"{v} {r['damage']:.3f}{plus_minus(r.get('damage_se'))}"
                                 for v, r in sorted(ev.items(), key=lambda kv: kv[1]["damage"])[:4]) or "not measured"
                 plan = ", ".join(f"{k}={v}" for k, v in p.items() if k != "scale")
                 lines.append(f"| {p['scale']} | {plan} | {why} |")

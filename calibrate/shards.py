@@ -159,14 +159,10 @@ def _np_default(o):
 
 
 def load_shard(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    f = p / "shard.json" if p.is_dir() else p
-    if not f.is_file():
-        raise StageVarError(f"{f}: no finished calibration shard here (measure_shard writes shard.json when the shard is done).")
-    try:
-        d = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StageVarError(f"{f}: not a valid calibration shard ({exc}).") from None
+    from calibrate.record import read_json
+    f, d = read_json(path, "shard.json", StageVarError,
+                     "no finished calibration shard here (measure_shard writes shard.json when the shard is done).",
+                     "not a valid calibration shard ({exc}).")
     if d.get("format") != SHARD_FORMAT or d.get("version") != SHARD_VERSION:
         raise StageVarError(f"{f}: not a calibration shard of version {SHARD_VERSION} (format {d.get('format')!r}, "
                             f"version {d.get('version')!r}).")

@@ -81,8 +81,9 @@ def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache
         return chosen
     rref, rref_sem = _reference(report_subject, scorer, cache, "report_ref")
     m = compare(report_subject.run(point), rref, report_subject.item_prompts, scorer, rref_sem)
-    selection = {k: measured.pop(k) for k in list(measured) if k in quality_fields(m)}
-    measured.update(quality_fields(m))
+    report = quality_fields(m)
+    selection = {k: measured.pop(k) for k in list(measured) if k in report}
+    measured.update(report)
     measured.update({"selection_" + k: v for k, v in selection.items()})
     measured["selection_images"] = measured.pop("verification_images")
     measured["verification_images"] = len(report_subject.items)

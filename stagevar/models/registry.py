@@ -22,6 +22,7 @@ from stagevar.models.catalog import _REGISTRY, ModelEntry, UnknownModelError, We
 __all__ = ["ModelEntry", "UnknownModelError", "WeightsError", "register_model", "list_models", "model_entry",
            "load_model", "load_model_from_args", "add_model_arguments", "resolve_device", "weights_root"]
 
+
 def _ensure_builtin() -> None:
     # Importing the modules registers their models (kept lazy: importing stagevar stays cheap).
     from stagevar.models import infinity  # noqa: F401
