@@ -21,7 +21,7 @@ from calibrate.measure.latency import LatencyModel, device_info, summarize, vari
 from calibrate.measure.sensitivity import measure_variant
 from calibrate.measure.spectra import spectra_rows
 from calibrate.measure.stages import detect_stages
-from calibrate.metrics import scorer_for
+from calibrate.metrics import SemanticScorer, scorer_for
 from calibrate.record import CalibrationRecord, UnitStore, content_key
 from stagevar.engine import resolve_engine
 from stagevar.guidance import guidance_json
@@ -71,17 +71,25 @@ def weights_hash(adapter) -> str:
 
 
 def record_inputs(adapter, prompts, seeds, batch_size, guidance, settings: MeasureSettings,
-                  engine: str | None = None) -> dict[str, Any]:
+                  engine: str | None = None, scorer: SemanticScorer | None = None) -> dict[str, Any]:
     """Everything a calibration record depends on; its key is their hash, so other weights (the
     same architecture retrained) get a new record instead of reusing one measured on the old, and
-    another engine (its latency table differs) another record."""
+    another engine (its latency table differs) another record. Learned metrics (``scorer``)
+    are part of it (``metrics``); a record without them has no such field."""
     info = device_info(adapter)
     guidance = guidance_json(guidance)
-    return {"model": adapter.fingerprint().to_dict(), "weights": weights_hash(adapter),
+    metrics = {"metrics": metrics_input(scorer)} if scorer is not None and scorer.metrics else {}
+    return {**metrics, "model": adapter.fingerprint().to_dict(), "weights": weights_hash(adapter),
             "num_layers": adapter.num_layers, "prompts": list(prompts),
             "seeds": list(seeds), "batch_size": batch_size, "guidance": guidance,
             "device": info["device_name"], "device_type": adapter.device.type, "dtype": info["dtype"],
             "engine": resolve_engine(engine, adapter.device), "settings": settings.to_dict()}
+
+
+def metrics_input(scorer: SemanticScorer) -> dict[str, Any]:
+    """The learned metrics a record was measured with (names and where their weights came from)."""
+    d = scorer.describe()
+    return {"semantic": d["semantic"], "structure": d["structure"], "sources": d["sources"]}
 
 
 def record_dir(out: str | Path, key: str) -> Path:
@@ -90,12 +98,15 @@ def record_dir(out: str | Path, key: str) -> Path:
 
 def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, batch_size: int = 8,
             guidance: float | list[float] | None = None, settings: MeasureSettings = MeasureSettings(),
-            progress: bool = True, interrupt_after: int | None = None, engine: str | None = None) -> CalibrationRecord:
+            progress: bool = True, interrupt_after: int | None = None, engine: str | None = None,
+            scorer: SemanticScorer | None = None) -> CalibrationRecord:
     """Run (or resume, or reuse) the calibration pass; latencies are those of ``engine`` (None: the
-    device's default). ``interrupt_after`` stops after that many new units (tests use it to
+    device's default); images are compared with ``scorer`` (None: the model's own, without
+    learned metrics). ``interrupt_after`` stops after that many new units (tests use it to
     simulate an interruption)."""
+    scorer = scorer if scorer is not None else scorer_for(adapter.name)
     inputs = record_inputs(adapter, prompts, seeds, batch_size,
-                           adapter.default_guidance if guidance is None else guidance, settings, engine)
+                           adapter.default_guidance if guidance is None else guidance, settings, engine, scorer)
     guidance = inputs["guidance"]
     key = content_key(inputs)
     directory = record_dir(out, key)
@@ -109,7 +120,6 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
     torch.manual_seed(0)
     random.seed(0)
     subject = Subject(adapter, prompts, seeds, batch_size, guidance, engine=inputs["engine"])
-    scorer = scorer_for(adapter.name)
     n = subject.num_scales
     spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else default_spectra_layers(adapter)
     units_total = 1 + len(sensitivity_units(settings, n)) + settings.latency_repeats + 1 + 1

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from calibrate.options import Parser, add_common_arguments, setup
+from calibrate.options import Parser, add_common_arguments, scorer_from_args, setup
 from stagevar.errors import StageVarError, run_command
 
 log = logging.getLogger("stagevar.calibrate")
@@ -95,9 +95,10 @@ def cmd_measure(args) -> int:
     from calibrate.calibration import measure, record_dir
     from calibrate.report import write_report
     model, prompts, seeds = setup(args)
+    scorer = scorer_from_args(args, model)
     t0 = time.time()
     rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
-                  progress=not args.quiet, engine=args.engine)
+                  progress=not args.quiet, engine=args.engine, scorer=scorer)
     d = record_dir(args.out, rec.key)
     report = write_report(rec, d)
     st = rec.stages
@@ -113,7 +114,6 @@ def cmd_calibrate(args) -> int:
     from calibrate.calibration import measure, record_dir, weights_hash
     from calibrate.measure.common import Subject, variant_grid
     from calibrate.measure.latency import LatencyModel
-    from calibrate.metrics import scorer_for
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import plus_minus, write_report
     from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, local_search,
@@ -147,14 +147,14 @@ def cmd_calibrate(args) -> int:
     if report_prompts:
         model.encode_prompts(report_prompts)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    scorer = scorer_from_args(args, model)
     t0 = time.time()
     rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
-                  progress=not args.quiet, engine=args.engine)
+                  progress=not args.quiet, engine=args.engine, scorer=scorer)
     rdir = record_dir(args.out, rec.key)
     if storage is None:
         storage = _journal(args.out / "study.journal")
     subject = Subject(model, prompts, seeds, args.batch_size, args.guidance, engine=rec.inputs["engine"])
-    scorer = scorer_for(model.name)
     reference = subject.run(None)
     ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
     lat_model = LatencyModel(rec.latency, variant_grid(tuple(rec.inputs["settings"]["keeps"]), tuple(rec.inputs["settings"]["selections"])), model.num_layers)
@@ -243,7 +243,7 @@ def cmd_calibrate(args) -> int:
         batch_size=args.batch_size, guidance=rec.inputs["guidance"], engine=rec.inputs["engine"],
         weights_sha256=weights_hash(model), calibrated=True,
         calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
-        verification_prompts=len(heldout), report_prompts=len(report_prompts), seeds=seeds, optuna_storage=redact(args.storage) or "journal file in --out",
+        verification_prompts=len(heldout), report_prompts=len(report_prompts), seeds=seeds, metrics=scorer.describe(), optuna_storage=redact(args.storage) or "journal file in --out",
         optuna_sampler_seed=args.seed, trials_per_budget=args.trials))
     out_path = args.policy_out or Path("policies") / f"{model.name}.{model.resolution}.{'-'.join(b.name for b in budgets)}.yaml"
     replaced = keep_replaced_policy(out_path, Path(args.out))
@@ -251,7 +251,7 @@ def cmd_calibrate(args) -> int:
     search_info = {"points": {k: v.to_dict() for k, v in points.items()}, "trials": all_trials, "chosen_trials": chosen_trials}
     report = write_report(rec, rdir, search_info)
     summary = {"policy": str(out_path), "report": str(report), "record": str(rdir / "record.json"),
-               "seconds": round(time.time() - t0, 1), **({"replaced_policy": str(replaced)} if replaced else {}),
+               "seconds": round(time.time() - t0, 1), "metrics": scorer.describe(), **({"replaced_policy": str(replaced)} if replaced else {}),
                "operating_points": {k: {kk: v.measured.get(kk) for kk in ("feasible", "speedup", "latency_s", "baseline_latency_s",
                                                                           "quality", "quality_se", "score_full", "score", "score_drop",
                                                                           "score_drop_se", "trial")}
@@ -270,6 +270,8 @@ def cmd_calibrate(args) -> int:
                   + plus_minus(v.get("quality_se"))
                   + (f", evaluator {v['score_full']:.3f} -> {v['score']:.3f} (drop {v['score_drop']:.3f}{plus_minus(v.get('score_drop_se'))})"
                      if v.get("score") is not None else ""))
+        if not scorer.has_semantic_measure:
+            print("  chosen WITHOUT a semantic measure (codes + SSIM only): see --metric in --help")
         if args.frontier:
             print("frontier (quality, predicted latency):")
             for f in summary["frontier"]:

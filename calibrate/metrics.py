@@ -5,14 +5,29 @@
   accelerated / full: < 1 means lost detail, > 1 means added noise);
 * semantic: a pluggable :class:`SemanticScorer`, the one the model's registry entry names
   (:data:`SCORERS`). For the embedded model the analytic evaluator says whether the image still
-  satisfies its prompt; the other models use, for now, the weight-free agreement of the model's
+  satisfies its prompt; the other models fall back to the weight-free agreement of the model's
   own final codes (the tokens / bits it sampled at the last computed scale) with the full
-  model's.
+  model's, which is not a semantic measure;
+* learned metrics (:mod:`calibrate.perceptual`): CLIP and DINOv2 image agreement (semantic) and
+  LPIPS (structure), chosen with ``--metric`` and attached to the scorer
+  (:func:`build_scorer`). When a learned semantic metric is attached, it replaces the code
+  agreement in the quality; SSIM is always measured and LPIPS joins it as structure.
+
+quality = 0.5 * structure + 0.5 * semantic, per image, where structure is the mean of SSIM and
+the structural metrics and semantic the mean of the semantic ones (see
+:func:`calibrate.measure.sensitivity.summarize`).
 """
 from __future__ import annotations
 
+import argparse
+import logging
+
 import numpy as np
 from scipy import ndimage
+
+from stagevar.errors import StageVarError
+
+log = logging.getLogger(__name__)
 
 
 def _luma(img: np.ndarray) -> np.ndarray:
@@ -75,6 +90,39 @@ class SemanticScorer:
 
     name = "semantic"
     judges_prompt = False
+    #: learned metrics measured beside the scorer (:mod:`calibrate.perceptual`), set by :func:`build_scorer`
+    metrics: tuple = ()
+
+    @property
+    def semantic_metrics(self) -> list:
+        return [m for m in self.metrics if m.kind == "semantic"]
+
+    @property
+    def has_semantic_measure(self) -> bool:
+        """Whether the quality reads a semantic measure (the evaluator, CLIP, DINO), not only codes + SSIM."""
+        return self.judges_prompt or bool(self.semantic_metrics)
+
+    def describe(self) -> dict:
+        """What the quality is made of, for the record, the report and the policy's provenance."""
+        semantic = [m.name for m in self.semantic_metrics]
+        if self.judges_prompt or not semantic:
+            semantic.insert(0, self.name)
+        return {"semantic": semantic, "structure": ["ssim"] + [m.name for m in self.metrics if m.kind == "structure"],
+                "sources": {m.name: m.source for m in self.metrics},
+                "semantic_measure": self.has_semantic_measure}
+
+    def metric_values(self, images: np.ndarray, reference_images: np.ndarray, prompts: list[str] | None = None) -> dict:
+        """Per-image values of the learned metrics: ``semantic:<name>`` / ``structure:<name>``
+        agreements with the references, and ``prompt:<name>`` image-prompt scores when ``prompts``
+        is given and the metric has one."""
+        vals = {}
+        for m in self.metrics:
+            vals[f"{m.kind}:{m.name}"] = np.asarray(m.agreement(images, reference_images), dtype=np.float64)
+            if prompts is not None:
+                ps = m.prompt_score(images, prompts)
+                if ps is not None:
+                    vals[f"prompt:{m.name}"] = np.asarray(ps, dtype=np.float64)
+        return vals
 
     def reference_verdicts(self, images: np.ndarray, prompts: list[str]) -> np.ndarray | None:
         """The verdicts on the full model's images (None for a scorer that does not judge prompts)."""
@@ -116,13 +164,94 @@ class CodeAgreementScorer(SemanticScorer):
 
 #: scorers by the name a model's registry entry gives (``register_model(scorer=...)``)
 SCORERS = {"evaluator": ToyEvaluatorScorer, "codes": CodeAgreementScorer}
+#: every name ``--metric`` takes: the scorers, SSIM (always measured) and the learned metrics
+METRICS = ("evaluator", "codes", "ssim", "clip", "dino", "lpips")
+#: learned metrics tried from the local caches when a model's own scorer is the code agreement
+DEFAULT_LEARNED = ("clip", "dino", "lpips")
+
+
+def parse_metric_list(text: str) -> list[str]:
+    """``--metric`` value: comma-separated names from :data:`METRICS` (argparse type; a bad
+    name is a usage error naming the available ones)."""
+    names = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown metric {', '.join(map(repr, bad)) or repr(text)}; available: "
+                                         f"{', '.join(METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_metric_weights(text: str) -> dict[str, str]:
+    """``--metric-weights`` value: ``NAME=DIR[,NAME=DIR]`` for the learned metrics."""
+    from calibrate.perceptual import LEARNED
+    out = {}
+    for part in (t.strip() for t in str(text).split(",")):
+        if not part:
+            continue
+        name, sep, path = part.partition("=")
+        name = name.strip().lower()
+        if not sep or not path.strip():
+            raise argparse.ArgumentTypeError(f"{part!r} is not NAME=DIR (e.g. clip=/models/clip-vit-base-patch32)")
+        if name not in LEARNED:
+            raise argparse.ArgumentTypeError(f"no weights to give for metric {name!r}; metrics with weights: "
+                                             f"{', '.join(LEARNED)}")
+        out[name] = path.strip()
+    return out
 
 
 def scorer_for(model_name: str) -> SemanticScorer:
     """The scorer the model's registry entry names (the evaluator for models of the procedural
-    scenes, the code agreement where no better one is known)."""
+    scenes, the code agreement where no better one is known), with no learned metrics."""
     from stagevar.models.registry import model_entry
     name = model_entry(model_name).scorer
     if name not in SCORERS:
         raise ValueError(f"model {model_name!r} names the scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}")
     return SCORERS[name]()
+
+
+def build_scorer(model_name: str, metrics: list[str] | None = None, weights: dict[str, str] | None = None,
+                 device=None) -> SemanticScorer:
+    """The scorer calibration compares images with.
+
+    ``metrics`` None (the default): the model's own scorer; for a model whose own scorer is the
+    code agreement (the real checkpoints), the learned metrics of :data:`DEFAULT_LEARNED` whose
+    weights are in the local caches or in ``weights``, without downloading. Named ``metrics``:
+    exactly those (``evaluator`` / ``codes`` choose the base scorer; ``ssim`` is always
+    measured), each learned one loaded or a clear error. Without any semantic measure the
+    scorer still works (codes + SSIM) and a warning says so."""
+    from calibrate.perceptual import LEARNED, MetricUnavailable
+    weights = dict(weights or {})
+    own = scorer_for(model_name)
+    if metrics is None:
+        base = own
+        wanted = [n for n in LEARNED if n in weights or (own.name == "codes" and n in DEFAULT_LEARNED)]
+        strict = set(weights)
+    else:
+        if "evaluator" in metrics and own.name != "evaluator":
+            raise StageVarError(f"--metric evaluator does not fit model {model_name!r}: the evaluator judges the embedded "
+                                f"model's procedural scenes only. Metrics for this model: "
+                                f"{', '.join(m for m in METRICS if m != 'evaluator')}.")
+        base = SCORERS["evaluator"]() if "evaluator" in metrics else SCORERS["codes"]() if "codes" in metrics else own
+        unused = sorted(set(weights) - set(metrics))
+        if unused:
+            raise StageVarError(f"--metric-weights names {', '.join(unused)}, which --metric does not list "
+                                f"({','.join(metrics)}).")
+        wanted = [n for n in metrics if n in LEARNED]
+        strict = set(wanted)
+    found, missing = [], []
+    for name in wanted:
+        try:
+            # defaults come from the local caches only; a named metric may download like its library
+            found.append(LEARNED[name](weights.get(name), device=device, download=name in strict))
+        except MetricUnavailable:
+            if name in strict:
+                raise
+            missing.append(name)
+    base.metrics = tuple(found)
+    if missing:
+        log.info("learned metric(s) %s: no weights in the local caches (give --metric-weights NAME=DIR)", ", ".join(missing))
+    if not base.has_semantic_measure:
+        log.warning("NO SEMANTIC MEASURE: model %s is calibrated on the agreement of its own codes and SSIM only; "
+                    "the policy records this. Give CLIP or DINOv2 weights (--metric clip,dino --metric-weights "
+                    "clip=DIR,dino=DIR, or the Hugging Face cache) to choose plans on what the images show.", model_name)
+    return base

@@ -33,6 +33,15 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--engine", choices=[*ENGINES, "auto"], default="auto",
                    help="the engine latencies are measured with, and recorded in the policy: " + ENGINE_HELP)
+    from calibrate.metrics import METRICS, parse_metric_list, parse_metric_weights
+    p.add_argument("--metric", type=parse_metric_list, metavar="NAMES",
+                   help=f"what images are compared with, comma-separated from {', '.join(METRICS)} (default: the model's "
+                        "own scorer - the evaluator for the embedded model - and, for real checkpoints, CLIP, DINOv2 and "
+                        "LPIPS when their weights are in the local caches; SSIM is always measured)")
+    p.add_argument("--metric-weights", type=parse_metric_weights, default={}, metavar="NAME=DIR,...",
+                   help="local copies of the learned metrics' weights, e.g. clip=DIR1,dino=DIR2,lpips=DIR3 (a Hugging Face "
+                        "save_pretrained directory for clip and dino; for lpips a directory with torchvision's "
+                        "alexnet-owt-7be5be79.pth and the lpips package's alex.pth)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -59,3 +68,11 @@ def setup(args):
     model = load_model_from_args(args)
     model.encode_prompts(prompts)            # validate every prompt up front (clear error naming the bad one)
     return model, prompts, seeds
+
+
+def scorer_from_args(args, model):
+    """The scorer ``--metric`` / ``--metric-weights`` ask for, on the model's device
+    (:func:`calibrate.metrics.build_scorer`)."""
+    from calibrate.metrics import build_scorer
+    return build_scorer(model.name, getattr(args, "metric", None), getattr(args, "metric_weights", None) or {},
+                        device=model.device)

@@ -41,10 +41,20 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
     labels = [f"{s[1]}x{s[2]}" for s in sched]
     st = record.stages
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     c = record.convergence
+    bands = [k for k in ("band_low", "band_mid", "band_high") if k in c]
+    if bands:      # top: agreement with the final image; bottom: the spectral energy each scale adds
+        fig, (ax, axb) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
     curves = [("semantic", "o-", None, f"semantic ({c.get('semantic_measure', 'semantic')})"),
               ("ssim", "s-", None, "structure (SSIM)")]
+    if "structure" in c:
+        curves.append(("structure", "D-", None, f"structure ({c.get('structure_measure')})"))
+    for name in sorted(k for k in c if k.partition(":")[0] in ("semantic", "structure") and ":" in k
+                       and not k.endswith("_se")):
+        kind, metric = name.split(":", 1)
+        curves.append((name, ".:", None, f"{metric} ({kind}{', 1 - distance' if metric == 'lpips' else ''})"))
     if "evaluator" in c:
         curves.append(("evaluator", "^--", "0.4", f"evaluator pass rate (final {c['final_semantic']:.2f})"))
     for name, style, color, label in curves:
@@ -59,11 +69,20 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
         if b >= a:
             ax.axvspan(a - 0.5, b + 0.5, color=color, zorder=0)
             ax.text((a + b) / 2, 0.02, name, ha="center", fontsize=8)
-    ax.set_xticks(range(n), labels, rotation=45, fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("partial image vs final")
     ax.set_title("convergence by scale")
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=7, loc="center right")
+    if bands:
+        bottom = np.zeros(n)
+        for name, color in zip(bands, ("#4a7", "#e93", "#c36")):
+            v = np.asarray(c[name])
+            axb.bar(range(n), v, bottom=bottom, color=color, label=name.split("_")[1])
+            bottom += v
+        axb.set_ylabel("energy added\n(/ final image)", fontsize=8)
+        axb.legend(fontsize=7, title="frequency band", title_fontsize=7, loc="upper left")
+        ax = axb
+    ax.set_xticks(range(n), labels, rotation=45, fontsize=7)
     files["convergence"] = _save(fig, out / "convergence.png")
 
     variants = sorted({r["variant"] for r in record.sensitivity}, key=lambda v: (v != "cond", v))
@@ -183,6 +202,31 @@ def sensitivity_table(record: CalibrationRecord) -> list[str]:
     return out + [""]
 
 
+def measures_section(record: CalibrationRecord) -> list[str]:
+    """Which scorers the quality reads, where their weights came from, and whether any of them is
+    a semantic measure."""
+    m = record.inputs.get("metrics")
+    c = record.convergence
+    out = ["## Measures", ""]
+    if m:
+        out.append(f"Quality = 0.5 x structure ({' + '.join(m['structure'])}, averaged) + 0.5 x semantic "
+                   f"({' + '.join(m['semantic'])}, averaged), each an agreement with the full model's image of the same "
+                   "seed (LPIPS as 1 - distance). Weights:")
+        out += [""] + [f"- `{k}`: {v}" for k, v in m["sources"].items()] + [""]
+    else:
+        scorer = "the evaluator's verdict" if "evaluator" in c else "the agreement of the model's final codes"
+        out.append(f"Quality = 0.5 x SSIM + 0.5 x {scorer}, each against the full model's image of the same seed.")
+        out.append("")
+    if not m and "evaluator" not in c:
+        out += ["**No semantic measure**: plans were chosen on codes and SSIM only. Give CLIP / DINOv2 weights "
+                "(`--metric clip,dino,lpips --metric-weights ...`) to choose them on what the images show.", ""]
+    out += [f"Stage curves: semantic = {c.get('semantic_measure', 'coarse_agreement')}, structure = "
+            f"{c.get('structure_measure', 'ssim')}. The lower panel of the figure is the spectral energy of what each "
+            "scale changed (luma; low < 1/8, mid < 1/4, high >= 1/4 cycles per pixel), relative to the final image's."
+            if "band_low" in c else "", ""]
+    return out
+
+
 def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | None = None) -> Path:
     out = Path(out)
     files = plot_record(record, out)
@@ -195,6 +239,7 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
              f"semantic {st['semantic'][0]}-{st['semantic'][1]}, structure {st['structure'][0]}-{st['structure'][1]}, "
              f"refinement {st['refinement'][0]}-{st['refinement'][1]}.", "", f"Rule: {st['rule']}.", "",
              f"![convergence]({files['convergence']})", ""]
+    lines += measures_section(record)
     if "sensitivity" in files:
         lines += ["## Sensitivity", "", "Damage (1 - quality vs the full model) when only that scale is accelerated "
                   "(`cond`: guidance dropped from that scale on).", "", f"![sensitivity]({files['sensitivity']})", ""]

@@ -91,7 +91,7 @@ def _variant_items(subject, ref, scale, variant, scorer, ref_sem) -> dict[str, A
 
 def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: int, num_shards: int, *, out: str | Path,
                   batch_size: int = 8, guidance: float | Sequence[float] | None = None, settings=None, progress: bool = True,
-                  engine: str | None = None) -> Path:
+                  engine: str | None = None, scorer=None) -> Path:
     """Measure one shard of the calibration pass (resumable); returns its directory, holding a
     self-contained ``shard.json`` to give to :func:`merge_records`.
 
@@ -109,8 +109,9 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     from stagevar.policy import atomic_write_text
 
     settings = settings or MeasureSettings()
+    scorer = scorer if scorer is not None else scorer_for(adapter.name)
     inputs = record_inputs(adapter, prompts, seeds, batch_size,
-                           adapter.default_guidance if guidance is None else guidance, settings, engine)
+                           adapter.default_guidance if guidance is None else guidance, settings, engine, scorer)
     guidance = inputs["guidance"]
     key = content_key(inputs)
     start, stop = shard_range(len(prompts), batch_size, shard_index, num_shards)
@@ -122,7 +123,6 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     torch.manual_seed(0)
     random.seed(0)
     subject = Subject(adapter, prompts[start:stop], seeds, batch_size, guidance, engine=inputs["engine"])
-    scorer = scorer_for(adapter.name)
     n = subject.num_scales
     spectra_layers = settings.spectra_layers if settings.spectra_layers is not None else default_spectra_layers(adapter)
     lat_total = settings.latency_repeats + 1 if shard_index == 0 else 0
@@ -177,8 +177,8 @@ def merge_records(shards, out: str | Path | None = None):
     record a single process would have measured; saved in ``record_dir(out, key)`` when ``out`` is
     given. Latency, the latency check and the device fields come from shard 0."""
     from calibrate.calibration import record_dir
-    from calibrate.measure.convergence import summarize_curves
-    from calibrate.measure.sensitivity import PER_IMAGE, summarize as summarize_sensitivity
+    from calibrate.measure.convergence import curve_names, summarize_curves
+    from calibrate.measure.sensitivity import summarize as summarize_sensitivity, value_names
     from calibrate.measure.stages import detect_stages
     from calibrate.measure.spectra import ENERGIES
     from calibrate.record import CalibrationRecord, content_key
@@ -221,8 +221,8 @@ def merge_records(shards, out: str | Path | None = None):
     # convergence: the single-process reduction over the concatenated per-image values
     c0 = base["convergence"]
     n = len(c0["ssim"])
-    values = {name: [merged(lambda d, k=k: d["convergence"][name][k]) for k in range(n)]
-              for name in ("ssim", "semantic", "evaluator") if name in c0}
+    values = {name: [merged(lambda d, k=k, name=name: d["convergence"][name][k]) for k in range(n)]
+              for name in curve_names(c0)}
     if "final_semantic" in c0:
         values["final_semantic"] = merged(lambda d: d["convergence"]["final_semantic"])
     curves = summarize_curves(values)
@@ -243,8 +243,8 @@ def merge_records(shards, out: str | Path | None = None):
     sens = []
     for j, r0 in enumerate(base["sensitivity"]):
         row = {k: r0[k] for k in ("scale", "variant", "guidance", "keep", "selection")}
-        row.update(summarize_sensitivity({name: merged(lambda d: d["sensitivity"][j][name]) if name in r0 else None
-                                          for name in PER_IMAGE}))
+        row.update(summarize_sensitivity({name: merged(lambda d, name=name: d["sensitivity"][j][name])
+                                          for name in value_names(r0)}))
         sens.append(row)
     stages = detect_stages(curves, n)
     stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}

@@ -170,11 +170,12 @@ def _load_record_for(args):
 
     if args.record is None:
         from calibrate.calibration import measure
-        from calibrate.options import setup
+        from calibrate.options import scorer_from_args, setup
         model, prompts, seeds = setup(args)
+        scorer = scorer_from_args(args, model)
         rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
-                      progress=not args.quiet, engine=args.engine)
-        return model, rec
+                      progress=not args.quiet, engine=args.engine, scorer=scorer)
+        return model, rec, scorer
     from stagevar.perf import steady_allocator
     steady_allocator()
     if args.threads:
@@ -191,7 +192,27 @@ def _load_record_for(args):
         raise StageVarError(f"--record {args.record} was measured in {rec.inputs['dtype']}; pass --dtype {rec.inputs['dtype']} "
                             "so that trial quality is measured like the record's.")
     model.encode_prompts(list(rec.inputs["prompts"]))
-    return model, rec
+    return model, rec, _record_scorer(args, model, rec)
+
+
+def _record_scorer(args, model, rec):
+    """The scorer of ``--metric`` / ``--metric-weights``, which must measure what the record was
+    measured with (trials are compared with the record's sensitivities)."""
+    from calibrate.calibration import metrics_input
+    from calibrate.options import scorer_from_args
+    scorer = scorer_from_args(args, model)
+    theirs = rec.inputs.get("metrics")
+    ours = metrics_input(scorer) if scorer.metrics else None
+    strip = lambda m: m and {k: v for k, v in m.items() if k != "sources"}  # noqa: E731
+    if strip(theirs) != strip(ours):
+        raise StageVarError(f"--record {args.record} was measured with metrics {_metric_names(theirs)}, this worker's "
+                            f"--metric gives {_metric_names(ours)}: pass the --metric / --metric-weights the record was "
+                            "measured with.")
+    return scorer
+
+
+def _metric_names(m) -> str:
+    return "+".join(m["semantic"] + m["structure"]) if m else "the model's own scorer and ssim"
 
 
 def _study_name(args, model, rec, budget) -> str:
@@ -354,10 +375,9 @@ class _TaggedObjective:
 def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
-    from calibrate.metrics import scorer_for
     from calibrate.search import LATENCY_MARGIN, Objective, budget_seed_params, skipping_allowed
 
-    model, rec = _load_record_for(args)
+    model, rec, scorer = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
     batch_size, guidance = rec.inputs["batch_size"], rec.inputs["guidance"]
     lat_model = LatencyModel(rec.latency, _variants_of(rec), model.num_layers)
@@ -370,7 +390,6 @@ def _run_worker(args, budget, storage) -> int:
                            fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
                            allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s))
     subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
-    scorer = scorer_for(model.name)
     reference = subject.run(None)
     ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
     objective = _TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem), worker_id)
@@ -464,6 +483,11 @@ def child_argv(args, parser: argparse.ArgumentParser, **override) -> list[str]:
         if isinstance(action, argparse._StoreTrueAction):
             if value:
                 out.append(opt)
+        elif isinstance(value, dict):             # NAME=VALUE,... (--metric-weights)
+            if value:
+                out += [opt, ",".join(f"{k}={v}" for k, v in value.items())]
+        elif isinstance(value, (list, tuple)):    # comma-separated (--metric)
+            out += [opt, ",".join(map(str, value))]
         elif value is not None:
             out += [opt, str(value)]
     return out
@@ -477,7 +501,7 @@ def _run_local_workers(args, budget) -> int:
     """Load or measure the record once, then start ``--n-workers`` worker processes and wait."""
     from calibrate.calibration import record_dir
     if args.record is None:
-        model, rec = _load_record_for(args)
+        model, rec, _ = _load_record_for(args)
         record = record_dir(args.out, rec.key)
         name = _study_name(args, model, rec, budget)
         del model

@@ -93,6 +93,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper-keep", type=float, default=0.5, help="token keep ratio of the paper baseline (default 0.5)")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output directory (default out/bench)")
     p.add_argument("--no-quality", action="store_true", help="speed and memory only (no scipy needed)")
+    p.add_argument("--metric-weights", type=_metric_weights, default={}, metavar="NAME=DIR,...",
+                   help="also report learned metrics against the full model's images: clip (CLIP-I, and the image-prompt "
+                        "score CLIP-T), dino, lpips; DIR a local copy as for stagevar-calibrate --metric-weights")
     p.add_argument("--no-plot", action="store_true", help="write no plot (no matplotlib needed)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -107,6 +110,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "may not fit on the device")
     p.add_argument("--compare-vae", action="store_true",
                    help="also time the VAE decoding of one latent in float32 and in the compute dtype (Infinity)")
+
+
+def _metric_weights(text: str) -> dict[str, str]:
+    from calibrate.metrics import parse_metric_weights   # imported when the option is given
+    return parse_metric_weights(text)
+
+
+#: learned metric -> its columns in the table (agreement with the full model's image; CLIP's prompt score)
+METRIC_COLUMNS = {"clip": "CLIP-I", "clip_text": "CLIP-T", "dino": "DINO", "lpips": "1-LPIPS"}
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -397,9 +409,10 @@ def _to_numpy(images):
 
 
 def measure_quality(adapter, methods: list[Method], runtimes: dict[str, Any], items: list[dict[str, Any]],
-                    seeds: int, batch_size: int, use_evaluator: bool) -> dict[str, dict[str, Any]]:
+                    seeds: int, batch_size: int, use_evaluator: bool, metrics: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
     """Per method: SSIM / HF ratio vs the full model's image of the same prompt and seed, worst
-    prompt, and (embedded model) evaluator score per category."""
+    prompt, (embedded model) evaluator score per category, and the mean of each learned metric
+    (``metrics``: :mod:`calibrate.perceptual` metrics) as ``<name>_mean``."""
     import numpy as np
     from calibrate.metrics import hf_ratio, ssim
     if use_evaluator:
@@ -424,6 +437,11 @@ def measure_quality(adapter, methods: list[Method], runtimes: dict[str, Any], it
                 d["ssim"] += [float(v) for v in ssim(img, ref)]
                 d["hf"] += [float(v) for v in hf_ratio(img, ref)]
                 d["where"] += [(it["prompt"], it["category"], s) for it in chunk]
+                for metric in metrics:
+                    d.setdefault(metric.name, []).extend(metric.agreement(img, ref).tolist())
+                    text = metric.prompt_score(img, prompts)
+                    if text is not None:
+                        d.setdefault(f"{metric.name}_text", []).extend(text.tolist())
                 if use_evaluator:
                     u8 = (np.clip(img, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
                     d["eval"] += [bool(eval_score(im, parse_prompt(p))) for im, p in zip(u8, prompts)]
@@ -440,6 +458,9 @@ def measure_quality(adapter, methods: list[Method], runtimes: dict[str, Any], it
             "worst": {"prompt": d["where"][i_worst][0], "category": d["where"][i_worst][1],
                       "seed_index": d["where"][i_worst][2], "ssim": float(d["ssim"][i_worst])},
         }
+        for name in METRIC_COLUMNS:
+            if d.get(name):
+                q[f"{name}_mean"] = float(np.mean(d[name]))
         if use_evaluator:
             cats: dict[str, list[bool]] = {}
             for ok, (_, cat, _) in zip(d["eval"], d["where"]):
@@ -585,6 +606,8 @@ def render_markdown(res: dict[str, Any]) -> str:
     head += ["peak MiB"]
     if quality:
         head += ["SSIM mean", "SSIM min", "HF ratio"]
+        learned = [k for k in METRIC_COLUMNS if any(f"{k}_mean" in (r.get("quality") or {}) for r in rows)]
+        head += [METRIC_COLUMNS[k] for k in learned]
         if evaluator:
             head += ["eval", "Δ eval"]
         head += ["worst prompt (SSIM)"]
@@ -603,6 +626,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         if quality:
             q = r["quality"]
             cells += [_f(q["ssim_mean"], ".3f"), _f(q["ssim_min"], ".3f"), _f(q["hf_ratio_mean"], ".3f")]
+            cells += [_f(q.get(f"{k}_mean"), ".3f") for k in learned]
             if evaluator:
                 ev = q["evaluator"]["overall"]
                 cells += [_f(ev, ".3f"), "-" if r["kind"] == "full" else _f(ev - full_eval, "+.3f")]
@@ -785,7 +809,12 @@ def cmd_bench(args) -> int:
     use_eval = model_entry(fp.model).scorer == "evaluator"      # the entry names the model's scorer
     if not args.no_quality:                 # every engine gives the same images: measured on the first
         first_engine = [m for m in methods if m.engine == engines[0]]
-        by_base = measure_quality(adapter, first_engine, runtimes, items, args.seeds, args.quality_batch_size, use_eval)
+        metrics = []
+        if args.metric_weights:
+            from calibrate.perceptual import LEARNED
+            metrics = [LEARNED[name](d, device=device) for name, d in args.metric_weights.items()]
+        by_base = measure_quality(adapter, first_engine, runtimes, items, args.seeds, args.quality_batch_size, use_eval,
+                                  metrics)
         quality = {m.name: by_base[next(f.name for f in first_engine if f.base == m.base)] for m in methods}
 
     full_of = {e: next(m.name for m in methods if m.kind == "full" and m.engine == e) for e in engines}

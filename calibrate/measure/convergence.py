@@ -41,40 +41,99 @@ def collect_partials(subject, spectra_layers=(), keep_spectra: bool = True):
     return partial, feats, out
 
 
+#: radial frequency bands (cycles per pixel; Nyquist is 0.5) of :func:`band_energy`
+BANDS = {"low": (0.0, 0.125), "mid": (0.125, 0.25), "high": (0.25, 1.0)}
+
+
+def band_energy(delta: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image, the spectral energy (luma) of ``delta`` (what a scale changed) in each band of
+    :data:`BANDS`, relative to the energy of ``reference`` (the final image, mean removed).
+
+    >>> x = np.zeros((1, 3, 16, 16)); x[..., ::2] = 1.0            # stripes at Nyquist: all high
+    >>> {k: round(float(v[0]), 3) for k, v in band_energy(x, x).items()}
+    {'low': 0.0, 'mid': 0.0, 'high': 1.0}
+    """
+    def luma(x):
+        x = np.asarray(x, dtype=np.float64)
+        return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    d, r = luma(delta), luma(reference)
+    h, w = d.shape[-2:]
+    radius = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.fftfreq(w)[None, :] ** 2)
+    masks = {name: (radius >= lo) & (radius < hi) & (radius > 0) for name, (lo, hi) in BANDS.items()}   # DC in none
+    out: dict[str, list[float]] = {name: [] for name in BANDS}
+    for dz, rz in zip(d, r):            # image by image: the sums do not depend on how images were batched
+        p = np.abs(np.fft.fft2(dz)) ** 2
+        total = max(float((np.abs(np.fft.fft2(rz - rz.mean())) ** 2).sum()), 1e-12)
+        for name, mask in masks.items():
+            out[name].append(float(p[mask].sum()) / total)
+    return {name: np.array(v) for name, v in out.items()}
+
+
 def convergence_values(partial, final: np.ndarray, prompts: list[str], scorer: SemanticScorer) -> dict:
     """Per-image values of the convergence curves: for each scale, ``ssim`` (float64) and
-    ``semantic`` (:func:`coarse_agreement`, float32) of the partial images against ``final``; with
-    the embedded model's evaluator also ``evaluator`` (pass = 1.0, per scale) and
-    ``final_semantic`` (the final images)."""
-    vals: dict = {"ssim": [], "semantic": []}
+    ``semantic`` (:func:`coarse_agreement`, float32) of the partial images against ``final``, and
+    ``band_<low|mid|high>`` (:func:`band_energy` of what the scale changed); with the embedded
+    model's evaluator also ``evaluator`` (pass = 1.0, per scale) and ``final_semantic`` (the final
+    images); with learned metrics their agreement with ``final`` (``semantic:clip``, ...)."""
+    vals: dict = {"ssim": [], "semantic": [], **{f"band_{b}": [] for b in BANDS}}
     evaluator = scorer.judges_prompt
     if evaluator:
         vals["final_semantic"] = np.asarray(scorer.score(final, prompts, final), dtype=np.float64)
         vals["evaluator"] = []
+    previous = None
     for batches in partial:
         imgs = np.concatenate(batches)
         vals["ssim"].append(ssim(imgs, final))
         vals["semantic"].append(coarse_agreement(imgs, final).astype(np.float32))
+        for b, v in band_energy(imgs if previous is None else imgs - previous, final).items():
+            vals[f"band_{b}"].append(v)
+        previous = imgs
         if evaluator:
             vals["evaluator"].append(np.asarray(scorer.score(imgs, prompts, final), dtype=np.float64))
+        for k, v in scorer.metric_values(imgs, final).items():
+            vals.setdefault(k, []).append(v)
     return vals
 
 
-#: dtype each per-image curve value is reduced in (that of :func:`convergence_values`)
+#: dtype each per-image curve value is reduced in (that of :func:`convergence_values`; float64
+#: for the others)
 CURVE_DTYPES = {"ssim": np.float64, "semantic": np.float32, "evaluator": np.float64}
+
+
+def curve_names(values: dict) -> list[str]:
+    """The per-scale value names in ``values`` (per-image values or a shard's stored items)."""
+    return [k for k in values if k in CURVE_DTYPES or k.startswith("band_") or ":" in k]
 
 
 def summarize_curves(values: dict) -> dict:
     """The one reduction of per-image curve values (:func:`convergence_values`, or their
     concatenation over shards) to the record's curves: per scale the mean and its standard error
-    (``<name>_se``) over the images."""
+    (``<name>_se``) over the images.
+
+    ``semantic`` and ``ssim`` are the curves the stage rule reads. When learned semantic metrics
+    were measured, ``semantic`` is their per-image mean (the coarse colour-layout agreement is
+    kept as ``coarse_agreement``); when structural ones were, ``structure`` is the per-image mean
+    of SSIM and them. ``semantic_measure`` / ``structure_measure`` name what each is."""
     n = len(values["ssim"])
     curves: dict = {"scale": list(range(n)), "semantic_measure": "coarse_agreement"}
-    for name, dtype in CURVE_DTYPES.items():
-        if name in values:
-            arrays = [np.asarray(v, dtype=dtype) for v in values[name]]
-            curves[name] = [float(a.mean()) for a in arrays]
-            curves[f"{name}_se"] = [standard_error(a) for a in arrays]
+    arrays = {name: [np.asarray(v, dtype=CURVE_DTYPES.get(name, np.float64)) for v in values[name]]
+              for name in curve_names(values)}
+
+    def put(name, per_scale):
+        curves[name] = [float(a.mean()) for a in per_scale]
+        curves[f"{name}_se"] = [standard_error(a) for a in per_scale]
+
+    for name, per_scale in arrays.items():
+        put(name, per_scale)
+    learned_sem = sorted(k for k in arrays if k.startswith("semantic:"))
+    if learned_sem:
+        curves["coarse_agreement"], curves["coarse_agreement_se"] = curves["semantic"], curves["semantic_se"]
+        put("semantic", [np.mean([arrays[k][i] for k in learned_sem], axis=0) for i in range(n)])
+        curves["semantic_measure"] = "+".join(k.split(":", 1)[1] for k in learned_sem)
+    learned_str = sorted(k for k in arrays if k.startswith("structure:"))
+    if learned_str:
+        put("structure", [np.mean([arrays["ssim"][i]] + [arrays[k][i] for k in learned_str], axis=0) for i in range(n)])
+        curves["structure_measure"] = "+".join(["ssim"] + [k.split(":", 1)[1] for k in learned_str])
     if "final_semantic" in values:
         curves["final_semantic"] = float(np.asarray(values["final_semantic"], dtype=np.float64).mean())
     return curves

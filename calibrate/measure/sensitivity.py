@@ -5,7 +5,11 @@ Variants (see :class:`calibrate.measure.common.Variant`): ``cond`` drops guidanc
 ``cfg+rp@0.5`` etc. compute a token subset at scale k alone. Every other scale is untouched. Each
 is compared with the full model's output for the same prompt and seed.
 
-quality = 0.5 * SSIM + 0.5 * semantic agreement (per image; 1 = identical), damage = 1 - quality.
+quality = 0.5 * structure + 0.5 * semantic agreement (per image; 1 = identical), damage = 1 -
+quality. Structure is SSIM, averaged with the structural learned metrics (LPIPS) when they are
+measured; semantic agreement is the scorer's (the evaluator's verdicts, or the code agreement),
+replaced by the mean of the learned semantic metrics (CLIP, DINOv2) when they are measured (with
+the evaluator, its agreement joins them).
 
 Every comparison is made per image (:func:`per_image`) and reduced by one function
 (:func:`summarize`), whichever process measured the images: the single-process pass and the
@@ -24,8 +28,16 @@ import numpy as np
 from calibrate.measure.common import RunOutput, Variant, point_from_plans
 from calibrate.metrics import SemanticScorer, hf_ratio, ssim
 
-#: per-image value names (:func:`per_image`); ``sem_acc`` / ``ref_sem`` only with the evaluator
+#: per-image value names (:func:`per_image`); ``sem_acc`` / ``ref_sem`` only with the evaluator;
+#: the learned metrics add ``semantic:<name>``, ``structure:<name>`` and ``prompt:<name>``
 PER_IMAGE = ("ssim", "agree", "hf", "sem_acc", "ref_sem")
+METRIC_KINDS = ("semantic", "structure", "prompt")
+
+
+def value_names(vals: Mapping[str, Any]) -> list[str]:
+    """The per-image value names present in ``vals`` (a :func:`per_image` result or a stored item)."""
+    return [k for k in PER_IMAGE if vals.get(k) is not None] + sorted(
+        k for k in vals if k.partition(":")[0] in METRIC_KINDS and ":" in k)
 
 
 def standard_error(values: Sequence[float] | np.ndarray) -> float | None:
@@ -59,15 +71,28 @@ def per_image(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: Semant
     else:
         vals["agree"] = np.asarray(scorer.score(out.images, prompts, ref.images, out.final_codes, ref.final_codes),
                                    dtype=np.float64)
+    vals.update(scorer.metric_values(out.images, ref.images, prompts))
     return vals
+
+
+def quality_parts(vals: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image (structure, semantic) agreement: structure is SSIM averaged with the structural
+    metrics, semantic the scorer's agreement or, when learned semantic metrics were measured,
+    their mean (the evaluator's agreement joins them; the code agreement gives way)."""
+    col = lambda k: np.asarray(vals[k], dtype=np.float64)  # noqa: E731
+    structure = [col("ssim")] + [col(k) for k in sorted(vals) if k.startswith("structure:") and vals[k] is not None]
+    semantic = [col(k) for k in sorted(vals) if k.startswith("semantic:") and vals[k] is not None]
+    if not semantic or vals.get("sem_acc") is not None:
+        semantic.insert(0, col("agree"))
+    return np.mean(structure, axis=0), np.mean(semantic, axis=0)
 
 
 def summarize(vals: Mapping[str, Any]) -> dict[str, Any]:
     """The one reduction of per-image values (:func:`per_image`, or their concatenation over
     shards) to a sensitivity / quality row: means, standard errors, the worst image."""
     s = np.asarray(vals["ssim"], dtype=np.float64)
-    agree = np.asarray(vals["agree"], dtype=np.float64)
-    q = 0.5 * s + 0.5 * agree
+    structure, agree = quality_parts(vals)
+    q = 0.5 * structure + 0.5 * agree
     row = {
         "ssim": float(s.mean()), "ssim_se": standard_error(s),
         "semantic": float(agree.mean()), "semantic_se": standard_error(agree),
@@ -76,6 +101,13 @@ def summarize(vals: Mapping[str, Any]) -> dict[str, Any]:
         "damage": float(1 - q.mean()), "damage_se": standard_error(q),
         "score": None, "score_full": None, "images": int(q.size),
     }
+    learned = [k for k in value_names(vals) if ":" in k]
+    if learned:
+        row.update({"structure": float(structure.mean()), "structure_se": standard_error(structure)})
+    for k in learned:                        # each learned metric's mean: clip, dino, lpips, clip_text
+        v = np.asarray(vals[k], dtype=np.float64)
+        name = k.split(":", 1)[1] + ("_text" if k.startswith("prompt:") else "")
+        row.update({name: float(v.mean()), f"{name}_se": standard_error(v)})
     if vals.get("sem_acc") is not None:
         acc = np.asarray(vals["sem_acc"], dtype=np.float64)
         full = np.asarray(vals["ref_sem"], dtype=np.float64)
@@ -88,7 +120,8 @@ def compare(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: Semantic
     """:func:`summarize` of :func:`per_image`, with the per-image qualities (``per_image_quality``)."""
     vals = per_image(out, ref, prompts, scorer, ref_semantic)
     row = summarize(vals)
-    row["per_image_quality"] = [float(v) for v in 0.5 * vals["ssim"] + 0.5 * vals["agree"]]
+    structure, agree = quality_parts(vals)
+    row["per_image_quality"] = [float(v) for v in 0.5 * structure + 0.5 * agree]
     return row
 
 

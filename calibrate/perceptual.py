@@ -1,0 +1,314 @@
+"""Learned image metrics for calibration: CLIP and DINOv2 (semantic), LPIPS (structure).
+
+Each compares an accelerated image with the full model's image of the same prompt and seed and
+gives a per-image agreement in [0, 1] (1 = the same image):
+
+* ``clip``: cosine of the CLIP image embeddings (and, reported beside it, the image-prompt
+  cosine ``clip_text``), from Hugging Face ``transformers``' ``CLIPModel``;
+* ``dino``: cosine of the DINOv2 class-token embeddings (``transformers``' ``Dinov2Model``);
+* ``lpips``: 1 - LPIPS distance (Zhang et al. 2018, version 0.1, AlexNet trunk). The trunk is the
+  five convolutions of torchvision's AlexNet, loaded from torchvision's weight file, and the
+  linear heads are the ``lpips`` package's ``weights/v0.1/alex.pth``. The network is defined here
+  (a few lines) rather than imported from ``lpips``/``torchvision`` because torchvision's wheels
+  are built per torch build (a CPU torch cannot load the CUDA torchvision wheel); the test suite
+  checks it against the ``lpips`` package's own forward pass.
+
+Weights are found the way each library finds them: a local directory given with
+``--metric-weights NAME=DIR``, else the Hugging Face cache (``from_pretrained`` of the model id,
+offline first) and torch hub's checkpoint directory for the AlexNet trunk. Images are resized and
+normalised here, in torch and in batches, so no image-processing package is needed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stagevar.errors import StageVarError
+
+#: default Hugging Face model ids (looked up in the local cache)
+CLIP_ID = "openai/clip-vit-base-patch32"
+DINO_ID = "facebook/dinov2-base"
+#: torchvision's ImageNet AlexNet file (torch hub's checkpoint directory) and the lpips heads
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+LPIPS_HEADS_FILE = "alex.pth"
+
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _as_tensor(images: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device).clamp(0, 1)
+
+
+def resize_center(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (bicubic, antialiased) so the shorter side is ``size``, then crop the centre square."""
+    h, w = x.shape[-2:]
+    s = size / min(h, w)
+    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _preprocessing(directory: Path | None, default_size: int, mean, std) -> tuple[int, tuple, tuple]:
+    """Size, mean and std from a Hugging Face ``preprocessor_config.json`` when there is one."""
+    if directory is not None and (directory / "preprocessor_config.json").is_file():
+        cfg = json.loads((directory / "preprocessor_config.json").read_text())
+        crop = cfg.get("crop_size") or cfg.get("size") or default_size
+        size = crop.get("height") or crop.get("shortest_edge") if isinstance(crop, dict) else crop
+        return int(size or default_size), tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    return default_size, mean, std
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(0, 1).cpu().numpy().astype(np.float64)
+
+
+def _pooled(out) -> torch.Tensor:
+    """Projected embeddings from ``get_*_features`` (a tensor in transformers 4, an output object in 5)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def load_hf(cls, name: str, source: str | None, model_id: str, download: bool = True):
+    """``cls.from_pretrained`` of a local directory (``source``) or of ``model_id`` from the
+    Hugging Face cache (offline first; the network only when the cache lacks it, ``download`` is
+    set and the hub is not set offline). Returns (model, local directory or None)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()              # our own bars show the calibration's progress
+    if source is not None:
+        d = Path(source)
+        if not (d / "config.json").is_file():
+            raise StageVarError(f"--metric-weights {name}={source}: no Hugging Face model there (config.json missing); "
+                                f"give a directory written by save_pretrained, e.g. a snapshot of {model_id}.")
+        try:
+            return cls.from_pretrained(d), d
+        except Exception as e:  # noqa: BLE001 - a broken copy, named with the library's reason
+            raise StageVarError(f"--metric-weights {name}={source}: cannot load it as {cls.__name__}: {e}") from None
+    try:
+        return cls.from_pretrained(model_id, local_files_only=True), None
+    except Exception:  # noqa: BLE001 - not in the cache: try the hub unless offline
+        if not download or os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+            raise MetricWeightsMissing(name, model_id) from None
+    try:
+        return cls.from_pretrained(model_id), None
+    except Exception:  # noqa: BLE001
+        raise MetricWeightsMissing(name, model_id) from None
+
+
+class MetricUnavailable(StageVarError):
+    """A learned metric that cannot run here (no weights, or its library is not installed)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.metric = name
+
+
+class MetricWeightsMissing(MetricUnavailable):
+    def __init__(self, name: str, where: str):
+        super().__init__(name, f"metric {name!r}: no weights found ({where} is not in the local cache and could not be "
+                               f"downloaded). Give a local copy with --metric-weights {name}=DIR.")
+
+
+def _transformers(name: str):
+    try:
+        import transformers
+    except ImportError:
+        raise MetricUnavailable(name, f"metric {name!r} needs the 'transformers' package: pip install 'stagevar[metrics]'") from None
+    return transformers
+
+
+class ImageMetric:
+    """Per-image agreement in [0, 1] of images with their references (1 = the same image).
+    ``kind``: "semantic" (what the image shows) or "structure" (how it is drawn)."""
+
+    name = "metric"
+    kind = "semantic"
+    source = ""                      # where the weights came from (recorded in the report and policy)
+
+    def agreement(self, images: np.ndarray, references: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def prompt_score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray | None:
+        """Image-prompt score (CLIP score), or None when the metric has none."""
+        return None
+
+
+class _Embedding(ImageMetric):
+    """Cosine agreement of embeddings, images embedded in batches on the metric's device."""
+
+    batch = 32
+
+    def __init__(self, device=None):
+        self.device = torch.device(device or "cpu")
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def embeddings(self, images: np.ndarray) -> torch.Tensor:
+        return torch.cat([self.embed(_as_tensor(images[i:i + self.batch], self.device))
+                          for i in range(0, len(images), self.batch)])
+
+    def agreement(self, images, references):
+        return _cosine(self.embeddings(images), self.embeddings(references))
+
+
+class ClipMetric(_Embedding):
+    name, kind = "clip", "semantic"
+
+    def __init__(self, source: str | None = None, device=None, download: bool = True):
+        super().__init__(device)
+        self.model, d = load_hf(_transformers(self.name).CLIPModel, self.name, source, CLIP_ID, download)
+        self.model = self.model.eval().to(self.device)
+        self.source = str(d) if d else CLIP_ID
+        self.size, self.mean, self.std = _preprocessing(d, self.model.config.vision_config.image_size, _CLIP_MEAN, _CLIP_STD)
+        self._tokenizer, self._tokenizer_dir = None, d if d else CLIP_ID
+
+    def embed(self, x):
+        return _pooled(self.model.get_image_features(pixel_values=_normalise(resize_center(x, self.size), self.mean, self.std)))
+
+    @torch.inference_mode()
+    def prompt_score(self, images, prompts):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
+            except Exception:  # noqa: BLE001 - a copy without a tokenizer: image-image agreement only
+                self._tokenizer = False
+        if not self._tokenizer:
+            return None
+        limit = self.model.config.text_config.max_position_embeddings
+        tok = self._tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        text = _pooled(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
+                                                    attention_mask=tok["attention_mask"].to(self.device)))
+        return F.cosine_similarity(self.embeddings(images).float(), text.float(), dim=-1).cpu().numpy().astype(np.float64)
+
+
+class DinoMetric(_Embedding):
+    name, kind = "dino", "semantic"
+
+    def __init__(self, source: str | None = None, device=None, download: bool = True):
+        super().__init__(device)
+        self.model, d = load_hf(_transformers(self.name).AutoModel, self.name, source, DINO_ID, download)
+        self.model = self.model.eval().to(self.device)
+        self.source = str(d) if d else DINO_ID
+        self.size, self.mean, self.std = _preprocessing(d, min(224, self.model.config.image_size), _IMAGENET_MEAN,
+                                                        _IMAGENET_STD)
+
+    def embed(self, x):
+        out = self.model(pixel_values=_normalise(resize_center(x, self.size), self.mean, self.std))
+        return out.pooler_output           # the class token after the final layer norm
+
+
+class AlexNetTrunk(torch.nn.Module):
+    """torchvision's AlexNet ``features`` (same module indices, so its state dict loads), returning
+    the five ReLU outputs LPIPS compares."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 64, 11, stride=4, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2),
+            torch.nn.Conv2d(64, 192, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2),
+            torch.nn.Conv2d(192, 384, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(384, 256, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(256, 256, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2))
+
+    CHANNELS = (64, 192, 384, 256, 256)
+    TAPS = (1, 4, 7, 9, 11)                   # indices of the ReLUs LPIPS reads
+
+    def forward(self, x):
+        outs = []
+        for i, layer in enumerate(self.features[:12]):
+            x = layer(x)
+            if i in self.TAPS:
+                outs.append(x)
+        return outs
+
+
+def _lpips_files(source: str | None) -> tuple[Path, Path]:
+    """(AlexNet trunk file, LPIPS heads file): from ``source`` (a directory holding both), else
+    torch hub's checkpoint directory and the installed ``lpips`` package."""
+    if source is not None:
+        d = Path(source)
+        trunks = sorted(d.glob("alexnet*.pth")) if d.is_dir() else []
+        heads = d / LPIPS_HEADS_FILE
+        if not trunks or not heads.is_file():
+            raise StageVarError(f"--metric-weights lpips={source}: the directory needs torchvision's AlexNet weights "
+                                f"({ALEXNET_FILE}) and the lpips v0.1 heads ({LPIPS_HEADS_FILE}); found "
+                                f"{', '.join(p.name for p in d.iterdir()) if d.is_dir() else 'no such directory'}.")
+        return trunks[0], heads
+    trunk = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+    spec = importlib.util.find_spec("lpips")        # located, not imported (it imports torchvision)
+    heads = (Path(spec.submodule_search_locations[0]) / "weights" / "v0.1" / LPIPS_HEADS_FILE
+             if spec and spec.submodule_search_locations else None)
+    if not trunk.is_file() or heads is None or not heads.is_file():
+        raise MetricWeightsMissing("lpips", f"torchvision's {ALEXNET_FILE} in {trunk.parent} and the lpips package's "
+                                   f"{LPIPS_HEADS_FILE}")
+    return trunk, heads
+
+
+class LpipsMetric(ImageMetric):
+    """1 - LPIPS distance (v0.1, AlexNet trunk, linear heads; images in [0, 1] mapped to [-1, 1])."""
+
+    name, kind = "lpips", "structure"
+    SHIFT = (-0.030, -0.088, -0.188)
+    SCALE = (0.458, 0.448, 0.450)
+    MIN_SIDE = 64                               # smaller images are upsampled (AlexNet's stride is 4)
+    batch = 16
+
+    def __init__(self, source: str | None = None, device=None, download: bool = True):
+        """``download`` is accepted for symmetry: the files are only ever looked up locally."""
+        self.device = torch.device(device or "cpu")
+        trunk_file, heads_file = _lpips_files(source)
+        self.source = str(trunk_file.parent) if source else f"{trunk_file} + {heads_file}"
+        self.trunk = AlexNetTrunk()
+        try:
+            state = torch.load(trunk_file, map_location="cpu", weights_only=True)
+            self.trunk.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")})
+            heads = torch.load(heads_file, map_location="cpu", weights_only=True)
+            self.heads = [heads[f"lin{i}.model.1.weight"].float() for i in range(len(AlexNetTrunk.CHANNELS))]
+        except Exception as e:  # noqa: BLE001 - a file of another network, named with the reason
+            raise StageVarError(f"lpips weights {trunk_file}, {heads_file}: not AlexNet / LPIPS v0.1 weights ({e}).") from None
+        self.trunk = self.trunk.eval().to(self.device)
+        self.heads = [h.to(self.device) for h in self.heads]
+
+    def _prepare(self, images: np.ndarray) -> torch.Tensor:
+        x = _as_tensor(images, self.device)
+        if min(x.shape[-2:]) < self.MIN_SIDE:
+            s = self.MIN_SIDE / min(x.shape[-2:])
+            x = F.interpolate(x, size=(round(x.shape[-2] * s), round(x.shape[-1] * s)), mode="bilinear", align_corners=False)
+        return _normalise(x * 2 - 1, self.SHIFT, self.SCALE)
+
+    @torch.inference_mode()
+    def distance(self, images: np.ndarray, references: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch):
+            fa = self.trunk(self._prepare(images[i:i + self.batch]))
+            fb = self.trunk(self._prepare(references[i:i + self.batch]))
+            d = 0
+            for a, b, w in zip(fa, fb, self.heads):
+                a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                d = d + F.conv2d((a - b) ** 2, w).mean(dim=(2, 3))
+            out.append(d.flatten())
+        return torch.cat(out).cpu().numpy().astype(np.float64)
+
+    def agreement(self, images, references):
+        return np.clip(1.0 - self.distance(images, references), 0.0, 1.0)
+
+
+#: learned metrics by name
+LEARNED = {"clip": ClipMetric, "dino": DinoMetric, "lpips": LpipsMetric}
