@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from calibrate.options import Parser, add_common_arguments, scorer_from_args, setup
 from stagevar.errors import StageVarError, run_command
@@ -109,149 +107,41 @@ def cmd_measure(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import optuna
-
-    from calibrate.calibration import measure, record_dir, weights_hash
-    from calibrate.measure.common import Subject, variant_grid
-    from calibrate.measure.latency import LatencyModel
+    from calibrate.pipeline import SearchSettings, calibrate
     from calibrate.prompts import bundled, read_prompt_file
-    from calibrate.report import plus_minus, write_report
-    from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, local_search,
-                                  measured_trials, open_study, params_for_point, pareto_front, parse_budgets,
-                                  point_from_params, summarize_trial, verification_candidates)
-    from calibrate.verify import REPORT_SEED_OFFSET, verify_candidates
+    from calibrate.report import plus_minus
+    from calibrate.search import pareto_front, parse_budgets
     from calibrate.storage import open_storage, redact
-    from calibrate.worker import STUDY_ATTR
-    from stagevar.policy import OperatingPoint, Policy, base_provenance, binding_for, load_policy
+    from stagevar.policy import load_policy
 
     budgets = parse_budgets(args.budget)
-    if args.trials < 1:
-        raise StageVarError(f"--trials must be >= 1, got {args.trials}.")
-    if args.verify_repeats < 1:
-        raise StageVarError(f"--verify-repeats must be >= 1, got {args.verify_repeats}.")
+    settings = SearchSettings(trials=args.trials, local_trials=args.local_trials, seed=args.seed,
+                              latency_margin=args.latency_margin, verify_candidates=args.verify_candidates,
+                              verify_near=args.verify_near, verify_repeats=args.verify_repeats, study=args.study)
+    settings.check()
     if args.num_report < 0:
         raise StageVarError(f"--num-report must be >= 0, got {args.num_report}.")
-    if args.local_trials < 0:
-        raise StageVarError(f"--local-trials must be >= 0, got {args.local_trials}.")
-    if not 0.0 <= args.latency_margin < 0.5:
-        raise StageVarError(f"--latency-margin must be in [0, 0.5), got {args.latency_margin} (0.03 aims 3% under the budget).")
     storage = open_storage(args.storage) if args.storage else None      # a bad URL fails before any work
     warm = load_policy(args.warm_start) if args.warm_start else None      # a bad file too
     model, prompts, seeds = setup(args)
-    if warm is not None:
-        warm.check_compatible(model)
     heldout = read_prompt_file(args.heldout_prompts) if args.heldout_prompts else bundled(args.model, "verification", args.num_heldout)
     model.encode_prompts(heldout)
     report_prompts = (read_prompt_file(args.report_prompts) if args.report_prompts
                       else bundled(args.model, "report", args.num_report) if args.num_report else [])
     if report_prompts:
         model.encode_prompts(report_prompts)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     scorer = scorer_from_args(args, model)
-    t0 = time.time()
-    rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
-                  progress=not args.quiet, engine=args.engine, scorer=scorer)
-    rdir = record_dir(args.out, rec.key)
-    if storage is None:
-        storage = _journal(args.out / "study.journal")
-    subject = Subject(model, prompts, seeds, args.batch_size, args.guidance, engine=rec.inputs["engine"])
-    reference = subject.run(None)
-    ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
-    lat_model = LatencyModel(rec.latency, variant_grid(tuple(rec.inputs["settings"]["keeps"]), tuple(rec.inputs["settings"]["selections"])), model.num_layers)
-    tokens = model.tokens_per_scale()
-    baseline_pred = lat_model.baseline(tokens)
-    points: dict[str, Any] = {}
-    all_trials, chosen_trials, infeasible = [], {}, []
-    held_subject = Subject(model, heldout, seeds, args.batch_size, args.guidance, engine=rec.inputs["engine"])
-    held_cache: dict[str, Any] = {}
-    report_subject = Subject(model, report_prompts, [s + REPORT_SEED_OFFSET for s in seeds], args.batch_size, args.guidance,
-                             engine=rec.inputs["engine"]) if report_prompts else None
-    warm_points = dict(warm.operating_points) if warm is not None else {}
-    warm_params = [p for p in (params_for_point(rec, pt) for pt in warm_points.values()) if p is not None]
-    searched = []                                    # (budget, target_s: budget less the margin, study name, study)
-    objective_for: dict[str, Objective] = {}         # study name -> its objective
-    for budget in budgets:
-        budget_s = budget.target_seconds(baseline_pred)
-        name = args.study or f"{model.name}.{model.resolution}.{budget.name}.{rec.key}"
-        if args.study and len(budgets) > 1:
-            name = f"{args.study}.{budget.name}"
-        study = open_study(name, storage, direction_multi=False, seed=args.seed)
-        theirs = study.user_attrs.get(STUDY_ATTR)
-        if theirs and theirs.get("record_sha256") not in (None, rec.sha256()):
-            raise StageVarError(
-                f"study {name!r} was searched with calibration record {theirs.get('record_key')}, but this run's record is "
-                f"{rec.key}. Run on the machine and with the options that measured it (same --out, prompts, seeds, device), "
-                "or pass another --study name.")
-        if not theirs:
-            study.set_user_attr(STUDY_ATTR, {"record_key": rec.key, "record_sha256": rec.sha256(), "budget": budget.name,
-                                             "budget_s": budget_s, "model": model.name, "trials": args.trials})
-        if not args.storage:
-            _requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
-        objective = objective_for[name] = Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem)
-        left_out = enqueue_seeds(study, rec, warm_points,
-                                 fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - args.latency_margin),
-                                                           warm_params), limit=args.trials,
-                                 allow_skip=objective.allow_skip)
-        if left_out:
-            log.warning("--warm-start: operating point(s) %s of %s lie outside this search space and were left out",
-                        ", ".join(left_out), args.warm_start)
-        # failed trials do not count: an interrupted one was queued again and its retry takes its place
-        done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                    and not is_local(t)])
-        remaining = max(0, args.trials - done)
-        if remaining:
-            log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
-            study.optimize(objective, n_trials=remaining, show_progress_bar=not args.quiet, gc_after_trial=False)
-        drop_queued_seeds(study)
-        searched.append((budget, budget_s * (1 - args.latency_margin), name, study))
-    # every trial measured in this run (same record, so comparable quality; absolute predicted
-    # latency) competes for every budget, whichever budget's study found it
-    pooled, found_by = [], {}                        # trials; id(trial) -> (study name, its budget)
-    for budget, _, name, study in searched:
-        for t in measured_trials(study):
-            pooled.append(t)
-            found_by[id(t)] = (name, budget.name)
-    for budget, target_s, name, study in searched:
-        if args.local_trials:
-            log.info("budget %s: local search (up to %d trials)", budget.name, args.local_trials)
-            for t in local_search(study, objective_for[name], rec, pooled, target_s, args.local_trials,
-                                  progress=not args.quiet):
-                pooled.append(t)
-                found_by[id(t)] = (name, budget.name)
-    for budget, target_s, name, study in searched:
-        cand_points = verification_candidates(rec, pooled, target_s, args.verify_candidates, args.verify_near,
-                                              allow_skip=objective_for[name].allow_skip)
-        if not cand_points:
-            # best effort: the measured trial with the lowest predicted latency
-            done_trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-            best_effort = sorted(done_trials, key=lambda t: t.user_attrs.get("predicted_latency_s", float("inf")))[:1]
-            cand_points = [(t, point_from_params(rec, t.params)) for t in best_effort]
-        best = verify_candidates(model, held_subject, cand_points, budget, scorer, held_cache, repeats=args.verify_repeats,
-                                 progress=not args.quiet, report_subject=report_subject)
-        trial, point, measured = best
-        study_name, study_budget = found_by.get(id(trial), (name, budget.name))
-        measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),
-                         "calibration_quality": trial.value, "trial": trial.number, "study": study_name})
-        if not measured["feasible"]:
-            infeasible.append((budget.name, measured["speedup"]))
-        points[budget.name] = OperatingPoint(point.stages, point.plans, measured)
-        chosen_trials[budget.name] = {"study_budget": study_budget, "number": trial.number}
-        all_trials += [dict(summarize_trial(t), budget=budget.name) for t in study.get_trials(deepcopy=False)
-                       if t.values is not None]
-    policy = Policy(model=binding_for(model), operating_points=points, default=budgets[0].name, provenance=base_provenance(
-        model=model.name, device=rec.inputs["device"], device_type=rec.inputs["device_type"], dtype=rec.inputs["dtype"],
-        batch_size=args.batch_size, guidance=rec.inputs["guidance"], engine=rec.inputs["engine"],
-        weights_sha256=weights_hash(model), calibrated=True,
-        calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
-        verification_prompts=len(heldout), report_prompts=len(report_prompts), seeds=seeds, metrics=scorer.describe(), optuna_storage=redact(args.storage) or "journal file in --out",
-        optuna_sampler_seed=args.seed, trials_per_budget=args.trials))
+    result = calibrate(model, budgets, prompts, seeds, heldout=heldout, report_prompts=report_prompts, out=args.out,
+                       batch_size=args.batch_size, guidance=args.guidance, scorer=scorer, engine=args.engine,
+                       storage=storage, storage_label=redact(args.storage), warm_start=warm, settings=settings,
+                       progress=not args.quiet)
+    points, rdir, report, infeasible = result.policy.operating_points, result.record_dir, result.report, result.infeasible
+    all_trials = result.trials
     out_path = args.policy_out or Path("policies") / f"{model.name}.{model.resolution}.{'-'.join(b.name for b in budgets)}.yaml"
     replaced = keep_replaced_policy(out_path, Path(args.out))
-    policy.save(out_path)
-    search_info = {"points": {k: v.to_dict() for k, v in points.items()}, "trials": all_trials, "chosen_trials": chosen_trials}
-    report = write_report(rec, rdir, search_info)
+    result.policy.save(out_path)
     summary = {"policy": str(out_path), "report": str(report), "record": str(rdir / "record.json"),
-               "seconds": round(time.time() - t0, 1), "metrics": scorer.describe(), **({"replaced_policy": str(replaced)} if replaced else {}),
+               "seconds": round(result.seconds, 1), "metrics": scorer.describe(), **({"replaced_policy": str(replaced)} if replaced else {}),
                "operating_points": {k: {kk: v.measured.get(kk) for kk in ("feasible", "speedup", "latency_s", "baseline_latency_s",
                                                                           "quality", "quality_se", "score_full", "score", "score_drop",
                                                                           "score_drop_se", "trial")}
@@ -296,39 +186,6 @@ def keep_replaced_policy(path: Path, out_dir: Path) -> Path | None:
         dest, n = out_dir / f"replaced-{path.stem}-{stamp}-{n}{path.suffix}", n + 1
     from stagevar.policy import atomic_write_text
     return atomic_write_text(dest, path.read_bytes().decode("utf-8"))
-
-
-def _journal(path: Path):
-    """The default storage: an Optuna journal file (a torn last line from a kill is repaired first)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    from calibrate.storage import repair_journal
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = Path(str(path) + ".lock")
-    if os.path.lexists(lock):            # held only for the instant of a write: still there a second later = stale
-        time.sleep(1.0)
-        if os.path.lexists(lock):
-            log.info("removing the stale lock %s left by a killed run", lock)
-            lock.unlink(missing_ok=True)
-    if path.exists():
-        repair_journal(path)
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-
-
-def _requeue_stale(study) -> None:
-    """Trials left RUNNING by a killed single-writer run are marked failed and queued again."""
-    import optuna
-    from optuna.trial import TrialState
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # "experimental" notice of the retry callback
-        cb = optuna.storages.RetryHeartbeatStaleTrialCallback() if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") \
-            else optuna.storages.RetryFailedTrialCallback()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        cb(study, study._storage.get_trial(t._trial_id))
-        log.info("trial %d was interrupted: queued again", t.number)
 
 
 def main(argv: list[str] | None = None) -> int:

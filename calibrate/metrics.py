@@ -165,7 +165,7 @@ class CodeAgreementScorer(SemanticScorer):
 #: scorers by the name a model's registry entry gives (``register_model(scorer=...)``)
 SCORERS = {"evaluator": ToyEvaluatorScorer, "codes": CodeAgreementScorer}
 #: every name ``--metric`` takes: the scorers, SSIM (always measured) and the learned metrics
-METRICS = ("evaluator", "codes", "ssim", "clip", "dino", "lpips")
+METRICS = ("evaluator", "codes", "ssim", "clip", "dino", "lpips", "dists")
 #: learned metrics tried from the local caches when a model's own scorer is the code agreement
 DEFAULT_LEARNED = ("clip", "dino", "lpips")
 
@@ -213,9 +213,10 @@ def build_scorer(model_name: str, metrics: list[str] | None = None, weights: dic
                  device=None) -> SemanticScorer:
     """The scorer calibration compares images with.
 
-    ``metrics`` None (the default): the model's own scorer; for a model whose own scorer is the
-    code agreement (the real checkpoints), the learned metrics of :data:`DEFAULT_LEARNED` whose
-    weights are in the local caches or in ``weights``, without downloading. Named ``metrics``:
+    ``metrics`` None (the default): the model's own scorer; for a model whose own scorer is no
+    semantic measure (the code agreement of the real checkpoints), the learned metrics of
+    :data:`DEFAULT_LEARNED` whose weights are in the local caches or in ``weights``, without
+    downloading. Named ``metrics``:
     exactly those (``evaluator`` / ``codes`` choose the base scorer; ``ssim`` is always
     measured), each learned one loaded or a clear error. Without any semantic measure the
     scorer still works (codes + SSIM) and a warning says so."""
@@ -224,7 +225,7 @@ def build_scorer(model_name: str, metrics: list[str] | None = None, weights: dic
     own = scorer_for(model_name)
     if metrics is None:
         base = own
-        wanted = [n for n in LEARNED if n in weights or (own.name == "codes" and n in DEFAULT_LEARNED)]
+        wanted = [n for n in LEARNED if n in weights or (not own.has_semantic_measure and n in DEFAULT_LEARNED)]
         strict = set(weights)
     else:
         if "evaluator" in metrics and own.name != "evaluator":

@@ -41,7 +41,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric-weights", type=parse_metric_weights, default={}, metavar="NAME=DIR,...",
                    help="local copies of the learned metrics' weights, e.g. clip=DIR1,dino=DIR2,lpips=DIR3 (a Hugging Face "
                         "save_pretrained directory for clip and dino; for lpips a directory with torchvision's "
-                        "alexnet-owt-7be5be79.pth and the lpips package's alex.pth)")
+                        "alexnet-owt-7be5be79.pth and the lpips package's alex.pth; for dists one with "
+                        "vgg16-397923af.pth and DISTS_pytorch's weights.pt)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 

@@ -8,10 +8,14 @@ gives a per-image agreement in [0, 1] (1 = the same image):
 * ``dino``: cosine of the DINOv2 class-token embeddings (``transformers``' ``Dinov2Model``);
 * ``lpips``: 1 - LPIPS distance (Zhang et al. 2018, version 0.1, AlexNet trunk). The trunk is the
   five convolutions of torchvision's AlexNet, loaded from torchvision's weight file, and the
-  linear heads are the ``lpips`` package's ``weights/v0.1/alex.pth``. The network is defined here
-  (a few lines) rather than imported from ``lpips``/``torchvision`` because torchvision's wheels
-  are built per torch build (a CPU torch cannot load the CUDA torchvision wheel); the test suite
-  checks it against the ``lpips`` package's own forward pass.
+  linear heads are the ``lpips`` package's ``weights/v0.1/alex.pth``;
+* ``dists``: 1 - DISTS distance (Ding et al. 2020): VGG16's thirteen convolutions (torchvision's
+  weight file) with L2 pooling, and the ``DISTS_pytorch`` package's learned ``weights.pt``.
+
+The two trunks are defined here (a few lines each, under torchvision's parameter names) rather
+than imported from ``lpips`` / ``DISTS_pytorch`` / ``torchvision``, because torchvision's wheels
+are built per torch build (a CPU torch cannot load the CUDA torchvision wheel); the test suite
+checks both against the packages' own forward passes.
 
 Weights are found the way each library finds them: a local directory given with
 ``--metric-weights NAME=DIR``, else the Hugging Face cache (``from_pretrained`` of the model id,
@@ -37,6 +41,9 @@ DINO_ID = "facebook/dinov2-base"
 #: torchvision's ImageNet AlexNet file (torch hub's checkpoint directory) and the lpips heads
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 LPIPS_HEADS_FILE = "alex.pth"
+#: torchvision's ImageNet VGG16 file and the DISTS_pytorch package's alpha / beta
+VGG16_FILE = "vgg16-397923af.pth"
+DISTS_WEIGHTS_FILE = "weights.pt"
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -238,26 +245,37 @@ class AlexNetTrunk(torch.nn.Module):
         return outs
 
 
-def _lpips_files(source: str | None) -> tuple[Path, Path]:
-    """(AlexNet trunk file, LPIPS heads file): from ``source`` (a directory holding both), else
-    torch hub's checkpoint directory and the installed ``lpips`` package."""
+def _trunk_files(metric: str, source: str | None, trunk_file: str, trunk_what: str, heads_file: str, heads_what: str,
+                 package: str, in_package: tuple[str, ...]) -> tuple[Path, Path]:
+    """(trunk weights, heads weights) of LPIPS / DISTS: from ``source`` (a directory holding both;
+    the trunk by its torchvision name's stem), else torch hub's checkpoint directory and the
+    installed ``package`` (located, not imported: it imports torchvision)."""
     if source is not None:
         d = Path(source)
-        trunks = sorted(d.glob("alexnet*.pth")) if d.is_dir() else []
-        heads = d / LPIPS_HEADS_FILE
+        trunks = sorted(d.glob(trunk_file.split("-")[0] + "*.pth")) if d.is_dir() else []
+        heads = d / heads_file
         if not trunks or not heads.is_file():
-            raise StageVarError(f"--metric-weights lpips={source}: the directory needs torchvision's AlexNet weights "
-                                f"({ALEXNET_FILE}) and the lpips v0.1 heads ({LPIPS_HEADS_FILE}); found "
+            raise StageVarError(f"--metric-weights {metric}={source}: the directory needs {trunk_what} ({trunk_file}) and "
+                                f"{heads_what} ({heads_file}); found "
                                 f"{', '.join(p.name for p in d.iterdir()) if d.is_dir() else 'no such directory'}.")
         return trunks[0], heads
-    trunk = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
-    spec = importlib.util.find_spec("lpips")        # located, not imported (it imports torchvision)
-    heads = (Path(spec.submodule_search_locations[0]) / "weights" / "v0.1" / LPIPS_HEADS_FILE
+    trunk = Path(torch.hub.get_dir()) / "checkpoints" / trunk_file
+    spec = importlib.util.find_spec(package)
+    heads = (Path(spec.submodule_search_locations[0]).joinpath(*in_package, heads_file)
              if spec and spec.submodule_search_locations else None)
     if not trunk.is_file() or heads is None or not heads.is_file():
-        raise MetricWeightsMissing("lpips", f"torchvision's {ALEXNET_FILE} in {trunk.parent} and the lpips package's "
-                                   f"{LPIPS_HEADS_FILE}")
+        raise MetricWeightsMissing(metric, f"{trunk_what} ({trunk_file}) in {trunk.parent} and the {package} package's "
+                                           f"{heads_file}")
     return trunk, heads
+
+
+def _upsampled(images: np.ndarray, device, min_side: int) -> torch.Tensor:
+    """Images as a tensor, upsampled (bilinear) so the shorter side is at least ``min_side``."""
+    x = _as_tensor(images, device)
+    if min(x.shape[-2:]) < min_side:
+        s = min_side / min(x.shape[-2:])
+        x = F.interpolate(x, size=(round(x.shape[-2] * s), round(x.shape[-1] * s)), mode="bilinear", align_corners=False)
+    return x
 
 
 class LpipsMetric(ImageMetric):
@@ -272,7 +290,8 @@ class LpipsMetric(ImageMetric):
     def __init__(self, source: str | None = None, device=None, download: bool = True):
         """``download`` is accepted for symmetry: the files are only ever looked up locally."""
         self.device = torch.device(device or "cpu")
-        trunk_file, heads_file = _lpips_files(source)
+        trunk_file, heads_file = _trunk_files("lpips", source, ALEXNET_FILE, "torchvision's AlexNet weights",
+                                              LPIPS_HEADS_FILE, "the lpips v0.1 heads", "lpips", ("weights", "v0.1"))
         self.source = str(trunk_file.parent) if source else f"{trunk_file} + {heads_file}"
         self.trunk = AlexNetTrunk()
         try:
@@ -286,11 +305,7 @@ class LpipsMetric(ImageMetric):
         self.heads = [h.to(self.device) for h in self.heads]
 
     def _prepare(self, images: np.ndarray) -> torch.Tensor:
-        x = _as_tensor(images, self.device)
-        if min(x.shape[-2:]) < self.MIN_SIDE:
-            s = self.MIN_SIDE / min(x.shape[-2:])
-            x = F.interpolate(x, size=(round(x.shape[-2] * s), round(x.shape[-1] * s)), mode="bilinear", align_corners=False)
-        return _normalise(x * 2 - 1, self.SHIFT, self.SCALE)
+        return _normalise(_upsampled(images, self.device, self.MIN_SIDE) * 2 - 1, self.SHIFT, self.SCALE)
 
     @torch.inference_mode()
     def distance(self, images: np.ndarray, references: np.ndarray) -> np.ndarray:
@@ -310,5 +325,98 @@ class LpipsMetric(ImageMetric):
         return np.clip(1.0 - self.distance(images, references), 0.0, 1.0)
 
 
+class L2Pool(torch.nn.Module):
+    """DISTS's replacement for VGG's max pooling: sqrt of a Hann-weighted (3x3) average of
+    squares, stride 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        a = torch.hann_window(5, periodic=False, dtype=torch.float64)[1:-1]
+        g = (a[:, None] * a[None, :]) / (a[:, None] * a[None, :]).sum()
+        self.register_buffer("filter", g.float()[None, None].repeat(channels, 1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (F.conv2d(x ** 2, self.filter, stride=2, padding=1, groups=x.shape[1]) + 1e-12).sqrt()
+
+
+class Vgg16Trunk(torch.nn.Module):
+    """torchvision's VGG16 ``features`` up to conv5_3 (same module indices, so its state dict
+    loads), with DISTS's L2 pooling in place of max pooling; returns the input and the five
+    stage outputs DISTS compares."""
+
+    CHANNELS = (3, 64, 128, 256, 512, 512)
+    STAGES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))     # module index ranges ending at relu1_2 ... relu5_3
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for i, width in enumerate((64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512)):
+            if width == "P":
+                layers.append(L2Pool(c))
+            else:
+                layers += [torch.nn.Conv2d(c, width, 3, padding=1), torch.nn.ReLU()]
+                c = width
+        self.features = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        outs = [x]
+        h = _normalise(x, _IMAGENET_MEAN, _IMAGENET_STD)
+        for a, b in self.STAGES:
+            for layer in self.features[a:b]:
+                h = layer(h)
+            outs.append(h)
+        return outs
+
+
+class DistsMetric(ImageMetric):
+    """DISTS similarity (Ding et al. 2020: structure and texture similarity of VGG16 features,
+    weighted by its learned alpha / beta), i.e. 1 - DISTS distance."""
+
+    name, kind = "dists", "structure"
+    MIN_SIDE = 64
+    batch = 8
+
+    def __init__(self, source: str | None = None, device=None, download: bool = True):
+        """``download`` is accepted for symmetry: the files are only ever looked up locally."""
+        self.device = torch.device(device or "cpu")
+        trunk_file, weights_file = _trunk_files("dists", source, VGG16_FILE, "torchvision's VGG16 weights",
+                                                DISTS_WEIGHTS_FILE, "DISTS's alpha / beta", "DISTS_pytorch", ())
+        self.source = str(trunk_file.parent) if source else f"{trunk_file} + {weights_file}"
+        self.trunk = Vgg16Trunk()
+        try:
+            state = torch.load(trunk_file, map_location="cpu", weights_only=True)
+            self.trunk.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")
+                                        and int(k.split(".")[1]) < 30})
+            w = torch.load(weights_file, map_location="cpu", weights_only=True)
+            alpha, beta = w["alpha"].float(), w["beta"].float()
+        except Exception as e:  # noqa: BLE001 - a file of another network, named with the reason
+            raise StageVarError(f"dists weights {trunk_file}, {weights_file}: not VGG16 / DISTS weights ({e}).") from None
+        total = alpha.sum() + beta.sum()
+        self.alpha = [a.to(self.device) for a in torch.split(alpha / total, Vgg16Trunk.CHANNELS, dim=1)]
+        self.beta = [b.to(self.device) for b in torch.split(beta / total, Vgg16Trunk.CHANNELS, dim=1)]
+        self.trunk = self.trunk.eval().to(self.device)
+
+
+    @torch.inference_mode()
+    def similarity(self, images: np.ndarray, references: np.ndarray) -> np.ndarray:
+        out = []
+        c1 = c2 = 1e-6
+        for i in range(0, len(images), self.batch):
+            fa = self.trunk(_upsampled(images[i:i + self.batch], self.device, self.MIN_SIDE))
+            fb = self.trunk(_upsampled(references[i:i + self.batch], self.device, self.MIN_SIDE))
+            s = 0
+            for a, b, alpha, beta in zip(fa, fb, self.alpha, self.beta):
+                ma, mb = a.mean((2, 3), keepdim=True), b.mean((2, 3), keepdim=True)
+                va, vb = ((a - ma) ** 2).mean((2, 3), keepdim=True), ((b - mb) ** 2).mean((2, 3), keepdim=True)
+                cov = (a * b).mean((2, 3), keepdim=True) - ma * mb
+                s = s + (alpha * (2 * ma * mb + c1) / (ma ** 2 + mb ** 2 + c1)).sum(1) \
+                      + (beta * (2 * cov + c2) / (va + vb + c2)).sum(1)
+            out.append(s.flatten())
+        return torch.cat(out).cpu().numpy().astype(np.float64)
+
+    def agreement(self, images, references):
+        return np.clip(self.similarity(images, references), 0.0, 1.0)
+
+
 #: learned metrics by name
-LEARNED = {"clip": ClipMetric, "dino": DinoMetric, "lpips": LpipsMetric}
+LEARNED = {"clip": ClipMetric, "dino": DinoMetric, "lpips": LpipsMetric, "dists": DistsMetric}

@@ -70,12 +70,12 @@ import time
 import warnings
 from pathlib import Path
 
+from calibrate.pipeline import STUDY_ATTR
 from calibrate.storage import open_storage, redact, retried_trial_number, retry_callback, storage_guard
 from stagevar.errors import StageVarError
 
 log = logging.getLogger("stagevar.calibrate.worker")
 
-STUDY_ATTR = "stagevar"                    # study user attribute: record key / sha256, budget, model
 _CHILD_ENV = "STAGEVAR_WORKER_CHILD"       # set for the processes started by --n-workers
 
 EPILOG = """\

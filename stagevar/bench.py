@@ -95,7 +95,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-quality", action="store_true", help="speed and memory only (no scipy needed)")
     p.add_argument("--metric-weights", type=_metric_weights, default={}, metavar="NAME=DIR,...",
                    help="also report learned metrics against the full model's images: clip (CLIP-I, and the image-prompt "
-                        "score CLIP-T), dino, lpips; DIR a local copy as for stagevar-calibrate --metric-weights")
+                        "score CLIP-T), dino, lpips, dists; DIR a local copy as for stagevar-calibrate --metric-weights")
     p.add_argument("--no-plot", action="store_true", help="write no plot (no matplotlib needed)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -118,7 +118,7 @@ def _metric_weights(text: str) -> dict[str, str]:
 
 
 #: learned metric -> its columns in the table (agreement with the full model's image; CLIP's prompt score)
-METRIC_COLUMNS = {"clip": "CLIP-I", "clip_text": "CLIP-T", "dino": "DINO", "lpips": "1-LPIPS"}
+METRIC_COLUMNS = {"clip": "CLIP-I", "clip_text": "CLIP-T", "dino": "DINO", "lpips": "1-LPIPS", "dists": "1-DISTS"}
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:

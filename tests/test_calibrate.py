@@ -1014,17 +1014,9 @@ def test_objective_feasible_trial_is_measured(model, record, subject, reference)
 
 # -------------------------------------------------------------------------------- 10. the CLI
 @pytest.fixture
-def small_cli(monkeypatch):
-    """Make the command measure with the small settings (and so reuse the module's record).
-
-    ``measure``'s default settings are bound when it is defined, so patching the class would not
-    reach it: patch the keyword default itself. The command also builds its latency model from
-    the *default* variant grid rather than the record's (see the report), so patch that default too.
-    """
-    monkeypatch.setitem(calibration.measure.__kwdefaults__, "settings", SETTINGS)
-    real = common.variant_grid
-    monkeypatch.setattr(common, "variant_grid",
-                        lambda keeps=SETTINGS.keeps, selections=SETTINGS.selections, **k: real(keeps, selections, **k))
+def small_cli(small_measure):
+    """The command measures with the small settings (and so reuses the module's record)."""
+    assert small_measure == SETTINGS
 
 
 def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monkeypatch, capsys):

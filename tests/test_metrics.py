@@ -1,9 +1,11 @@
-"""The learned metrics (CLIP, DINOv2, LPIPS) and the scorer that carries them through calibration.
+"""The learned metrics (CLIP, DINOv2, LPIPS, DISTS) and the scorer that carries them through
+calibration.
 
 Tiny randomly initialised CLIP and DINOv2 models are saved as local Hugging Face copies (as the
-T5 test does), and a random AlexNet trunk with random LPIPS heads as the files LPIPS reads. These
-tests prove wiring and the metrics' arithmetic, not quality: random networks cannot say whether an
-image shows its prompt. LPIPS itself is checked against the ``lpips`` package's forward pass.
+T5 test does), and random AlexNet / VGG16 trunks with random heads as the files LPIPS and DISTS
+read. These tests prove wiring and the metrics' arithmetic, not quality: random networks cannot
+say whether an image shows its prompt. LPIPS and DISTS themselves are checked against the
+``lpips`` and ``DISTS_pytorch`` packages' forward passes.
 """
 from __future__ import annotations
 
@@ -21,15 +23,11 @@ import torch
 import yaml
 from scipy import ndimage
 
-from calibrate import calibration, perceptual
-from calibrate.calibration import MeasureSettings
-from calibrate.measure import common
+from calibrate import perceptual
 from calibrate.metrics import build_scorer, ssim
-from calibrate.perceptual import AlexNetTrunk, ClipMetric, DinoMetric, LpipsMetric
+from calibrate.perceptual import AlexNetTrunk, ClipMetric, DinoMetric, DistsMetric, LpipsMetric, Vgg16Trunk
 
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "a", "red", "blue", "green", "circle", "square", "two", "cat"]
-SMALL = MeasureSettings(keeps=(0.5,), selections=("random_projection",), sensitivity_from=5, latency_repeats=1,
-                        latency_check_policies=1)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +53,12 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     torch.save(AlexNetTrunk().state_dict(), root / "lpips" / perceptual.ALEXNET_FILE)
     torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(AlexNetTrunk.CHANNELS)},
                root / "lpips" / perceptual.LPIPS_HEADS_FILE)
-    return {name: root / name for name in ("clip", "dino", "lpips")}
+    (root / "dists").mkdir()
+    torch.save(Vgg16Trunk().state_dict(), root / "dists" / perceptual.VGG16_FILE)
+    n = sum(Vgg16Trunk.CHANNELS)
+    torch.save({"alpha": 0.1 + 0.01 * torch.randn(1, n, 1, 1), "beta": 0.1 + 0.01 * torch.randn(1, n, 1, 1)},
+               root / "dists" / perceptual.DISTS_WEIGHTS_FILE)
+    return {name: root / name for name in ("clip", "dino", "lpips", "dists")}
 
 
 def _test_image() -> np.ndarray:
@@ -70,9 +73,9 @@ def _blurred(img: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([ndimage.gaussian_filter(img[0, c], sigma) for c in range(3)])[None]
 
 
-@pytest.mark.parametrize("name", ["clip", "dino", "lpips", "ssim"])
+@pytest.mark.parametrize("name", ["clip", "dino", "lpips", "dists", "ssim"])
 def test_identical_images_agree_fully_and_blur_lowers_agreement_monotonically(name, weights):
-    classes = {"clip": ClipMetric, "dino": DinoMetric, "lpips": LpipsMetric}
+    classes = {"clip": ClipMetric, "dino": DinoMetric, "lpips": LpipsMetric, "dists": DistsMetric}
     agree = (lambda a, b: ssim(a, b)) if name == "ssim" else classes[name](str(weights[name])).agreement
     img = _test_image()
     assert agree(img, img)[0] == pytest.approx(1.0, abs=1e-5)
@@ -90,31 +93,38 @@ def test_clip_gives_an_image_prompt_score_and_batches_agree_with_single_images(w
     assert np.allclose(m.agreement(imgs, np.repeat(imgs[:1], 3, axis=0)), one, atol=1e-5)
 
 
-def test_lpips_matches_the_lpips_package(tmp_path, monkeypatch):
-    """Our AlexNet trunk + heads against the ``lpips`` package's forward pass, with the package's
-    own v0.1 heads and the same (random) trunk. ``lpips`` imports torchvision only to build the
-    trunk, so a stand-in module hands it ours."""
-    spec = importlib.util.find_spec("lpips")
-    assert spec is not None, "the lpips package is part of the test install (.ci/run: pip install --no-deps lpips)"
-    torch.manual_seed(1)
-    state = AlexNetTrunk().state_dict()
+def _package_with_our_trunk(monkeypatch, package: str, builder: str, trunk_cls, state):
+    """Import ``package`` (which builds its trunk with torchvision) with a stand-in torchvision
+    whose ``models.<builder>()`` returns our trunk holding ``state``; the package's modules are
+    dropped again afterwards. Returns the imported package."""
+    assert importlib.util.find_spec(package) is not None, \
+        f"the {package} package is part of the test install (.ci/run: pip install --no-deps ...)"
 
-    def alexnet(pretrained=False, **_):
-        t = AlexNetTrunk()
+    def build(pretrained=False, **_):
+        t = trunk_cls()
         t.load_state_dict(state)
         return t
-    tv, tvm = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
-    tv.__spec__ = importlib.machinery.ModuleSpec("torchvision", None)
-    tvm.__spec__ = importlib.machinery.ModuleSpec("torchvision.models", None)
-    tvm.alexnet, tv.models = alexnet, tvm
-    monkeypatch.setitem(sys.modules, "torchvision", tv)
-    monkeypatch.setitem(sys.modules, "torchvision.models", tvm)
+    mods = {n: types.ModuleType(n) for n in ("torchvision", "torchvision.models", "torchvision.transforms")}
+    for n, m in mods.items():
+        m.__spec__ = importlib.machinery.ModuleSpec(n, None)
+        monkeypatch.setitem(sys.modules, n, m)
+    setattr(mods["torchvision.models"], builder, build)
+    mods["torchvision"].models, mods["torchvision"].transforms = mods["torchvision.models"], mods["torchvision.transforms"]
     try:
-        import lpips
-        reference = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+        return importlib.import_module(package)
     finally:
-        for k in [k for k in sys.modules if k == "lpips" or k.startswith("lpips.")]:
+        for k in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
             del sys.modules[k]
+
+
+def test_lpips_matches_the_lpips_package(tmp_path, monkeypatch):
+    """Our AlexNet trunk + heads against the ``lpips`` package's forward pass, with the package's
+    own v0.1 heads and the same (random) trunk."""
+    torch.manual_seed(1)
+    state = AlexNetTrunk().state_dict()
+    lpips = _package_with_our_trunk(monkeypatch, "lpips", "alexnet", AlexNetTrunk, state)
+    reference = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    spec = importlib.util.find_spec("lpips")
     torch.save(state, tmp_path / perceptual.ALEXNET_FILE)
     shutil.copy(Path(spec.submodule_search_locations[0]) / "weights" / "v0.1" / perceptual.LPIPS_HEADS_FILE, tmp_path)
     ours = LpipsMetric(str(tmp_path))
@@ -123,6 +133,26 @@ def test_lpips_matches_the_lpips_package(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = reference(torch.tensor(a * 2 - 1, dtype=torch.float32), torch.tensor(b * 2 - 1, dtype=torch.float32))
     np.testing.assert_allclose(ours.distance(a, b), expected.flatten().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_dists_matches_the_dists_package(tmp_path, monkeypatch):
+    """Our VGG16 trunk with L2 pooling + DISTS's alpha / beta against ``DISTS_pytorch``'s forward
+    pass, with the package's own weights.pt and the same (random) trunk."""
+    torch.manual_seed(2)
+    state = Vgg16Trunk().state_dict()
+    dists = _package_with_our_trunk(monkeypatch, "DISTS_pytorch", "vgg16", Vgg16Trunk, state)
+    weights_pt = Path(importlib.util.find_spec("DISTS_pytorch").submodule_search_locations[0]) / perceptual.DISTS_WEIGHTS_FILE
+    reference = dists.DISTS(load_weights=False).eval()
+    w = torch.load(weights_pt, weights_only=True)
+    reference.alpha.data, reference.beta.data = w["alpha"], w["beta"]
+    torch.save(state, tmp_path / perceptual.VGG16_FILE)
+    shutil.copy(weights_pt, tmp_path)
+    ours = DistsMetric(str(tmp_path))
+    rng = np.random.default_rng(0)
+    a, b = rng.random((3, 3, 64, 64)), rng.random((3, 3, 64, 64))
+    with torch.no_grad():
+        expected = reference(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+    np.testing.assert_allclose(1.0 - ours.similarity(a, b), expected.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_a_model_without_learned_weights_is_calibrated_on_codes_and_says_so(monkeypatch, tmp_path, caplog):
@@ -138,16 +168,13 @@ def test_a_model_without_learned_weights_is_calibrated_on_codes_and_says_so(monk
     assert toy.name == "evaluator" and toy.metrics == () and toy.has_semantic_measure
 
 
-def test_calibrate_with_learned_metrics_end_to_end(weights, tmp_path, monkeypatch, capsys):
+def test_calibrate_with_learned_metrics_end_to_end(weights, tmp_path, small_measure, capsys):
     """``stagevar-calibrate --metric clip,dino,lpips --metric-weights ...`` on ``infinity-tiny``:
     the record, report and policy carry the learned metrics' curves, columns and sources."""
     from calibrate.cli import main
 
-    monkeypatch.setitem(calibration.measure.__kwdefaults__, "settings", SMALL)
-    real = common.variant_grid
-    monkeypatch.setattr(common, "variant_grid", lambda keeps=SMALL.keeps, selections=SMALL.selections, **k:
-                        real(keeps, selections, **k))
     policy = tmp_path / "p.yaml"
+    weights = {k: weights[k] for k in ("clip", "dino", "lpips")}
     given = ",".join(f"{k}={v}" for k, v in weights.items())
     rc = main(["--model", "infinity-tiny", "--metric", "clip,dino,lpips", "--metric-weights", given, "--budget", "2x",
                "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "2", "--num-report", "2", "--trials", "3",
@@ -216,8 +243,8 @@ def test_bench_reports_learned_metric_columns(weights, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "bench.json").read_text())
     full, paper = res["methods"][0]["quality"], res["methods"][1]["quality"]
-    for name in ("clip", "dino", "lpips"):                 # the full model against itself agrees fully
+    for name in ("clip", "dino", "lpips", "dists"):        # the full model against itself agrees fully
         assert full[f"{name}_mean"] == pytest.approx(1.0, abs=1e-5) and 0.0 <= paper[f"{name}_mean"] <= 1.0 + 1e-6
     assert -1.0 <= paper["clip_text_mean"] <= 1.0
     table = next(out.glob("*.md")).read_text()
-    assert all(col in table for col in ("CLIP-I", "CLIP-T", "DINO", "1-LPIPS"))
+    assert all(col in table for col in ("CLIP-I", "CLIP-T", "DINO", "1-LPIPS", "1-DISTS"))

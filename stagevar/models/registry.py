@@ -7,7 +7,8 @@ True
 A builder is a function ``build(weights=None, device="cpu", dtype=torch.float32, random_weights=False)
 -> Adapter`` registered with :func:`register_model`. ``weights`` is a file or directory (or
 ``None``: look in ``$STAGEVAR_WEIGHTS``, or use the weights shipped in the package where a model
-has them).
+has them). A model that needs official weights and gets none (or ``hf``) finds them in the local
+Hugging Face cache (:mod:`stagevar.models.hub`).
 """
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+def _is_hub_keyword(root: Path) -> bool:
+    """``--weights hf`` asks for the Hugging Face cache (unless a directory ``hf`` is there)."""
+    return str(root) == "hf" and not root.exists()
+
+
 def weights_root(weights: str | os.PathLike | None) -> Path | None:
     """The weights location: the argument, else ``$STAGEVAR_WEIGHTS``, else None."""
     if weights is not None:
@@ -81,7 +87,13 @@ def load_model(
     entry = model_entry(name)
     device = resolve_device(device)
     if narrow is None:
-        return entry.builder(weights=weights_root(weights), device=device, dtype=dtype, random_weights=random_weights)
+        root = weights_root(weights)
+        if entry.needs_weights and not random_weights and (root is None or _is_hub_keyword(root)):
+            from stagevar.models.hub import weights_from_hub_cache
+            root = weights_from_hub_cache(name)          # --weights hf, or nothing given: the local HF cache
+        elif root is not None and _is_hub_keyword(root):
+            root = None                                  # random or embedded weights: nothing to look up
+        return entry.builder(weights=root, device=device, dtype=dtype, random_weights=random_weights)
     narrowable = sorted(n for n, e in _REGISTRY.items() if e.narrowable)
     if not entry.narrowable:
         raise StageVarError(f"--narrow: model {name!r} cannot be built at another width; models that can: "
@@ -96,7 +108,8 @@ def add_model_arguments(p, random_weights_help: str = "seeded random weights at 
     """The options :func:`load_model_from_args` reads, for a command's parser."""
     from stagevar import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL}; see list-models)")
-    p.add_argument("--weights", type=Path, help="weights directory (default $STAGEVAR_WEIGHTS; embedded models need none)")
+    p.add_argument("--weights", type=Path, help="weights directory, or 'hf' for the local Hugging Face cache (default "
+                                                "$STAGEVAR_WEIGHTS, else the Hugging Face cache; embedded models need none)")
     p.add_argument("--random-weights", action="store_true", help=random_weights_help)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")

@@ -1,0 +1,297 @@
+"""The calibration pipeline as a Python API: measure -> search -> verify -> policy.
+
+    from stagevar import load_model
+    from calibrate.pipeline import calibrate
+
+    model = load_model("infinity-mini")
+    result = calibrate(model, "3x", prompts, seeds=[0], heldout=heldout, out="runs/cal")
+    result.policy.save("my-policy.yaml")
+
+:func:`calibrate` runs the whole pass (``stagevar-calibrate`` is this call with arguments parsed
+and results printed); its steps are :func:`calibrate.calibration.measure` (the record),
+:func:`search` (one Optuna study per budget, then the local search) and :func:`verify` (the
+candidates re-measured end to end on held-out prompts, the chosen one measured again on a report
+set). Everything it writes lives in ``out``: the record, the report and, unless another Optuna
+storage is given, the study journal; killing a run and calling it again resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from calibrate.search import LATENCY_MARGIN
+from stagevar.errors import StageVarError
+
+log = logging.getLogger("stagevar.calibrate")
+
+#: study user attribute: record key / sha256, budget, model (checked when a study is resumed)
+STUDY_ATTR = "stagevar"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """How hard the search and the verification work (the CLI's options of the same names)."""
+
+    trials: int = 60                       # sampler trials per budget, enqueued seeds included
+    local_trials: int = 30                 # local-search trials per budget after the sampler
+    seed: int = 0                          # the sampler's seed
+    latency_margin: float = LATENCY_MARGIN  # aim this fraction under each budget's latency
+    verify_candidates: int = 5             # best feasible trials re-measured end to end
+    verify_near: int = 2                   # and best trials predicted up to 10% over the target
+    verify_repeats: int = 5                # timed rounds of the verification latency
+    study: str | None = None               # study name (default: model, budget and record key)
+
+    def check(self) -> None:
+        """A clear error naming the first setting out of range (by its CLI option)."""
+        for name, low in (("trials", 1), ("verify_repeats", 1), ("local_trials", 0), ("verify_candidates", 1),
+                          ("verify_near", 0)):
+            if getattr(self, name) < low:
+                raise StageVarError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}.")
+        if not 0.0 <= self.latency_margin < 0.5:
+            raise StageVarError(f"--latency-margin must be in [0, 0.5), got {self.latency_margin} (0.03 aims 3% under "
+                                "the budget).")
+
+
+@dataclasses.dataclass
+class Searched:
+    """One budget's study after the search: its target (the budget less the margin) and objective."""
+
+    budget: Any
+    target_s: float
+    name: str
+    study: Any
+    objective: Any
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    """What :func:`calibrate` produced. ``infeasible``: (budget, best verified speedup) of each
+    budget no candidate met (its operating point is written, marked ``feasible: false``)."""
+
+    policy: Any
+    record: Any
+    record_dir: Path
+    report: Path
+    trials: list[dict[str, Any]]
+    chosen_trials: dict[str, dict[str, Any]]
+    infeasible: list[tuple[str, float]]
+    seconds: float
+    scorer: Any
+
+
+def default_study_name(model, budget, record, study: str | None, several: bool) -> str:
+    if study:
+        return f"{study}.{budget.name}" if several else study
+    return f"{model.name}.{model.resolution}.{budget.name}.{record.key}"
+
+
+def open_owned_study(name: str, storage, record, budget, budget_s: float, model_name: str, trials: int, seed: int):
+    """Open (or create) the study and check that it was searched with this calibration record."""
+    from calibrate.search import open_study
+    study = open_study(name, storage, direction_multi=False, seed=seed)
+    theirs = study.user_attrs.get(STUDY_ATTR)
+    if theirs and theirs.get("record_sha256") not in (None, record.sha256()):
+        raise StageVarError(
+            f"study {name!r} was searched with calibration record {theirs.get('record_key')}, but this run's record is "
+            f"{record.key}. Run on the machine and with the options that measured it (same --out, prompts, seeds, device), "
+            "or pass another --study name.")
+    if not theirs:
+        study.set_user_attr(STUDY_ATTR, {"record_key": record.key, "record_sha256": record.sha256(), "budget": budget.name,
+                                         "budget_s": budget_s, "model": model_name, "trials": trials})
+    return study
+
+
+def journal_storage(path: Path):
+    """The default storage: an Optuna journal file (a torn last line from a kill is repaired first)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from calibrate.storage import repair_journal
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = Path(str(path) + ".lock")
+    if os.path.lexists(lock):            # held only for the instant of a write: still there a second later = stale
+        time.sleep(1.0)
+        if os.path.lexists(lock):
+            log.info("removing the stale lock %s left by a killed run", lock)
+            lock.unlink(missing_ok=True)
+    if path.exists():
+        repair_journal(path)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def requeue_stale(study) -> None:
+    """Trials left RUNNING by a killed single-writer run are marked failed and queued again."""
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # "experimental" notice of the retry callback
+        cb = optuna.storages.RetryHeartbeatStaleTrialCallback() if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback") \
+            else optuna.storages.RetryFailedTrialCallback()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        cb(study, study._storage.get_trial(t._trial_id))
+        log.info("trial %d was interrupted: queued again", t.number)
+
+
+def search(model, record, subject, budgets, scorer, storage, *, settings: SearchSettings = SearchSettings(),
+           warm_start=None, single_writer: bool = True, progress: bool = True) -> tuple[list[Searched], list, dict]:
+    """One Optuna study per budget (resumed where it stopped), then the local search from the
+    best trials. Every trial measured in this run (same record, so comparable quality; absolute
+    predicted latency) competes for every budget, whichever budget's study found it. Returns
+    (the studies, the pooled measured trials, id(trial) -> (study name, its budget))."""
+    import optuna
+
+    from calibrate.measure.common import variant_grid
+    from calibrate.measure.latency import LatencyModel
+    from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, local_search,
+                                  measured_trials, params_for_point)
+
+    s = record.inputs["settings"]
+    lat_model = LatencyModel(record.latency, variant_grid(tuple(s["keeps"]), tuple(s["selections"])), model.num_layers)
+    tokens = model.tokens_per_scale()
+    baseline_pred = lat_model.baseline(tokens)
+    reference = subject.run(None)
+    ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
+    warm_points = dict(warm_start.operating_points) if warm_start is not None else {}
+    warm_params = [p for p in (params_for_point(record, pt) for pt in warm_points.values()) if p is not None]
+    searched: list[Searched] = []
+    for budget in budgets:
+        budget_s = budget.target_seconds(baseline_pred)
+        name = default_study_name(model, budget, record, settings.study, len(budgets) > 1)
+        study = open_owned_study(name, storage, record, budget, budget_s, model.name, settings.trials, settings.seed)
+        if single_writer:
+            requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
+        objective = Objective(record, subject, lat_model, budget_s, scorer, reference, ref_sem)
+        left_out = enqueue_seeds(study, record, warm_points,
+                                 fitted=budget_seed_params(record, lat_model, tokens, budget_s * (1 - settings.latency_margin),
+                                                           warm_params), limit=settings.trials,
+                                 allow_skip=objective.allow_skip)
+        if left_out:
+            log.warning("warm start: operating point(s) %s lie outside this search space and were left out",
+                        ", ".join(left_out))
+        # failed trials do not count: an interrupted one was queued again and its retry takes its place
+        done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                    and not is_local(t)])
+        remaining = max(0, settings.trials - done)
+        if remaining:
+            log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
+            study.optimize(objective, n_trials=remaining, show_progress_bar=progress, gc_after_trial=False)
+        drop_queued_seeds(study)
+        searched.append(Searched(budget, budget_s * (1 - settings.latency_margin), name, study, objective))
+    pooled, found_by = [], {}
+    for sd in searched:
+        for t in measured_trials(sd.study):
+            pooled.append(t)
+            found_by[id(t)] = (sd.name, sd.budget.name)
+    if settings.local_trials:
+        for sd in searched:
+            log.info("budget %s: local search (up to %d trials)", sd.budget.name, settings.local_trials)
+            for t in local_search(sd.study, sd.objective, record, pooled, sd.target_s, settings.local_trials,
+                                  progress=progress):
+                pooled.append(t)
+                found_by[id(t)] = (sd.name, sd.budget.name)
+    return searched, pooled, found_by
+
+
+def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer, held_subject, report_subject=None, *,
+           settings: SearchSettings = SearchSettings(), progress: bool = True):
+    """Per budget: the candidates re-measured end to end on ``held_subject``, the winner measured
+    again on ``report_subject``. Returns (operating points, chosen trials, all trials, infeasible)."""
+    import optuna
+
+    from calibrate.search import point_from_params, summarize_trial, verification_candidates
+    from calibrate.verify import verify_candidates
+    from stagevar.policy import OperatingPoint
+
+    points, chosen, trials, infeasible = {}, {}, [], []
+    cache: dict[str, Any] = {}
+    for sd in searched:
+        budget = sd.budget
+        cand_points = verification_candidates(record, pooled, sd.target_s, settings.verify_candidates, settings.verify_near,
+                                              allow_skip=sd.objective.allow_skip)
+        if not cand_points:
+            # best effort: the measured trial with the lowest predicted latency
+            done_trials = [t for t in sd.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+            best_effort = sorted(done_trials, key=lambda t: t.user_attrs.get("predicted_latency_s", float("inf")))[:1]
+            cand_points = [(t, point_from_params(record, t.params)) for t in best_effort]
+        trial, point, measured = verify_candidates(model, held_subject, cand_points, budget, scorer, cache,
+                                                   repeats=settings.verify_repeats, progress=progress,
+                                                   report_subject=report_subject)
+        study_name, study_budget = found_by.get(id(trial), (sd.name, budget.name))
+        measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),
+                         "calibration_quality": trial.value, "trial": trial.number, "study": study_name})
+        if not measured["feasible"]:
+            infeasible.append((budget.name, measured["speedup"]))
+        points[budget.name] = OperatingPoint(point.stages, point.plans, measured)
+        chosen[budget.name] = {"study_budget": study_budget, "number": trial.number}
+        trials += [dict(summarize_trial(t), budget=budget.name) for t in sd.study.get_trials(deepcopy=False)
+                   if t.values is not None]
+    return points, chosen, trials, infeasible
+
+
+def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,), *, heldout: Sequence[str],
+              report_prompts: Sequence[str] = (), out: str | Path = "runs/calibration", batch_size: int = 8,
+              guidance=None, scorer=None, engine: str | None = None, storage=None, storage_label: str | None = None,
+              warm_start=None, settings: SearchSettings = SearchSettings(), progress: bool = True) -> CalibrationResult:
+    """Measure ``model`` on ``prompts`` x ``seeds``, search a plan per budget (``"3x"``,
+    ``"2x,3x,4x"``, ``"700ms"`` or :class:`calibrate.search.Budget` objects), verify on
+    ``heldout`` (and measure the winner on ``report_prompts`` with the seeds + 1000) and return
+    the policy, unsaved, with the record and report written into ``out``.
+
+    ``scorer``: how images are compared (default: the model's own, :func:`calibrate.metrics.build_scorer`).
+    ``storage``: an Optuna storage (default: a journal file in ``out``, whose interrupted trials
+    are queued again); ``storage_label`` names it in the policy's provenance (credentials
+    redacted by the caller). ``warm_start``: an earlier :class:`stagevar.policy.Policy` whose
+    operating points are tried first."""
+    import optuna
+
+    from calibrate.calibration import measure, record_dir, weights_hash
+    from calibrate.measure.common import Subject
+    from calibrate.metrics import build_scorer
+    from calibrate.report import write_report
+    from calibrate.search import parse_budgets
+    from calibrate.verify import REPORT_SEED_OFFSET
+    from stagevar.policy import Policy, base_provenance, binding_for
+
+    budgets = parse_budgets(budgets) if isinstance(budgets, str) else list(budgets)
+    settings.check()
+    prompts, seeds, heldout, report_prompts = list(prompts), list(seeds), list(heldout), list(report_prompts)
+    if warm_start is not None:
+        warm_start.check_compatible(model)
+    scorer = scorer if scorer is not None else build_scorer(model.name, device=model.device)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    t0 = time.time()
+    out = Path(out)
+    rec = measure(model, prompts, seeds, out=out, batch_size=batch_size, guidance=guidance, progress=progress,
+                  engine=engine, scorer=scorer)
+    single_writer = storage is None
+    if storage is None:
+        storage = journal_storage(out / "study.journal")
+    engine = rec.inputs["engine"]
+    subject = Subject(model, prompts, seeds, batch_size, guidance, engine=engine)
+    searched, pooled, found_by = search(model, rec, subject, budgets, scorer, storage, settings=settings,
+                                        warm_start=warm_start, single_writer=single_writer, progress=progress)
+    held = Subject(model, heldout, seeds, batch_size, guidance, engine=engine)
+    report_subject = Subject(model, report_prompts, [s + REPORT_SEED_OFFSET for s in seeds], batch_size, guidance,
+                             engine=engine) if report_prompts else None
+    points, chosen, trials, infeasible = verify(model, rec, searched, pooled, found_by, scorer, held, report_subject,
+                                                settings=settings, progress=progress)
+    policy = Policy(model=binding_for(model), operating_points=points, default=budgets[0].name, provenance=base_provenance(
+        model=model.name, device=rec.inputs["device"], device_type=rec.inputs["device_type"], dtype=rec.inputs["dtype"],
+        batch_size=batch_size, guidance=rec.inputs["guidance"], engine=engine,
+        weights_sha256=weights_hash(model), calibrated=True,
+        calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
+        verification_prompts=len(heldout), report_prompts=len(report_prompts), seeds=seeds, metrics=scorer.describe(),
+        optuna_storage=storage_label or ("journal file in --out" if single_writer else "given storage"),
+        optuna_sampler_seed=settings.seed, trials_per_budget=settings.trials))
+    rdir = record_dir(out, rec.key)
+    search_info = {"points": {k: v.to_dict() for k, v in points.items()}, "trials": trials, "chosen_trials": chosen}
+    report = write_report(rec, rdir, search_info)
+    return CalibrationResult(policy=policy, record=rec, record_dir=rdir, report=report, trials=trials, chosen_trials=chosen,
+                             infeasible=infeasible, seconds=time.time() - t0, scorer=scorer)

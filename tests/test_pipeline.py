@@ -1,0 +1,66 @@
+"""The Python API (:mod:`calibrate.pipeline`): the calibration the command runs, called directly on
+``infinity-tiny`` with the smallest settings. It returns the policy unsaved, writes the record and
+report into ``out``, and resumes: a second call reuses the record and the finished trials."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calibrate import calibration
+from calibrate.pipeline import CalibrationResult, SearchSettings, calibrate
+from calibrate.search import LOCAL_ATTR
+from stagevar.errors import StageVarError
+from stagevar.models.registry import load_model
+from stagevar.policy import Policy
+
+PROMPTS = ["a red circle", "two blue squares"]
+HELDOUT = ["a green triangle", "a blue circle"]
+FAST = SearchSettings(trials=3, local_trials=1, verify_candidates=1, verify_near=0, verify_repeats=1)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("infinity-tiny")
+
+
+def test_calibrate_returns_an_unsaved_policy_and_resumes(tiny, tmp_path, small_measure, monkeypatch):
+    torch.set_num_threads(1)
+    out = tmp_path / "cal"
+    res = calibrate(tiny, "2x,50x", PROMPTS, [0], heldout=HELDOUT, report_prompts=HELDOUT[:1], out=out, batch_size=2,
+                    settings=FAST, progress=False)
+    assert isinstance(res, CalibrationResult) and isinstance(res.policy, Policy)
+    assert list(res.policy.operating_points) == ["2x", "50x"] and res.policy.default == "2x"
+    fifty = res.policy.operating_points["50x"].measured
+    assert fifty["feasible"] is False and ("50x", fifty["speedup"]) in res.infeasible
+    for name, point in res.policy.operating_points.items():
+        m = point.measured
+        assert m["budget"] == name and m["quality_from"].startswith("report set") and m["speedup"] > 0
+        assert res.chosen_trials[name]["number"] == m["trial"]
+    res.policy.check_compatible(tiny)
+    prov = res.policy.provenance
+    assert prov["calibration_record"] == res.record.key and prov["trials_per_budget"] == 3
+    assert prov["optuna_storage"] == "journal file in --out" and prov["metrics"]["semantic"] == ["codes"]
+    assert res.record_dir == out / f"calibration-{res.record.key}" and res.report.is_file()
+    assert not list(tmp_path.rglob("*.yaml"))                           # the caller saves the policy
+    sampler_trials = {b: sum(1 for t in res.trials if t["budget"] == b and LOCAL_ATTR not in t) for b in ("2x", "50x")}
+
+    def no_measure(*a, **k):
+        raise AssertionError("the record should have been reused")
+    monkeypatch.setattr(calibration, "measure_variant", no_measure)
+    again = calibrate(tiny, "2x,50x", PROMPTS, [0], heldout=HELDOUT, report_prompts=HELDOUT[:1], out=out, batch_size=2,
+                      settings=FAST, progress=False)
+    assert again.record.key == res.record.key
+    assert {b: sum(1 for t in again.trials if t["budget"] == b and LOCAL_ATTR not in t) for b in ("2x", "50x")} == sampler_trials
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("trials", 0, "--trials must be >= 1"),
+    ("local_trials", -1, "--local-trials must be >= 0"),
+    ("latency_margin", 0.7, "--latency-margin must be in [0, 0.5)"),
+])
+def test_bad_settings_are_one_clear_error_before_any_work(field, value, words, tiny, tmp_path):
+    import dataclasses
+    with pytest.raises(StageVarError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        calibrate(tiny, "2x", PROMPTS, heldout=HELDOUT, out=tmp_path, settings=dataclasses.replace(FAST, **{field: value}),
+                  progress=False)
+    assert not any(tmp_path.iterdir())
