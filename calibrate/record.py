@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from stagevar.errors import StageVarError
+from stagevar.io import atomic_write
 from stagevar.policy import atomic_write_text
 
 RECORD_VERSION = 1
@@ -77,12 +78,7 @@ class CalibrationRecord:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.spectra_arrays:
-            tmp = directory / ".spectra.npz.tmp"
-            with open(tmp, "wb") as f:
-                np.savez(f, **self.spectra_arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, directory / "spectra.npz")
+            atomic_write(directory / "spectra.npz", lambda f: np.savez(f, **self.spectra_arrays))
         atomic_write_text(directory / "record.json", json.dumps(self.to_json(), indent=1, default=_np_default))
         return directory / "record.json"
 

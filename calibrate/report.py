@@ -12,6 +12,7 @@ import numpy as np
 from calibrate.measure.sensitivity import resolved
 from calibrate.record import CalibrationRecord
 from stagevar.guidance import format_guidance
+from stagevar.io import atomic_write
 from stagevar.policy import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     _plt().close(fig)
     return path.name
 

@@ -1,5 +1,5 @@
 """Crash safety on one machine: ``stagevar-calibrate`` SIGKILLed during the measurement, during the
-search, during the local search or verification and while writing the report; each re-run resumes,
+search, during the local search or verification and between writing the report and the policy; each re-run resumes,
 and the last one completes with everything intact and nothing half-written.
 
 The child process is the real command on ``infinity-tiny``; only the default MeasureSettings are
@@ -154,10 +154,10 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
     c.kill_when(lambda: _complete(journal) >= TRIALS or c.held())
     assert not policy_path.exists()
 
-    # 4. while writing: the policy is written, the report and plots are not (the child stops there)
-    c = Child(argv, tmp_path / "run4.log", hold_at="calibrate.report.write_report")
+    # 4. while writing: the report and plots are written, the policy is not (the child stops there)
+    c = Child(argv, tmp_path / "run4.log", hold_at="calibrate.cli.keep_replaced_policy")
     c.kill_when(c.held)
-    assert policy_path.exists() and not (rec_dir / "report.md").exists()
+    assert (rec_dir / "report.md").exists() and not policy_path.exists()
 
     # 5. to completion
     c = Child(argv, tmp_path / "run5.log")

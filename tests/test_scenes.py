@@ -7,15 +7,13 @@ output) and reject scenes that are wrong in exactly one tested attribute.
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
 
-from stagevar.toy import png
+from stagevar.io import atomic_write, read_png, save_png
 from stagevar.toy.evaluate import Detection, check, degrade, detect, evaluate, evaluate_directory, score
 from stagevar.toy.prompts import (
     CATEGORIES, HELDOUT_COUNTS, HELDOUT_PAIRS, MAX_TOKENS, PAD_ID, PERTURBATIONS, VOCAB, detokenize,
@@ -198,7 +196,7 @@ def test_evaluate_directory_text_and_jsonl(tmp_path):
     items = make_split("calibration", 12, seed=1)
     prompts = [it["prompt"] for it in items]
     for i, it in enumerate(items):
-        png.write_png(tmp_path / "imgs" / f"{i:05d}.png", render(scene_for_item(it), 64))
+        save_png(tmp_path / "imgs" / f"{i:05d}.png", render(scene_for_item(it), 64))
     (tmp_path / "prompts.txt").write_text("# toy prompts\n" + "\n".join(prompts) + "\n")
     res = evaluate_directory(tmp_path / "imgs", tmp_path / "prompts.txt")
     assert res["overall"] == 1.0 and res["num_images"] == 12 and res["missing"] == 0
@@ -304,54 +302,30 @@ def test_splits_hold_out_combinations():
 # ----------------------------------------------------------------------------------------------
 
 
-def _png_with_filters(img: np.ndarray) -> bytes:
-    """A PNG whose rows cycle through all five filter types (exercises the decoder)."""
-    h, w, c = img.shape
-    raw = bytearray()
-    prev = np.zeros(w * c, dtype=np.int64)
-    for y in range(h):
-        cur = img[y].reshape(-1).astype(np.int64)
-        left = np.concatenate([np.zeros(c, dtype=np.int64), cur[:-c]])
-        upleft = np.concatenate([np.zeros(c, dtype=np.int64), prev[:-c]])
-        ft = y % 5
-        if ft == 0:
-            pred = np.zeros_like(cur)
-        elif ft == 1:
-            pred = left
-        elif ft == 2:
-            pred = prev
-        elif ft == 3:
-            pred = (left + prev) // 2
-        else:
-            p = left + prev - upleft
-            pa, pb, pc = np.abs(p - left), np.abs(p - prev), np.abs(p - upleft)
-            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
-        raw.append(ft)
-        raw += ((cur - pred) % 256).astype(np.uint8).tobytes()
-        prev = cur
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ctype = {3: 2, 4: 6}[c]
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, ctype, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
-
-
-def test_png_round_trip_and_filters(tmp_path):
+def test_png_round_trip_is_atomic_and_bad_files_are_named(tmp_path):
+    from PIL import Image
     rng = np.random.default_rng(0)
     img = render(random_scene(rng), 64)
-    path = png.write_png(tmp_path / "sub" / "a.png", img)
-    assert np.array_equal(png.read_png(path), img)
-    assert np.array_equal(png.decode_png(path.read_bytes()), img)
+    path = save_png(tmp_path / "sub" / "a.png", img)
+    assert np.array_equal(read_png(path), img)
+    assert Image.open(path).format == "PNG"
     assert [p.name for p in path.parent.iterdir()] == ["a.png"]  # no temp file left behind
     rgba = np.concatenate([img, np.full((64, 64, 1), 200, np.uint8)], axis=2)
-    assert np.array_equal(png.decode_png(png.encode_png(rgba)), img)
+    assert np.array_equal(read_png(save_png(tmp_path / "rgba.png", rgba)), img)
     grey = img[:, :, 0]
-    assert np.array_equal(png.decode_png(png.encode_png(grey)), np.repeat(grey[:, :, None], 3, axis=2))
-    noisy = rng.integers(0, 256, size=(9, 7, 3), dtype=np.uint8)
-    assert np.array_equal(png.decode_png(_png_with_filters(noisy)), noisy)
-    noisy4 = rng.integers(0, 256, size=(6, 5, 4), dtype=np.uint8)
-    assert np.array_equal(png.decode_png(_png_with_filters(noisy4)), noisy4[:, :, :3])
-    with pytest.raises(ValueError, match="signature"):
-        png.decode_png(b"GIF89a")
+    assert np.array_equal(read_png(save_png(tmp_path / "grey.png", grey)), np.repeat(grey[:, :, None], 3, axis=2))
+    (tmp_path / "x.png").write_bytes(b"GIF89a not really")
+    with pytest.raises(ValueError, match="x.png: not an image file"):
+        read_png(tmp_path / "x.png")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = atomic_write(tmp_path / "f.bin", b"old")
+
+    def fail(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        atomic_write(path, fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    assert atomic_write(path, "new text").read_text() == "new text"

@@ -405,7 +405,7 @@ def evaluate_directory(images_dir: str | os.PathLike, prompts_file: str | os.Pat
     ``00012.png``, ``12_3.png`` or GenEval's ``00012/samples/0003.png``; several samples per
     prompt are scored individually. A JSONL line without ``file`` uses the same index rule.
     """
-    from .png import read_png
+    from stagevar.io import read_png
 
     root = Path(images_dir)
     pfile = Path(prompts_file)

@@ -59,7 +59,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -71,6 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from stagevar.guidance import GUIDANCE_HELP, guidance_argument, guidance_ramp
+from stagevar.io import atomic_write
 from stagevar.policy import atomic_write_text
 from stagevar.models.bsq_vae import accumulate_step, bits_to_codes
 from stagevar.toy.model import MiniTextEncoder, build_parts, init_transformer_
@@ -278,9 +278,7 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 #: ``config.json`` sections that fix the architecture: weights can only be continued or averaged
@@ -290,10 +288,8 @@ ARCH_KEYS = ("image_size", "schedule", "vae", "text", "transformer")
 
 def _save_weights(sd: dict[str, torch.Tensor], path: Path) -> None:
     """One safetensors file of a weights directory, written atomically."""
-    from safetensors.torch import save_file
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"model": "infinity-mini"})
-    os.replace(tmp, path)
+    from safetensors.torch import save
+    atomic_write(path, save(sd, metadata={"model": "infinity-mini"}))
 
 
 def export(out_dir: Path, arch: dict[str, Any], adapter, transformer_sd: dict[str, torch.Tensor], meta: dict) -> None:
@@ -697,9 +693,7 @@ def average_weights(first: Path, second: Path, alpha: float, out_dir: Path) -> d
         mixed = {k: ((1 - alpha) * a[k].float() + alpha * b[k].float()).to(a[k].dtype).contiguous()
                  if a[k].is_floating_point() else a[k] for k in a}
         _save_weights(mixed, out_dir / fname)
-    tmp = out_dir / "vae.safetensors.tmp"
-    tmp.write_bytes(vae_bytes)
-    os.replace(tmp, out_dir / "vae.safetensors")
+    atomic_write(out_dir / "vae.safetensors", vae_bytes)
     cfg = dict(cfgs[0])
     cfg["training"] = {"average": {"alpha": alpha,
                                    "first": {"from": str(first), "training": cfgs[0].get("training")},
