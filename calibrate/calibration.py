@@ -131,7 +131,7 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
         bar.update(1)
         if not new:
             return
-        bar.set_postfix_str(name)
+        bar.set_postfix_str(" ".join(filter(None, (name, scorer.cost_text()))))
         new_units += 1
         if interrupt_after is not None and new_units >= interrupt_after:
             raise KeyboardInterrupt(f"interrupted after {new_units} units (test hook)")

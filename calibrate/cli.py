@@ -98,7 +98,7 @@ def cmd_measure(args) -> int:
     rec = measure(model, prompts, seeds, out=args.out, batch_size=args.batch_size, guidance=args.guidance,
                   progress=not args.quiet, engine=args.engine, scorer=scorer)
     d = record_dir(args.out, rec.key)
-    report = write_report(rec, d)
+    report = write_report(rec, d, metric_cost=scorer.metric_cost())
     st = rec.stages
     print(f"calibration record: {d / 'record.json'}")
     print(f"report:             {report}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 
 import numpy as np
 from scipy import ndimage
@@ -117,12 +118,24 @@ class SemanticScorer:
         is given and the metric has one."""
         vals = {}
         for m in self.metrics:
+            t0 = time.perf_counter()
             vals[f"{m.kind}:{m.name}"] = np.asarray(m.agreement(images, reference_images), dtype=np.float64)
             if prompts is not None:
                 ps = m.prompt_score(images, prompts)
                 if ps is not None:
                     vals[f"prompt:{m.name}"] = np.asarray(ps, dtype=np.float64)
+            m.seconds += time.perf_counter() - t0
+            m.images += len(images)
         return vals
+
+    def metric_cost(self) -> dict[str, dict[str, float]]:
+        """Seconds spent in each learned metric, and images scored, since the scorer was built."""
+        return {m.name: {"seconds": round(m.seconds, 2), "images": m.images} for m in self.metrics}
+
+    def cost_text(self) -> str:
+        """The learned metrics' time so far, for a progress bar ("" without learned metrics)."""
+        total = sum(m.seconds for m in self.metrics)
+        return f"metrics {total:.0f}s" if self.metrics else ""
 
     def reference_verdicts(self, images: np.ndarray, prompts: list[str]) -> np.ndarray | None:
         """The verdicts on the full model's images (None for a scorer that does not judge prompts)."""

@@ -24,6 +24,7 @@ normalised here, in torch and in batches, so no image-processing package is need
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -53,11 +54,13 @@ def _as_tensor(images: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device).clamp(0, 1)
 
 
-def resize_center(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (bicubic, antialiased) so the shorter side is ``size``, then crop the centre square."""
+def resize_center(x: torch.Tensor, size: int, shortest: int | None = None) -> torch.Tensor:
+    """Resize (bicubic, antialiased) so the shorter side is ``shortest`` (default ``size``), then
+    crop the centre ``size`` x ``size`` square (what CLIP's and DINOv2's image processors do)."""
+    shortest = max(size, shortest or size)
     h, w = x.shape[-2:]
-    s = size / min(h, w)
-    nh, nw = max(size, round(h * s)), max(size, round(w * s))
+    s = shortest / min(h, w)
+    nh, nw = max(shortest, round(h * s)), max(shortest, round(w * s))
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     top, left = (nh - size) // 2, (nw - size) // 2
@@ -70,14 +73,41 @@ def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def _preprocessing(directory: Path | None, default_size: int, mean, std) -> tuple[int, tuple, tuple]:
-    """Size, mean and std from a Hugging Face ``preprocessor_config.json`` when there is one."""
-    if directory is not None and (directory / "preprocessor_config.json").is_file():
-        cfg = json.loads((directory / "preprocessor_config.json").read_text())
-        crop = cfg.get("crop_size") or cfg.get("size") or default_size
-        size = crop.get("height") or crop.get("shortest_edge") if isinstance(crop, dict) else crop
-        return int(size or default_size), tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-    return default_size, mean, std
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """Crop size, resize of the shorter side, mean and std of a Hugging Face image processor."""
+
+    crop: int
+    shortest: int
+    mean: tuple
+    std: tuple
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _normalise(resize_center(x, self.crop, self.shortest), self.mean, self.std)
+
+
+def preprocessing(source: str | Path, default: Preprocessing) -> Preprocessing:
+    """The model's ``preprocessor_config.json`` (in its directory, or in the Hugging Face cache for
+    a model id), else ``default``."""
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file():
+        try:
+            from transformers.utils import cached_file
+            found = cached_file(str(source), "preprocessor_config.json", local_files_only=True,
+                                _raise_exceptions_for_missing_entries=False)
+        except Exception:  # noqa: BLE001 - no config in the cache: the default
+            found = None
+        if not found:
+            return default
+        path = Path(found)
+    cfg = json.loads(path.read_text())
+
+    def side(v, key):
+        return v.get(key) or v.get("height") if isinstance(v, dict) else v
+    crop = side(cfg.get("crop_size"), "height") or default.crop
+    shortest = side(cfg.get("size"), "shortest_edge") or crop
+    return Preprocessing(int(crop), int(shortest), tuple(cfg.get("image_mean", default.mean)),
+                         tuple(cfg.get("image_std", default.std)))
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -144,6 +174,8 @@ class ImageMetric:
     name = "metric"
     kind = "semantic"
     source = ""                      # where the weights came from (recorded in the report and policy)
+    seconds = 0.0                    # time spent scoring, and images scored (set per instance as it works)
+    images = 0
 
     def agreement(self, images: np.ndarray, references: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -181,11 +213,12 @@ class ClipMetric(_Embedding):
         self.model, d = load_hf(_transformers(self.name).CLIPModel, self.name, source, CLIP_ID, download)
         self.model = self.model.eval().to(self.device)
         self.source = str(d) if d else CLIP_ID
-        self.size, self.mean, self.std = _preprocessing(d, self.model.config.vision_config.image_size, _CLIP_MEAN, _CLIP_STD)
+        size = self.model.config.vision_config.image_size
+        self.prepare = preprocessing(d or CLIP_ID, Preprocessing(size, size, _CLIP_MEAN, _CLIP_STD))
         self._tokenizer, self._tokenizer_dir = None, d if d else CLIP_ID
 
     def embed(self, x):
-        return _pooled(self.model.get_image_features(pixel_values=_normalise(resize_center(x, self.size), self.mean, self.std)))
+        return _pooled(self.model.get_image_features(pixel_values=self.prepare(x)))
 
     @torch.inference_mode()
     def prompt_score(self, images, prompts):
@@ -212,11 +245,12 @@ class DinoMetric(_Embedding):
         self.model, d = load_hf(_transformers(self.name).AutoModel, self.name, source, DINO_ID, download)
         self.model = self.model.eval().to(self.device)
         self.source = str(d) if d else DINO_ID
-        self.size, self.mean, self.std = _preprocessing(d, min(224, self.model.config.image_size), _IMAGENET_MEAN,
-                                                        _IMAGENET_STD)
+        crop = min(224, self.model.config.image_size)           # DINOv2's processor: shorter side 256, crop 224
+        self.prepare = preprocessing(d or DINO_ID, Preprocessing(crop, round(crop * 256 / 224), _IMAGENET_MEAN,
+                                                                 _IMAGENET_STD))
 
     def embed(self, x):
-        out = self.model(pixel_values=_normalise(resize_center(x, self.size), self.mean, self.std))
+        out = self.model(pixel_values=self.prepare(x))
         return out.pooler_output           # the class token after the final layer norm
 
 

@@ -292,6 +292,6 @@ def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,
         optuna_sampler_seed=settings.seed, trials_per_budget=settings.trials))
     rdir = record_dir(out, rec.key)
     search_info = {"points": {k: v.to_dict() for k, v in points.items()}, "trials": trials, "chosen_trials": chosen}
-    report = write_report(rec, rdir, search_info)
+    report = write_report(rec, rdir, search_info, metric_cost=scorer.metric_cost())
     return CalibrationResult(policy=policy, record=rec, record_dir=rdir, report=report, trials=trials, chosen_trials=chosen,
                              infeasible=infeasible, seconds=time.time() - t0, scorer=scorer)

@@ -201,9 +201,10 @@ def sensitivity_table(record: CalibrationRecord) -> list[str]:
     return out + [""]
 
 
-def measures_section(record: CalibrationRecord) -> list[str]:
-    """Which scorers the quality reads, where their weights came from, and whether any of them is
-    a semantic measure."""
+def measures_section(record: CalibrationRecord, metric_cost: dict[str, dict[str, float]] | None = None) -> list[str]:
+    """Which scorers the quality reads, where their weights came from, whether any of them is a
+    semantic measure, and what the learned metrics cost in this run (``metric_cost``:
+    :meth:`calibrate.metrics.SemanticScorer.metric_cost`)."""
     m = record.inputs.get("metrics")
     c = record.convergence
     out = ["## Measures", ""]
@@ -211,7 +212,10 @@ def measures_section(record: CalibrationRecord) -> list[str]:
         out.append(f"Quality = 0.5 x structure ({' + '.join(m['structure'])}, averaged) + 0.5 x semantic "
                    f"({' + '.join(m['semantic'])}, averaged), each an agreement with the full model's image of the same "
                    "seed (LPIPS as 1 - distance). Weights:")
-        out += [""] + [f"- `{k}`: {v}" for k, v in m["sources"].items()] + [""]
+        cost = metric_cost or {}
+        out += [""] + [f"- `{k}`: {v}" + (f" ({cost[k]['seconds']:.1f} s for {cost[k]['images']} images in this run)"
+                                           if cost.get(k, {}).get("images") else "")
+                       for k, v in m["sources"].items()] + [""]
     else:
         scorer = "the evaluator's verdict" if "evaluator" in c else "the agreement of the model's final codes"
         out.append(f"Quality = 0.5 x SSIM + 0.5 x {scorer}, each against the full model's image of the same seed.")
@@ -226,7 +230,8 @@ def measures_section(record: CalibrationRecord) -> list[str]:
     return out
 
 
-def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | None = None) -> Path:
+def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | None = None,
+                 metric_cost: dict[str, dict[str, float]] | None = None) -> Path:
     out = Path(out)
     files = plot_record(record, out)
     inp = record.inputs
@@ -238,7 +243,7 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
              f"semantic {st['semantic'][0]}-{st['semantic'][1]}, structure {st['structure'][0]}-{st['structure'][1]}, "
              f"refinement {st['refinement'][0]}-{st['refinement'][1]}.", "", f"Rule: {st['rule']}.", "",
              f"![convergence]({files['convergence']})", ""]
-    lines += measures_section(record)
+    lines += measures_section(record, metric_cost)
     if "sensitivity" in files:
         lines += ["## Sensitivity", "", "Damage (1 - quality vs the full model) when only that scale is accelerated "
                   "(`cond`: guidance dropped from that scale on).", "", f"![sensitivity]({files['sensitivity']})", ""]

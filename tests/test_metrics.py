@@ -201,6 +201,7 @@ def test_calibrate_with_learned_metrics_end_to_end(weights, tmp_path, small_meas
         assert row["quality"] == pytest.approx(0.5 * row["structure"] + 0.5 * row["semantic"])
     report = Path(summary["report"]).read_text()
     assert "## Measures" in report and all(str(v) in report for v in weights.values())
+    assert report.count("images in this run)") == 3                  # each learned metric's cost
     prov = yaml.safe_load(policy.read_text())["provenance"]["metrics"]
     assert prov["semantic_measure"] is True and prov["semantic"] == ["clip", "dino"]
 
@@ -248,3 +249,20 @@ def test_bench_reports_learned_metric_columns(weights, tmp_path, capsys):
     assert -1.0 <= paper["clip_text_mean"] <= 1.0
     table = next(out.glob("*.md")).read_text()
     assert all(col in table for col in ("CLIP-I", "CLIP-T", "DINO", "1-LPIPS", "1-DISTS"))
+
+
+def test_images_are_prepared_as_the_hugging_face_image_processors_say(tmp_path):
+    """``preprocessor_config.json`` decides the crop, the resize of the shorter side and the
+    normalisation (DINOv2's: shorter side 256, centre crop 224); without one, the default."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "image_mean": [0.5, 0.5, 0.5],
+         "image_std": [0.25, 0.25, 0.25]}))
+    prep = perceptual.preprocessing(tmp_path, perceptual.Preprocessing(32, 32, (0, 0, 0), (1, 1, 1)))
+    assert prep == perceptual.Preprocessing(224, 256, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert perceptual.preprocessing(tmp_path / "none", prep) is prep
+    x = torch.zeros(1, 3, 64, 128)
+    x[..., :, 32:96] = 1.0                                  # the centre square is white, the sides black
+    out = perceptual.resize_center(x, 16, 32)               # shorter side 32 (64x32 -> crop 16 of the centre)
+    assert out.shape == (1, 3, 16, 16) and float(out.min()) == pytest.approx(1.0, abs=1e-4)
+    assert prep(torch.full((2, 3, 300, 400), 0.75)).shape == (2, 3, 224, 224)
+    assert float(prep(torch.full((1, 3, 300, 400), 0.75)).mean()) == pytest.approx(1.0, abs=1e-4)   # (0.75-0.5)/0.25
