@@ -94,6 +94,11 @@ def open_owned_study(name: str, storage, record, budget, budget_s: float, model_
     from calibrate.search import open_study
     study = open_study(name, storage, direction_multi=False, seed=seed)
     theirs = study.user_attrs.get(STUDY_ATTR)
+    if theirs and theirs.get("record_sha256") not in (None, record.sha256()) and theirs.get("record_key") == record.key:
+        raise StageVarError(
+            f"study {name!r} was searched with calibration record {record.key} as it was then; the record's derived "
+            "content (stage boundaries, rule) differs now, e.g. after an upgrade of stagevar, so its trials are not "
+            "comparable. Pass another --study name (or remove the study) to search again with the record as it is.")
     if theirs and theirs.get("record_sha256") not in (None, record.sha256()):
         raise StageVarError(
             f"study {name!r} was searched with calibration record {theirs.get('record_key')}, but this run's record is "

@@ -64,3 +64,23 @@ def test_bad_settings_are_one_clear_error_before_any_work(field, value, words, t
         calibrate(tiny, "2x", PROMPTS, heldout=HELDOUT, out=tmp_path, settings=dataclasses.replace(FAST, **{field: value}),
                   progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_study_of_the_same_record_key_with_other_content_is_refused_with_the_reason():
+    import types
+
+    import optuna
+
+    from calibrate.pipeline import open_owned_study
+    from calibrate.search import parse_budget
+    storage = optuna.storages.InMemoryStorage()
+    budget = parse_budget("3x")
+
+    def record(key, sha):
+        return types.SimpleNamespace(key=key, sha256=lambda: sha)
+    open_owned_study("s", storage, record("k1", "aaa"), budget, 1.0, "m", 3, 0)
+    open_owned_study("s", storage, record("k1", "aaa"), budget, 1.0, "m", 3, 0)          # the same record: resumes
+    with pytest.raises(StageVarError, match="record k1 as it was then; the record's derived content"):
+        open_owned_study("s", storage, record("k1", "bbb"), budget, 1.0, "m", 3, 0)
+    with pytest.raises(StageVarError, match="searched with calibration record k1, but this run's record is k2"):
+        open_owned_study("s", storage, record("k2", "ccc"), budget, 1.0, "m", 3, 0)

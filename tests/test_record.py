@@ -346,6 +346,23 @@ def test_stages_documented_rule():
     assert "flat" in st["rule"]
 
 
+def test_the_default_rule_text_is_unchanged_so_earlier_records_keep_their_hash():
+    """The rule text is part of a record's content hash, which a resumed study checks: with the
+    default measures it must read as it did before measures could be chosen; other measures are
+    named."""
+    st = detect_stages(_curves([0.2, 0.5, 0.95, 0.97, 0.99, 1, 1], [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1]), 7)
+    assert st["rule"] == ("curves normalised from scale 0 (0) to the final image (1); semantic ends at the first scale with "
+                          "normalised semantic agreement >= 0.9; structure ends at the first later scale with normalised "
+                          "SSIM >= 0.6; the rest is refinement")
+    flat = detect_stages(_curves([1.0] * 7, [0.8, 0.8, 0.84, 0.86, 0.9, 0.95, 1.0]), 7)["rule"]
+    assert "semantic ends at the first scale with (semantic curve flat) normalised SSIM >= 0.25;" in flat
+    named = dict(_curves([0.2, 0.5, 0.95, 0.97, 0.99, 1, 1], [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1]),
+                 semantic_measure="clip+dino", structure_measure="ssim+lpips")
+    named["structure"] = named["ssim"]
+    rule = detect_stages(named, 7)["rule"]
+    assert "semantic agreement (clip+dino) >= 0.9" in rule and "normalised ssim+lpips >= 0.6" in rule
+
+
 def test_stages_clamped():
     # never converges: semantic capped at n-3, refinement keeps the last scale
     st = detect_stages(_curves([0.0] * 6 + [1.0], [0.0] * 6 + [1.0]), 7)

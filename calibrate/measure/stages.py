@@ -37,7 +37,15 @@ def detect_stages(curves: dict, n: int, semantic_level: float = SEMANTIC_LEVEL, 
                                                                               "ssim_curve": curves["ssim"]}}
     sem = list(curves["semantic"])
     ss = list(curves.get("structure", curves["ssim"]))       # SSIM, or SSIM with LPIPS when measured
+    # the measures are named when they are not the default ones (coarse agreement, SSIM), so that
+    # the rule text, and with it the hash of a record measured before measures could be chosen,
+    # stays what it was
+    semantic_measure = curves.get("semantic_measure", "coarse_agreement")
     structure_measure = curves.get("structure_measure", "ssim")
+    structure_name = "SSIM" if structure_measure == "ssim" else structure_measure
+
+    def named(measure: str) -> str:
+        return "" if measure == "coarse_agreement" else f" ({measure})"
     # Normalise each curve from its value at scale 0 (0) to the final image (1): images that are
     # mostly background start with a high SSIM, and a weak model's semantic verdicts can agree
     # from the start, so absolute levels say little.
@@ -46,18 +54,17 @@ def detect_stages(curves: dict, n: int, semantic_level: float = SEMANTIC_LEVEL, 
     if sem[-1] - sem[0] > 0.1 and sem_range > 0.1:
         sem_n = [(v - sem[0]) / (sem[-1] - sem[0]) for v in sem]
         s = next((k for k in range(n) if sem_n[k] >= semantic_level), n - 1)
-        semantic_rule = f"normalised semantic agreement ({curves.get('semantic_measure', 'semantic')}) >= {semantic_level}"
+        semantic_rule = f"normalised semantic agreement{named(semantic_measure)} >= {semantic_level}"
     else:   # uninformative semantic curve: content counts as decided once the layout starts to settle
         s = next((k for k in range(n) if ss_n[k] >= SEMANTIC_FALLBACK), n - 1)
-        semantic_rule = (f"(semantic curve, {curves.get('semantic_measure', 'semantic')}, flat) normalised "
-                         f"{structure_measure} >= {SEMANTIC_FALLBACK}")
+        semantic_rule = f"(semantic curve{named(semantic_measure)} flat) normalised {structure_name} >= {SEMANTIC_FALLBACK}"
     s = min(s, n - 3) if n >= 3 else 0
     t = next((k for k in range(s + 1, n) if ss_n[k] >= structure_level), n - 1)
     t = max(s + 1, min(t, n - 2))
     return {
         "semantic": [0, s], "structure": [s + 1, t], "refinement": [t + 1, n - 1],
         "rule": f"curves normalised from scale 0 (0) to the final image (1); semantic ends at the first scale with "
-                f"{semantic_rule}; structure ends at the first later scale with normalised {structure_measure} >= "
+                f"{semantic_rule}; structure ends at the first later scale with normalised {structure_name} >= "
                 f"{structure_level}; "
                 "the rest is refinement",
         "evidence": {"semantic_curve": sem, "ssim_curve": ss, "ssim_normalised": ss_n},
