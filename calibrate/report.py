@@ -31,15 +31,14 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
+def plot_convergence(record: CalibrationRecord, out: Path) -> str:
+    """The convergence figure: each curve (semantic, structure, the learned metrics, the evaluator)
+    of the partial image after each scale against the final one, with two-standard-error bands and
+    the stages shaded; below it, the spectral energy each scale adds per frequency band."""
     plt = _plt()
-    out.mkdir(parents=True, exist_ok=True)
-    files = {}
     n = record.num_scales
-    sched = record.inputs["model"]["scale_schedule"]
-    labels = [f"{s[1]}x{s[2]}" for s in sched]
+    labels = [f"{s[1]}x{s[2]}" for s in record.inputs["model"]["scale_schedule"]]
     st = record.stages
-
     c = record.convergence
     bands = [k for k in ("band_low", "band_mid", "band_high") if k in c]
     if bands:      # top: agreement with the final image; bottom: the spectral energy each scale adds
@@ -53,7 +52,7 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
     for name in sorted(k for k in c if k.partition(":")[0] in ("semantic", "structure") and ":" in k
                        and not k.endswith("_se")):
         kind, metric = name.split(":", 1)
-        curves.append((name, ".:", None, f"{metric} ({kind}{', 1 - distance' if metric == 'lpips' else ''})"))
+        curves.append((name, ".:", None, f"{metric} ({kind}{', 1 - distance' if kind == 'structure' else ''})"))
     if "evaluator" in c:
         curves.append(("evaluator", "^--", "0.4", f"evaluator pass rate (final {c['final_semantic']:.2f})"))
     for name, style, color, label in curves:
@@ -82,7 +81,17 @@ def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
         axb.legend(fontsize=7, title="frequency band", title_fontsize=7, loc="upper left")
         ax = axb
     ax.set_xticks(range(n), labels, rotation=45, fontsize=7)
-    files["convergence"] = _save(fig, out / "convergence.png")
+    return _save(fig, out / "convergence.png")
+
+
+def plot_record(record: CalibrationRecord, out: Path) -> dict[str, str]:
+    plt = _plt()
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    n = record.num_scales
+    sched = record.inputs["model"]["scale_schedule"]
+    labels = [f"{s[1]}x{s[2]}" for s in sched]
+    files["convergence"] = plot_convergence(record, out)
 
     variants = sorted({r["variant"] for r in record.sensitivity}, key=lambda v: (v != "cond", v))
     scales = sorted({r["scale"] for r in record.sensitivity})
