@@ -3,17 +3,20 @@
 report into ``out``, and resumes: a second call reuses the record and the finished trials."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
+from calib import PROMPTS
 from calibrate import calibration
+from calibrate.calibration import record_dir
 from calibrate.pipeline import CalibrationResult, SearchSettings, calibrate
 from calibrate.search import LOCAL_ATTR
 from stagevar.errors import StageVarError
 from stagevar.models.registry import load_model
 from stagevar.policy import Policy
 
-PROMPTS = ["a red circle", "two blue squares"]
 HELDOUT = ["a green triangle", "a blue circle"]
 FAST = SearchSettings(trials=3, local_trials=1, verify_candidates=1, verify_near=0, verify_repeats=1)
 
@@ -23,9 +26,10 @@ def tiny():
     return load_model("infinity-tiny")
 
 
-def test_calibrate_returns_an_unsaved_policy_and_resumes(tiny, tmp_path, small_measure, monkeypatch):
+def test_calibrate_returns_an_unsaved_policy_and_resumes(tiny, measured, tmp_path, small_measure, monkeypatch):
     torch.set_num_threads(1)
     out = tmp_path / "cal"
+    shutil.copytree(record_dir(measured[0], measured[1].key), record_dir(out, measured[1].key))   # the session's record
     res = calibrate(tiny, "2x,50x", PROMPTS, [0], heldout=HELDOUT, report_prompts=HELDOUT[:1], out=out, batch_size=2,
                     settings=FAST, progress=False)
     assert isinstance(res, CalibrationResult) and isinstance(res.policy, Policy)
@@ -42,6 +46,7 @@ def test_calibrate_returns_an_unsaved_policy_and_resumes(tiny, tmp_path, small_m
     assert prov["optuna_storage"] == "journal file in --out" and prov["metrics"]["semantic"] == ["codes"]
     assert res.record_dir == out / f"calibration-{res.record.key}" and res.report.is_file()
     assert not list(tmp_path.rglob("*.yaml"))                           # the caller saves the policy
+    assert res.record.key == measured[1].key
     sampler_trials = {b: sum(1 for t in res.trials if t["budget"] == b and LOCAL_ATTR not in t) for b in ("2x", "50x")}
 
     def no_measure(*a, **k):
