@@ -78,8 +78,26 @@ def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache
 
     ``subject``: the selection set. ``report_subject``: the report set (None: the numbers written
     are the selection set's, and ``measured`` says so)."""
+    from calibrate.calibration import _progress
+    bar = _progress(len(candidates) + 3 + (report_subject is not None), f"verifying {budget.name}", progress)
+
+    def step(name: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(" ".join(filter(None, (name, getattr(scorer, "cost_text", lambda: "")()))))
+
+    try:
+        return _verify(subject, candidates, budget, scorer, cache, repeats, report_subject, step)
+    finally:
+        bar.close()
+
+
+def _verify(subject: Subject, candidates, budget, scorer, cache: dict, repeats: int, report_subject, step):
     ref, ref_sem = _reference(subject, scorer, cache, "ref")
-    quality = [compare(subject.run(point), ref, subject.item_prompts, scorer, ref_sem) for _, point in candidates]
+    step("full model")
+    quality = []
+    for i, (_, point) in enumerate(candidates):
+        quality.append(compare(subject.run(point), ref, subject.item_prompts, scorer, ref_sem))
+        step(f"quality {i + 1}/{len(candidates)}")
     one = subject.first_batch()
     for _, point in candidates[:1]:
         one.run(None, timed=True)
@@ -93,10 +111,12 @@ def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache
                 cand_t[i].append(one.run(candidates[i][1], timed=True).seconds)
 
     rounds(list(range(len(candidates))), repeats)
+    step("timing")
     close = close_calls(budget, statistics.median(base_t), [statistics.median(t) for t in cand_t],
                         [m["quality"] for m in quality])
     if close:                                            # a choice the timing noise could flip: time them longer
         rounds(close, CLOSE_CALL_ROUNDS * repeats)
+    step(f"{len(close)} close call(s) timed longer" if close else "no close call")
     base = statistics.median(base_t)
     results = []
     for (trial, point), times, m in zip(candidates, cand_t, quality):
@@ -115,6 +135,7 @@ def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache
         return chosen
     rref, rref_sem = _reference(report_subject, scorer, cache, "report_ref")
     m = compare(report_subject.run(point), rref, report_subject.item_prompts, scorer, rref_sem)
+    step("report set")
     report = quality_fields(m)
     selection = {k: measured.pop(k) for k in list(measured) if k in report}
     measured.update(report)
