@@ -31,7 +31,7 @@ from stagevar.errors import StageVarError
 log = logging.getLogger(__name__)
 
 
-def _luma(img: np.ndarray) -> np.ndarray:
+def luma(img: np.ndarray) -> np.ndarray:
     """(N, 3, H, W) or (3, H, W) float in [0, 1] -> luma in [0, 1]."""
     return 0.299 * img[..., 0, :, :] + 0.587 * img[..., 1, :, :] + 0.114 * img[..., 2, :, :]
 
@@ -43,8 +43,8 @@ def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> np.ndarray:
     >>> float(ssim(x, x)[0])
     1.0
     """
-    a = _luma(np.asarray(a, dtype=np.float64))
-    b = _luma(np.asarray(b, dtype=np.float64))
+    a = luma(np.asarray(a, dtype=np.float64))
+    b = luma(np.asarray(b, dtype=np.float64))
     if a.ndim == 2:
         a, b = a[None], b[None]
     c1, c2 = 0.01 ** 2, 0.03 ** 2
@@ -60,7 +60,7 @@ def ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> np.ndarray:
 
 def high_frequency_energy(img: np.ndarray, cutoff: float = 0.5) -> np.ndarray:
     """Per image: share of spectral energy (luma, mean removed) above ``cutoff`` x Nyquist."""
-    y = _luma(np.asarray(img, dtype=np.float64))
+    y = luma(np.asarray(img, dtype=np.float64))
     if y.ndim == 2:
         y = y[None]
     n, h, w = y.shape
@@ -119,11 +119,10 @@ class SemanticScorer:
         vals = {}
         for m in self.metrics:
             t0 = time.perf_counter()
-            vals[f"{m.kind}:{m.name}"] = np.asarray(m.agreement(images, reference_images), dtype=np.float64)
-            if prompts is not None:
-                ps = m.prompt_score(images, prompts)
-                if ps is not None:
-                    vals[f"prompt:{m.name}"] = np.asarray(ps, dtype=np.float64)
+            agreement, prompt_score = m.measure(images, reference_images, prompts)
+            vals[f"{m.kind}:{m.name}"] = np.asarray(agreement, dtype=np.float64)
+            if prompt_score is not None:
+                vals[f"prompt:{m.name}"] = np.asarray(prompt_score, dtype=np.float64)
             m.seconds += time.perf_counter() - t0
             m.images += len(images)
         return vals

@@ -184,14 +184,30 @@ class ImageMetric:
         """Image-prompt score (CLIP score), or None when the metric has none."""
         return None
 
+    def measure(self, images: np.ndarray, references: np.ndarray,
+                prompts: list[str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(agreement with the references, image-prompt score or None), in one pass where a
+        metric can share the work."""
+        return self.agreement(images, references), (self.prompt_score(images, prompts) if prompts is not None else None)
+
 
 class _Embedding(ImageMetric):
-    """Cosine agreement of embeddings, images embedded in batches on the metric's device."""
+    """Cosine agreement of embeddings of a Hugging Face model (``MODEL_CLASS`` of ``MODEL_ID``,
+    or a local copy), images embedded in batches on the metric's device. The references are
+    usually the same full-model images call after call (every variant, trial and scale is
+    compared with them), so the embeddings of the last reference array are kept."""
 
     batch = 32
+    MODEL_CLASS = "AutoModel"
+    MODEL_ID = ""
 
-    def __init__(self, device=None):
+    def __init__(self, source: str | None = None, device=None, download: bool = True):
         self.device = torch.device(device or "cpu")
+        model, self.directory = load_hf(getattr(_transformers(self.name), self.MODEL_CLASS), self.name, source,
+                                        self.MODEL_ID, download)
+        self.model = model.eval().to(self.device)
+        self.source = str(self.directory) if self.directory else self.MODEL_ID
+        self._reference: tuple[np.ndarray, torch.Tensor] | None = None
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -201,31 +217,34 @@ class _Embedding(ImageMetric):
         return torch.cat([self.embed(_as_tensor(images[i:i + self.batch], self.device))
                           for i in range(0, len(images), self.batch)])
 
+    def reference_embeddings(self, references: np.ndarray) -> torch.Tensor:
+        if self._reference is None or self._reference[0] is not references:
+            self._reference = (references, self.embeddings(references))
+        return self._reference[1]
+
     def agreement(self, images, references):
-        return _cosine(self.embeddings(images), self.embeddings(references))
+        return _cosine(self.embeddings(images), self.reference_embeddings(references))
 
 
 class ClipMetric(_Embedding):
     name, kind = "clip", "semantic"
+    MODEL_CLASS, MODEL_ID = "CLIPModel", CLIP_ID
 
     def __init__(self, source: str | None = None, device=None, download: bool = True):
-        super().__init__(device)
-        self.model, d = load_hf(_transformers(self.name).CLIPModel, self.name, source, CLIP_ID, download)
-        self.model = self.model.eval().to(self.device)
-        self.source = str(d) if d else CLIP_ID
+        super().__init__(source, device, download)
         size = self.model.config.vision_config.image_size
-        self.prepare = preprocessing(d or CLIP_ID, Preprocessing(size, size, _CLIP_MEAN, _CLIP_STD))
-        self._tokenizer, self._tokenizer_dir = None, d if d else CLIP_ID
+        self.prepare = preprocessing(self.directory or CLIP_ID, Preprocessing(size, size, _CLIP_MEAN, _CLIP_STD))
+        self._tokenizer = None
 
     def embed(self, x):
         return _pooled(self.model.get_image_features(pixel_values=self.prepare(x)))
 
     @torch.inference_mode()
-    def prompt_score(self, images, prompts):
+    def _prompt_score(self, image_embeddings: torch.Tensor, prompts: list[str]) -> np.ndarray | None:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
+                self._tokenizer = AutoTokenizer.from_pretrained(self.directory or CLIP_ID)
             except Exception:  # noqa: BLE001 - a copy without a tokenizer: image-image agreement only
                 self._tokenizer = False
         if not self._tokenizer:
@@ -234,20 +253,26 @@ class ClipMetric(_Embedding):
         tok = self._tokenizer(list(prompts), padding=True, truncation=True, max_length=limit, return_tensors="pt")
         text = _pooled(self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
                                                     attention_mask=tok["attention_mask"].to(self.device)))
-        return F.cosine_similarity(self.embeddings(images).float(), text.float(), dim=-1).cpu().numpy().astype(np.float64)
+        return F.cosine_similarity(image_embeddings.float(), text.float(), dim=-1).cpu().numpy().astype(np.float64)
+
+    def prompt_score(self, images, prompts):
+        return self._prompt_score(self.embeddings(images), prompts)
+
+    def measure(self, images, references, prompts=None):
+        emb = self.embeddings(images)                       # embedded once for both numbers
+        agreement = _cosine(emb, self.reference_embeddings(references))
+        return agreement, (self._prompt_score(emb, prompts) if prompts is not None else None)
 
 
 class DinoMetric(_Embedding):
     name, kind = "dino", "semantic"
+    MODEL_CLASS, MODEL_ID = "AutoModel", DINO_ID
 
     def __init__(self, source: str | None = None, device=None, download: bool = True):
-        super().__init__(device)
-        self.model, d = load_hf(_transformers(self.name).AutoModel, self.name, source, DINO_ID, download)
-        self.model = self.model.eval().to(self.device)
-        self.source = str(d) if d else DINO_ID
+        super().__init__(source, device, download)
         crop = min(224, self.model.config.image_size)           # DINOv2's processor: shorter side 256, crop 224
-        self.prepare = preprocessing(d or DINO_ID, Preprocessing(crop, round(crop * 256 / 224), _IMAGENET_MEAN,
-                                                                 _IMAGENET_STD))
+        self.prepare = preprocessing(self.directory or DINO_ID, Preprocessing(crop, round(crop * 256 / 224),
+                                                                              _IMAGENET_MEAN, _IMAGENET_STD))
 
     def embed(self, x):
         out = self.model(pixel_values=self.prepare(x))

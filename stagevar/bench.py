@@ -438,8 +438,8 @@ def measure_quality(adapter, methods: list[Method], runtimes: dict[str, Any], it
                 d["hf"] += [float(v) for v in hf_ratio(img, ref)]
                 d["where"] += [(it["prompt"], it["category"], s) for it in chunk]
                 for metric in metrics:
-                    d.setdefault(metric.name, []).extend(metric.agreement(img, ref).tolist())
-                    text = metric.prompt_score(img, prompts)
+                    agreement, text = metric.measure(img, ref, prompts)
+                    d.setdefault(metric.name, []).extend(agreement.tolist())
                     if text is not None:
                         d.setdefault(f"{metric.name}_text", []).extend(text.tolist())
                 if use_evaluator:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from calibrate.measure.sensitivity import standard_error
-from calibrate.metrics import SemanticScorer, ssim
+from calibrate.metrics import SemanticScorer, luma, ssim
 
 
 def coarse_agreement(a: np.ndarray, b: np.ndarray, size: int = 8) -> np.ndarray:
@@ -53,10 +53,7 @@ def band_energy(delta: np.ndarray, reference: np.ndarray) -> dict[str, np.ndarra
     >>> {k: round(float(v[0]), 3) for k, v in band_energy(x, x).items()}
     {'low': 0.0, 'mid': 0.0, 'high': 1.0}
     """
-    def luma(x):
-        x = np.asarray(x, dtype=np.float64)
-        return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    d, r = luma(delta), luma(reference)
+    d, r = luma(np.asarray(delta, dtype=np.float64)), luma(np.asarray(reference, dtype=np.float64))
     h, w = d.shape[-2:]
     radius = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.fftfreq(w)[None, :] ** 2)
     masks = {name: (radius >= lo) & (radius < hi) & (radius > 0) for name, (lo, hi) in BANDS.items()}   # DC in none
