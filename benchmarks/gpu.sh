@@ -73,7 +73,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 
 # an empty policies directory: the shipped infinity-2b file is the paper plan, benched as a baseline
 mkdir -p "$OUT/no-policies"
-BENCH=("$PY" -m stagevar.bench --model "$MODEL" --random-weights --device "$DEVICE" --dtype "$DTYPE"
+BENCH=("$PY" -m calibrate.bench --model "$MODEL" --random-weights --device "$DEVICE" --dtype "$DTYPE"
        --engine "$ENGINES" --baselines paper,fastvar --policies-dir "$OUT/no-policies" --no-quality --no-plot)
 
 step engine-check 100 "$PY" benchmarks/engine_check.py --device "$DEVICE" --dtype "$DTYPE" "${LARGE[@]}" \

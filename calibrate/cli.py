@@ -4,6 +4,7 @@ held-out prompts and write the policy YAML.
     stagevar-calibrate --budget 3x                      # the embedded model, measure + search + verify
     stagevar-calibrate --model infinity-2b --weights W --budget 2x,3x,4x --device cuda --dtype bfloat16
     stagevar-calibrate measure --model infinity-mini    # only the calibration pass + report
+    stagevar-calibrate bench                            # full model vs searched policies vs baselines
 
 Exit codes: 0 ok; 1 error; 2 usage (including a malformed budget); 3 a budget could not be met
 (a best-effort policy marked infeasible is still written, and the best speedup reached is named).
@@ -31,6 +32,7 @@ examples:
   stagevar-calibrate --budget 3x --storage sqlite:///study.db           # any Optuna storage URL
   stagevar-calibrate --budget 2x,3x,4x --warm-start policies/infinity-mini.128.2x-3x-4x.yaml   # recalibrate
   stagevar-calibrate measure --model infinity-mini --out runs/cal       # calibration pass only
+  stagevar-calibrate bench --out out/bench                              # latency, memory, quality side by side
 A budget is a speedup over the full model (3x) or a latency per batch of --batch-size images
 (700ms, 1.5s); several budgets (2x,3x,4x) give one policy file with one operating point each,
 the first being the default. Killing the command and re-running it resumes: the calibration
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-prompts", type=Path, help="verification prompts (default: a bundled held-out set)")
     p.add_argument("--num-heldout", type=int, default=64,
                    help="bundled held-out prompts for verification, from a draw of the held-out split that "
-                        "'stagevar bench' and 'stagevar evaluate' do not score (default 64: one image of 64 is "
+                        "'stagevar-calibrate bench' and 'stagevar evaluate' do not score (default 64: one image of 64 is "
                         "0.016 of a score)")
     p.add_argument("--report-prompts", type=Path, help="prompts the chosen point's numbers are measured on (default: a bundled "
                    "draw of the held-out split that neither the search nor the choice sees)")
@@ -110,7 +112,8 @@ def cmd_calibrate(args) -> int:
     from calibrate.pipeline import SearchSettings, calibrate
     from calibrate.prompts import bundled, read_prompt_file
     from calibrate.report import plus_minus
-    from calibrate.search import pareto_front, parse_budgets
+    from calibrate.budget import parse_budgets
+    from calibrate.candidates import pareto_front
     from calibrate.storage import open_storage, redact
     from stagevar.policy import load_policy
 
@@ -184,8 +187,8 @@ def keep_replaced_policy(path: Path, out_dir: Path) -> Path | None:
     dest, n = out_dir / f"replaced-{path.stem}-{stamp}{path.suffix}", 1
     while dest.exists():
         dest, n = out_dir / f"replaced-{path.stem}-{stamp}-{n}{path.suffix}", n + 1
-    from stagevar.policy import atomic_write_text
-    return atomic_write_text(dest, path.read_bytes().decode("utf-8"))
+    from stagevar.io import atomic_write
+    return atomic_write(dest, path.read_bytes().decode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,15 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = argv[0] if argv and not argv[0].startswith("-") else None
     if sub == "measure":
         parser, fn, rest = build_measure_parser(), cmd_measure, argv[1:]
+    elif sub == "bench":
+        from calibrate.bench.cli import build_parser as build_bench_parser, cmd_bench
+        parser, fn, rest = build_bench_parser(), cmd_bench, argv[1:]
     elif sub == "worker":
         from calibrate.worker import build_worker_parser, cmd_worker
         parser, fn, rest = build_worker_parser(), cmd_worker, argv[1:]
     elif sub is not None:
-        build_parser().error(f"unknown command {sub!r} (commands: measure, worker; or no command for the full calibration)")
+        build_parser().error(f"unknown command {sub!r} (commands: measure, worker, bench; or no command for the full calibration)")
     else:
         parser, fn, rest = build_parser(), cmd_calibrate, argv
     args = parser.parse_args(rest)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+    verbose = getattr(args, "verbose", not getattr(args, "quiet", False))      # bench: -v; the others: --quiet
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return run_command(fn, args, interrupted_hint="re-run the same command to resume")
 

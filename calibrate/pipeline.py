@@ -24,13 +24,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from calibrate.search import LATENCY_MARGIN
+from calibrate.study import open_owned_study
 from stagevar.errors import StageVarError
 
 log = logging.getLogger("stagevar.calibrate")
-
-#: study user attribute: record key / sha256, budget, model (checked when a study is resumed)
-STUDY_ATTR = "stagevar"
-
 
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
@@ -89,27 +86,6 @@ def default_study_name(model, budget, record, study: str | None, several: bool) 
     return f"{model.name}.{model.resolution}.{budget.name}.{record.key}"
 
 
-def open_owned_study(name: str, storage, record, budget, budget_s: float, model_name: str, trials: int, seed: int):
-    """Open (or create) the study and check that it was searched with this calibration record."""
-    from calibrate.search import open_study
-    study = open_study(name, storage, direction_multi=False, seed=seed)
-    theirs = study.user_attrs.get(STUDY_ATTR)
-    if theirs and theirs.get("record_sha256") not in (None, record.sha256()) and theirs.get("record_key") == record.key:
-        raise StageVarError(
-            f"study {name!r} was searched with calibration record {record.key} as it was then; the record's derived "
-            "content (stage boundaries, rule) differs now, e.g. after an upgrade of stagevar, so its trials are not "
-            "comparable. Pass another --study name (or remove the study) to search again with the record as it is.")
-    if theirs and theirs.get("record_sha256") not in (None, record.sha256()):
-        raise StageVarError(
-            f"study {name!r} was searched with calibration record {theirs.get('record_key')}, but this run's record is "
-            f"{record.key}. Run on the machine and with the options that measured it (same --out, prompts, seeds, device), "
-            "or pass another --study name.")
-    if not theirs:
-        study.set_user_attr(STUDY_ATTR, {"record_key": record.key, "record_sha256": record.sha256(), "budget": budget.name,
-                                         "budget_s": budget_s, "model": model_name, "trials": trials})
-    return study
-
-
 def journal_storage(path: Path):
     """The default storage: an Optuna journal file (a torn last line from a kill is repaired first)."""
     import optuna
@@ -154,8 +130,8 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
 
     from calibrate.measure.common import variant_grid
     from calibrate.measure.latency import LatencyModel
-    from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, local_search,
-                                  measured_trials, params_for_point)
+    from calibrate.candidates import local_search, measured_trials
+    from calibrate.search import Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, params_for_point
 
     s = record.inputs["settings"]
     lat_model = LatencyModel(record.latency, variant_grid(tuple(s["keeps"]), tuple(s["selections"])), model.num_layers)
@@ -210,7 +186,8 @@ def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer
     again on ``report_subject``. Returns (operating points, chosen trials, all trials, infeasible)."""
     import optuna
 
-    from calibrate.search import point_from_params, summarize_trial, verification_candidates
+    from calibrate.candidates import verification_candidates
+    from calibrate.search import point_from_params, summarize_trial
     from calibrate.verify import verify_candidates
     from stagevar.policy import OperatingPoint
 
@@ -245,7 +222,7 @@ def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,
               guidance=None, scorer=None, engine: str | None = None, storage=None, storage_label: str | None = None,
               warm_start=None, settings: SearchSettings = SearchSettings(), progress: bool = True) -> CalibrationResult:
     """Measure ``model`` on ``prompts`` x ``seeds``, search a plan per budget (``"3x"``,
-    ``"2x,3x,4x"``, ``"700ms"`` or :class:`calibrate.search.Budget` objects), verify on
+    ``"2x,3x,4x"``, ``"700ms"`` or :class:`calibrate.budget.Budget` objects), verify on
     ``heldout`` (and measure the winner on ``report_prompts`` with the seeds + 1000) and return
     the policy, unsaved, with the record and report written into ``out``.
 
@@ -260,7 +237,7 @@ def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,
     from calibrate.measure.common import Subject
     from calibrate.metrics import build_scorer
     from calibrate.report import write_report
-    from calibrate.search import parse_budgets
+    from calibrate.budget import parse_budgets
     from calibrate.verify import REPORT_SEED_OFFSET
     from stagevar.policy import Policy, base_provenance, binding_for
 

@@ -4,7 +4,7 @@
   seeded ``calibration`` / ``heldout`` splits (held-out prompt combinations never appear in
   calibration); ``verification`` is another draw of the held-out split
   (:data:`VERIFICATION_DRAW`), so the images calibration picks its operating points on are not
-  the ones ``stagevar bench`` and ``stagevar evaluate`` score (draw 0); ``report`` is a third
+  the ones ``stagevar-calibrate bench`` and ``stagevar evaluate`` score (draw 0); ``report`` is a third
   draw (:data:`REPORT_DRAW`): the chosen point's numbers written into a policy come from it;
 * other text-to-image models: short GenEval-style prompts below;
 * class-conditional models (``var-*``): ImageNet class names spread over the label range (resolved by

@@ -23,7 +23,6 @@ import numpy as np
 
 from stagevar.errors import StageVarError
 from stagevar.io import atomic_write
-from stagevar.policy import atomic_write_text
 
 RECORD_VERSION = 1
 MEASURE_CODE_VERSION = 3
@@ -79,7 +78,7 @@ class CalibrationRecord:
         directory.mkdir(parents=True, exist_ok=True)
         if self.spectra_arrays:
             atomic_write(directory / "spectra.npz", lambda f: np.savez(f, **self.spectra_arrays))
-        atomic_write_text(directory / "record.json", json.dumps(self.to_json(), indent=1, default=_np_default))
+        atomic_write(directory / "record.json", json.dumps(self.to_json(), indent=1, default=_np_default))
         return directory / "record.json"
 
     @classmethod
@@ -160,7 +159,7 @@ class UnitStore:
             return None
 
     def put(self, name: str, value: Any) -> Any:
-        atomic_write_text(self._path(name), json.dumps(value, default=_np_default))
+        atomic_write(self._path(name), json.dumps(value, default=_np_default))
         return value
 
     def done(self) -> list[str]:

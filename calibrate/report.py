@@ -13,7 +13,6 @@ from calibrate.measure.sensitivity import resolved
 from calibrate.record import CalibrationRecord
 from stagevar.guidance import format_guidance
 from stagevar.io import atomic_write
-from stagevar.policy import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +150,7 @@ def plot_front(trials: list[dict[str, Any]], chosen: dict[str, Any], out: Path) 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     ax.scatter([t["predicted_speedup"] for t in pts], [t["quality"] for t in pts], s=12, alpha=0.5, label="trials")
-    from calibrate.search import pareto_front
+    from calibrate.candidates import pareto_front
     front = pareto_front([(t["quality"], 1 / t["predicted_speedup"], t) for t in pts])
     ax.plot([1 / f[1] for f in front], [f[0] for f in front], "r-", lw=1, label="Pareto front")
     for name, which in chosen.items():
@@ -298,5 +297,5 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
                 lines.append(f"| {p['scale']} | {plan} | {why} |")
             lines.append("")
     path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     return path

@@ -106,7 +106,7 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     from calibrate.measure.latency import device_info
     from calibrate.metrics import scorer_for
     from calibrate.record import UnitStore, content_key
-    from stagevar.policy import atomic_write_text
+    from stagevar.io import atomic_write
 
     settings = settings or MeasureSettings()
     scorer = scorer if scorer is not None else scorer_for(adapter.name)
@@ -147,7 +147,7 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
         if shard_index == 0:                  # latency: the whole calibration set, on this machine, as measure() does
             full = Subject(adapter, prompts, seeds, batch_size, guidance, engine=inputs["engine"])
             shard["latency"], shard["latency_check"] = measure_latency(store, full, settings, unit_done)
-        atomic_write_text(directory / "shard.json", json.dumps(shard, default=_np_default))
+        atomic_write(directory / "shard.json", json.dumps(shard, default=_np_default))
     finally:
         bar.close()
     return directory

@@ -54,12 +54,11 @@ candidates end to end on held-out prompts and writes the policy. Run it with the
   128 + S).
 
 Storage (URLs, drivers, the password kept out of every message, journal repair) is
-:mod:`calibrate.storage`; records measured in shards are :mod:`calibrate.shards`.
+:mod:`calibrate.storage`; joining the study and its trial loop, :mod:`calibrate.study`; records measured in shards are :mod:`calibrate.shards`.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import signal
@@ -67,11 +66,11 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from calibrate.pipeline import STUDY_ATTR
-from calibrate.storage import open_storage, redact, retried_trial_number, retry_callback, storage_guard
+from calibrate.storage import open_storage, redact, storage_guard
+from calibrate.study import (TaggedObjective, join_study, requeue_interrupted, restore_sigterm, run_trials, sampler_seed,
+                             sigterm_as_interrupt, study_counts)
 from stagevar.errors import StageVarError
 
 log = logging.getLogger("stagevar.calibrate.worker")
@@ -132,13 +131,13 @@ def build_worker_parser() -> argparse.ArgumentParser:
 
 def cmd_worker(args) -> int:
     import optuna
-    from calibrate.search import parse_budget
+    from calibrate.budget import parse_budget
 
     # ERROR: a failed or interrupted trial is reported by this command in one paragraph, not by
     # Optuna's warning with a traceback (--debug keeps Optuna's warnings)
     optuna.logging.set_verbosity(optuna.logging.WARNING if args.debug else optuna.logging.ERROR)
     if "," in str(args.budget):
-        from calibrate.search import BudgetError
+        from calibrate.budget import BudgetError
         raise BudgetError(f"a worker searches one budget, got {args.budget!r}: start one set of workers (and one study) per budget.")
     budget = parse_budget(args.budget)
     for name, value, low in (("--trials", args.trials, 1), ("--n-workers", args.n_workers, 1), ("--heartbeat", args.heartbeat, 1),
@@ -226,152 +225,6 @@ def _variants_of(rec):
         return variant_grid(tuple(s["keeps"]), tuple(s["selections"]))
     return variant_grid()
 
-
-def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sampler_seed: int, wait_s: float = 120.0,
-               fitted: dict | None = None, allow_skip: bool = True):
-    """Create the study (exactly one process succeeds) or load it; check that it was made for the
-    same record and budget; enqueue the seed policies once (with the budget-fitted seeds ``fitted``,
-    as :func:`calibrate.search.budget_seed_params` makes them; those that skip scales only with
-    ``allow_skip``)."""
-    import optuna
-    from calibrate.search import enqueue_seeds
-
-    info = {"record_key": rec.key, "record_sha256": rec.sha256(), "budget": budget.name, "budget_s": budget_s,
-            "model": rec.inputs["model"].get("model"), "trials": trials}
-    try:
-        optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=False)
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        created = False
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=10, multivariate=True, constant_liar=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    if len(study.directions) > 1:
-        raise StageVarError(f"study {name!r} has several objectives; a worker searches one budget (quality, maximised). "
-                            "Use another --study name.")
-    if created:
-        study.set_user_attr(STUDY_ATTR, info)
-        enqueue_seeds(study, rec, fitted=fitted, limit=trials, allow_skip=allow_skip)
-        log.info("created study %s", name)
-        return study
-    deadline = time.time() + wait_s
-    while not study.user_attrs.get("seeded"):   # the creator sets it after the record info and the seed trials
-        if time.time() > deadline:            # the creator died before seeding: take over
-            log.warning("study %s has no seed trials after %.0fs; enqueueing them", name, wait_s)
-            if STUDY_ATTR not in study.user_attrs:
-                study.set_user_attr(STUDY_ATTR, info)
-            enqueue_seeds(study, rec, fitted=fitted, limit=trials, allow_skip=allow_skip)
-            break
-        time.sleep(0.5)
-    theirs = study.user_attrs.get(STUDY_ATTR)
-    if theirs is None:
-        log.warning("study %s was not created by a worker: cannot check that it uses record %s", name, rec.key)
-    else:
-        if theirs.get("record_sha256") != info["record_sha256"]:
-            raise StageVarError(
-                f"study {name!r} was started with calibration record {theirs.get('record_key')} "
-                f"(sha256 {str(theirs.get('record_sha256'))[:16]}), but this worker's record is {rec.key} "
-                f"(sha256 {info['record_sha256'][:16]}). Every worker must use the same record: pass --record with the "
-                "record the study was started with (copy its directory to this machine), or use another --study name.")
-        if theirs.get("budget") != budget.name:
-            raise StageVarError(f"study {name!r} searches budget {theirs.get('budget')}, not {budget.name}. "
-                                "Use the same --budget for every worker of a study, or another --study name.")
-    return study
-
-
-def study_counts(study) -> dict[str, int]:
-    from optuna.trial import TrialState
-
-    from calibrate.search import is_local
-    c = {"complete": 0, "pruned": 0, "fail": 0, "running": 0, "waiting": 0, "retry_waiting": 0}
-    for t in study.get_trials(deepcopy=False):
-        if is_local(t):                         # the coordinator's local search, not the sampler's trials
-            continue
-        if t.state == TrialState.COMPLETE:
-            c["complete"] += 1
-        elif t.state == TrialState.PRUNED:
-            c["pruned"] += 1
-        elif t.state == TrialState.FAIL:
-            c["fail"] += 1
-        elif t.state == TrialState.RUNNING:
-            c["running"] += 1
-        elif t.state == TrialState.WAITING:
-            c["waiting"] += 1
-            if retried_trial_number(t) is not None:
-                c["retry_waiting"] += 1
-    c["finished"] = c["complete"] + c["pruned"]
-    return c
-
-
-def run_trials(study, objective, total: int, poll_s: float = 2.0, on_trial=None) -> int:
-    """Run trials until the study holds ``total`` finished trials, no trial is running and no retry
-    is waiting. Returns the number of trials this process ran."""
-    import optuna
-    from optuna.storages import fail_stale_trials
-
-    ran = 0
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fail_stale_trials(study)              # lost trials -> FAIL + a WAITING retry
-        c = study_counts(study)
-        if c["finished"] >= total and c["running"] == 0 and c["retry_waiting"] == 0:
-            return ran
-        if c["retry_waiting"] or c["finished"] + c["running"] < total:
-            if hasattr(objective, "last_trial"):
-                objective.last_trial = None
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.optimize(objective, n_trials=1, gc_after_trial=False, show_progress_bar=False)
-            except Exception as exc:  # noqa: BLE001
-                number = getattr(objective, "last_trial", None)
-                if number is None or not _taken_for_lost(study, number, exc):
-                    raise
-                log.warning("trial %d was taken for lost by another worker (no heartbeat got through for "
-                            "--grace-period seconds) and re-queued; its result is discarded. Raise --grace-period "
-                            "if this repeats.", number)
-            ran += 1
-            if on_trial is not None:
-                on_trial(study)
-        else:
-            time.sleep(poll_s)                    # the last trials run elsewhere: wait (and watch for lost ones)
-
-
-def _taken_for_lost(study, number: int, exc: BaseException) -> bool:
-    """Did ``exc`` come from reporting a trial that another worker had meanwhile failed as stale
-    (rather than from the objective)?"""
-    import optuna
-    from optuna.trial import TrialState
-    trials = study.get_trials(deepcopy=False)
-    mine = next((t for t in trials if t.number == number), None)
-    if mine is None or mine.state != TrialState.FAIL:
-        return False
-    if any(t.system_attrs.get("retry_history", [])[-1:] == [number] for t in trials):
-        return True
-    return isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) or (
-        isinstance(exc, (AssertionError, ValueError)) and ("Should not reach" in str(exc) or "Cannot tell" in str(exc)))
-
-
-def _sampler_seed(base: int, index: int) -> int:
-    h = hashlib.sha256(f"{base}:{socket.gethostname()}:{os.getpid()}:{index}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
-
-
-class _TaggedObjective:
-    """The search objective, tagging each trial with the worker that runs it."""
-
-    def __init__(self, objective, worker: str):
-        self.objective, self.worker = objective, worker
-        self.last_trial: int | None = None
-
-    def __call__(self, trial):
-        self.last_trial = trial.number
-        trial.set_user_attr("worker", self.worker)
-        return self.objective(trial)
-
-
 def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
@@ -386,13 +239,13 @@ def _run_worker(args, budget, storage) -> int:
     name = _study_name(args, model, rec, budget)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     with storage_guard(args.storage):
-        study = join_study(name, storage, rec, budget, budget_s, args.trials, _sampler_seed(args.seed, args.worker_index),
+        study = join_study(name, storage, rec, budget, budget_s, args.trials, sampler_seed(args.seed, args.worker_index),
                            fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
                            allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s))
     subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
     reference = subject.run(None)
     ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
-    objective = _TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem), worker_id)
+    objective = TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem), worker_id)
     log.info("worker %s joined study %s (record %s, budget %s = %.3fs predicted)", worker_id, name, rec.key, budget.name, budget_s)
 
     def on_trial(st):
@@ -403,13 +256,13 @@ def _run_worker(args, budget, storage) -> int:
                      " (estimated)" if t.user_attrs.get("quality_estimated") else "")
 
     t0 = time.time()
-    previous = _sigterm_as_interrupt()
+    previous = sigterm_as_interrupt()
     try:
         with storage_guard(args.storage):
             ran = run_trials(study, objective, args.trials, poll_s=max(0.5, min(float(args.heartbeat), 5.0)), on_trial=on_trial)
             c = study_counts(study)
     except KeyboardInterrupt:
-        _requeue_interrupted(study, objective.last_trial)
+        requeue_interrupted(study, objective.last_trial)
         print("interrupted: this worker's running trial was re-queued for the other workers; start the worker again "
               "to rejoin", file=sys.stderr)
         return 130
@@ -421,7 +274,7 @@ def _run_worker(args, budget, storage) -> int:
         raise StageVarError(f"a trial failed in study {name!r}: {type(exc).__name__}: {' '.join(str(exc).split())} "
                             "(run with --debug for the traceback).") from exc
     finally:
-        _restore_sigterm(previous)
+        restore_sigterm(previous)
     print(f"worker {worker_id}: ran {ran} trial(s) in {time.time() - t0:.0f}s; study {name}: {c['finished']}/{args.trials} "
           f"finished, {c['fail']} failed")
     if not os.environ.get(_CHILD_ENV):
@@ -435,40 +288,6 @@ def _print_next(args, budget, name: str) -> None:
           "(plus the --prompts/--num-prompts/--seeds/--batch-size/--weights options the record was measured with)")
 
 
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler's polite kill) behaves like Ctrl-C: the running trial is re-queued at
-    once instead of after the grace period. Returns the previous handler (None: not installed)."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
-def _restore_sigterm(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _requeue_interrupted(study, number: int | None) -> None:
-    """Ctrl-C: Optuna marks the running trial FAIL; queue it again (as a lost trial would be)."""
-    if number is None:
-        return
-    try:
-        from optuna.trial import TrialState
-        t = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-        if t is not None and t.state == TrialState.FAIL:
-            storage = study._storage
-            cb = None
-            get = getattr(storage, "get_heartbeat_stale_trial_callback", None) or getattr(storage, "get_failed_trial_callback", None)
-            if get is not None:
-                cb = get()
-            (cb or retry_callback(2))(study, t)
-    except Exception:  # noqa: BLE001 - best effort on the way out
-        log.debug("could not re-queue trial %s", number, exc_info=True)
 
 
 # ============================================================================== --n-workers
@@ -518,7 +337,7 @@ def _run_local_workers(args, budget) -> int:
         procs.append(subprocess.Popen([sys.executable, "-m", "calibrate.cli", "worker", *argv],
                                       env=dict(os.environ, **{_CHILD_ENV: "1"})))
     log.info("started %d workers: %s", len(procs), ", ".join(str(p.pid) for p in procs))
-    previous = _sigterm_as_interrupt()
+    previous = sigterm_as_interrupt()
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -534,7 +353,7 @@ def _run_local_workers(args, budget) -> int:
               file=sys.stderr)
         return 130
     finally:
-        _restore_sigterm(previous)
+        restore_sigterm(previous)
     worst = max(_exit_status(c) for c in codes)
     for p, c in zip(procs, codes):
         if c != 0:

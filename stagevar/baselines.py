@@ -1,7 +1,7 @@
 """Published acceleration methods, each reproduced as an operating point of the stagevar runtime.
 
 The builders return an :class:`~stagevar.policy.OperatingPoint` for a loaded adapter, so the
-benchmark (``stagevar bench``) runs every method through the same per-scale loop, the same token
+benchmark (``stagevar-calibrate bench``) runs every method through the same per-scale loop, the same token
 ops and the same timing code as the searched policies. :func:`baseline_policy` wraps points in a
 :class:`~stagevar.policy.Policy` bound to the adapter (that is how they are validated and saved).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from stagevar.policy import OperatingPoint, Policy, ScalePlan, base_provenance, binding_for, default_stages
 
-#: names accepted by :func:`build_baseline` (and ``stagevar bench --baselines``)
+#: names accepted by :func:`build_baseline` (and ``stagevar-calibrate bench --baselines``)
 BASELINES = ("paper", "fastvar", "skipvar-skip", "skipvar-uncond")
 
 

@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-from stagevar.bench import add_bench_parser, cmd_bench
 from stagevar.engine import ENGINE_HELP, ENGINES
 from stagevar.errors import StageVarError, run_command
 from stagevar.guidance import GUIDANCE_HELP, guidance_argument
@@ -48,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_generate(sub)
+    _add_policy_commands(sub)
+    _add_reference_and_evaluate(sub)
+    sub.add_parser("bench", help="moved: stagevar-calibrate bench", add_help=False)
+    add_profile_parser(sub)
+    return p
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate images from prompts (optionally accelerated by a policy)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fmt("""\
         examples:
@@ -71,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=Path("out"), help="output .png file (one prompt) or directory (default out/)")
     _engine_arg(g)
 
+
+def _add_policy_commands(sub) -> None:
     v = sub.add_parser("validate", help="check a policy file (schema, values; with --model, that it fits the model)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fmt("""\
         examples:
@@ -93,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="example:\n  stagevar list-models\n")
     lm.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_reference_and_evaluate(sub) -> None:
     c = sub.add_parser("check-reference", help="compare the models with tensors dumped from upstream code",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_fmt("""\
         examples:
@@ -124,9 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     e.add_argument("--json", action="store_true", help="print the scores as JSON")
     _engine_arg(e)
-    add_bench_parser(sub)
-    add_profile_parser(sub)
-    return p
 
 
 def _engine_arg(p: argparse.ArgumentParser, what: str = "generation") -> None:
@@ -270,18 +278,32 @@ def cmd_check_reference(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench_moved(args) -> int:
+    """``stagevar bench`` is ``stagevar-calibrate bench``: it scores quality with the calibration
+    metrics, which the runtime does not depend on."""
+    err = StageVarError("'stagevar bench' is now 'stagevar-calibrate bench' (same arguments): benchmarking scores "
+                        "quality with the calibration metrics, which the runtime package does not depend on. Run "
+                        "stagevar-calibrate bench " + " ".join(args.rest) + " (installed with pip install -e "
+                        "'.[calibrate]').")
+    err.exit_code = 2
+    raise err
+
+
 def cmd_evaluate(args) -> int:
     from stagevar.toy.evaluate_cli import run_evaluate
     return run_evaluate(args)
 
 
 COMMANDS = {"generate": cmd_generate, "validate": cmd_validate, "inspect": cmd_inspect, "list-models": cmd_list_models,
-            "check-reference": cmd_check_reference, "evaluate": cmd_evaluate, "bench": cmd_bench, "profile": cmd_profile}
+            "check-reference": cmd_check_reference, "evaluate": cmd_evaluate, "bench": cmd_bench_moved, "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.command:
         parser.print_help()

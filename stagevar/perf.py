@@ -7,7 +7,7 @@ back. A generation then page-faults a varying amount of memory: with infinity-mi
 on what ran before, and a full generation took 12% longer. :func:`steady_allocator` serves every
 allocation from the heap and keeps freed memory (``mallopt(M_MMAP_MAX, 0)``,
 ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)``), so repeated generations reuse their pages. The
-measuring commands (``stagevar bench``, ``stagevar-calibrate``) call it; the process then keeps
+measuring commands (``stagevar-calibrate bench``, ``stagevar-calibrate``) call it; the process then keeps
 its peak memory until it exits. ``STAGEVAR_MALLOC=system`` leaves the allocator as it is.
 """
 from __future__ import annotations

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from stagevar.errors import StageVarError
+from stagevar.io import atomic_write
 from stagevar.guidance import GuidanceError, guidance_per_scale
 
 SCHEMA_VERSION = 2
@@ -290,7 +291,7 @@ class Policy:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temp file in the same directory, fsync, rename)."""
-        return atomic_write_text(path, self.to_yaml())
+        return atomic_write(path, self.to_yaml())
 
     @classmethod
     def from_dict(cls, d: Any, src: str = "") -> "Policy":
@@ -500,12 +501,6 @@ def _construct_mapping(loader, node, deep=False):
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` so that readers see the old file or the new one (:func:`stagevar.io.atomic_write`)."""
-    from stagevar.io import atomic_write
-    return atomic_write(path, text)
 
 
 def binding_for(adapter) -> ModelBinding:

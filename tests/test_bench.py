@@ -1,4 +1,4 @@
-"""``stagevar bench`` and the baseline policies.
+"""``stagevar-calibrate bench`` and the baseline policies.
 
 Benchmarks are not unit tests: here only (1) the baseline builders produce valid policies (YAML round
 trip through the strict loader) with the plans they document, and (2) the command runs on
@@ -26,7 +26,7 @@ from stagevar.baselines import (
     paper_policy,
     skipvar_policy,
 )
-from stagevar.bench import add_bench_parser, main as bench_main
+from calibrate.bench.cli import build_parser as build_bench_parser, main as bench_main
 from stagevar.models.registry import load_model
 from stagevar.policy import OperatingPoint, Policy, ScalePlan, binding_for, default_stages, load_policy
 
@@ -217,7 +217,7 @@ def test_verification_and_bench_score_different_draws_of_the_heldout_split(tmp_p
     evaluate' must not score the same images, or the searched policies gain a selection bias
     that the baselines do not have."""
     from calibrate.prompts import VERIFICATION_DRAW, bundled
-    from stagevar.bench import bench_prompts
+    from calibrate.bench.methods import bench_prompts
     from stagevar.toy.prompts import is_heldout, make_split
     mini = load_model("infinity-mini", random_weights=True)
     bench = [it["prompt"] for it in bench_prompts(mini, 120)]
@@ -269,15 +269,26 @@ def test_bench_notes_a_policy_calibrated_at_other_guidance(tiny, tmp_path, capsy
     assert rc == 1 and "2 values" in err and "Traceback" not in err
 
 
-def test_bench_parser_registers_on_subparsers():
-    p = argparse.ArgumentParser(prog="stagevar")
-    sub = p.add_subparsers(dest="command")
-    b = add_bench_parser(sub)
-    assert isinstance(b.formatter_class, type) and b.formatter_class is argparse.RawDescriptionHelpFormatter
-    assert "examples:" in b.epilog and "stagevar bench" in b.epilog
-    args = p.parse_args(["bench", "--model", "infinity-tiny", "--policy", "a.yaml", "--policy", "b.yaml", "--no-quality"])
-    assert args.command == "bench" and args.policy == [Path("a.yaml"), Path("b.yaml")] and args.no_quality
+def test_bench_is_a_calibrate_command_and_stagevar_bench_says_where_it_went(capsys):
+    """The bench needs the calibration metrics, so it lives in ``calibrate``; ``stagevar bench``
+    names the new command with the user's own arguments and exits 2."""
+    from calibrate.cli import main as calibrate_main
+    from stagevar.cli import main as stagevar_main
+    b = build_bench_parser()
+    assert b.formatter_class is argparse.RawDescriptionHelpFormatter
+    assert "examples:" in b.epilog and "stagevar-calibrate bench" in b.epilog
+    args = b.parse_args(["--model", "infinity-tiny", "--policy", "a.yaml", "--policy", "b.yaml", "--no-quality"])
+    assert args.policy == [Path("a.yaml"), Path("b.yaml")] and args.no_quality
     assert args.repeats == 5 and args.batch_size == 1 and args.baselines == ",".join(BASELINES)
+    with pytest.raises(SystemExit) as exc:
+        calibrate_main(["bench", "--help"])
+    assert exc.value.code == 0 and "stagevar-calibrate bench" in capsys.readouterr().out
+    assert stagevar_main(["bench", "--model", "infinity-tiny", "--no-quality"]) == 2
+    err = capsys.readouterr().err
+    assert "stagevar-calibrate bench --model infinity-tiny --no-quality" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:                  # other commands still reject unknown arguments
+        stagevar_main(["list-models", "--no-quality"])
+    assert exc.value.code == 2 and "unrecognized arguments: --no-quality" in capsys.readouterr().err
 
 
 def test_bench_errors_are_one_paragraph(tiny, tmp_path, capsys):

@@ -14,7 +14,7 @@ import pytest
 import calibrate.calibration as calibration
 from calibrate.calibration import record_dir
 from calibrate.metrics import scorer_for
-from calibrate.search import (Objective, point_from_params)
+from calibrate.search import Objective, point_from_params
 from stagevar.models.registry import load_model
 from stagevar.policy import load_policy
 

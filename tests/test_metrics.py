@@ -234,7 +234,7 @@ def test_bad_metric_options_are_one_clear_error(argv, code, words, tmp_path, cap
 
 
 def test_bench_reports_learned_metric_columns(weights, tmp_path, capsys):
-    from stagevar.bench import main as bench_main
+    from calibrate.bench.cli import main as bench_main
 
     out = tmp_path / "bench"
     given = ",".join(f"{k}={v}" for k, v in weights.items())

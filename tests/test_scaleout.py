@@ -139,7 +139,7 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
 
     from calibrate.calibration import record_dir
     from calibrate.storage import retried_trial_number
-    from calibrate.worker import study_counts
+    from calibrate.study import study_counts
     from optuna.trial import TrialState
     from stagevar.policy import load_policy
 
@@ -249,9 +249,9 @@ def test_join_refuses_another_record_or_budget(tiny_record, tmp_path):
     """Workers of one study must share the record (its SHA-256) and the budget."""
     import dataclasses
 
-    from calibrate.search import parse_budget
+    from calibrate.budget import parse_budget
     from calibrate.storage import open_storage
-    from calibrate.worker import join_study
+    from calibrate.study import join_study
     from stagevar.errors import StageVarError
 
     rec = tiny_record[1]
@@ -280,7 +280,7 @@ def test_a_live_trial_taken_for_lost_does_not_stop_the_worker(tmp_path):
     from optuna.trial import TrialState
 
     from calibrate.storage import open_storage, retried_trial_number, retry_callback
-    from calibrate.worker import _TaggedObjective, run_trials
+    from calibrate.study import TaggedObjective, run_trials
 
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1, grace_period=3)
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -294,7 +294,7 @@ def test_a_live_trial_taken_for_lost_does_not_stop_the_worker(tmp_path):
             retry_callback(2)(study, storage.get_trial(trial._trial_id))
         return x
 
-    tagged = _TaggedObjective(objective, "me")
+    tagged = TaggedObjective(objective, "me")
     ran = run_trials(study, tagged, total=4, poll_s=0.1)
     trials = study.get_trials(deepcopy=False)
     assert ran == 5

@@ -13,8 +13,9 @@ import calibrate.measure.common as common
 from calibrate.measure.common import variant_grid
 from calibrate.measure.latency import LatencyModel
 from calibrate.metrics import scorer_for
-from calibrate.search import (BudgetError, Objective, enqueue_seeds, feasible_ranked, neighbours, open_study, parse_budget,
-                              parse_budgets, point_from_params, search_bounds, seed_params, suggest_policy)
+from calibrate.budget import BudgetError, parse_budget, parse_budgets
+from calibrate.candidates import feasible_ranked, neighbours
+from calibrate.search import Objective, enqueue_seeds, open_study, point_from_params, search_bounds, seed_params, suggest_policy
 from stagevar.models.registry import load_model
 from stagevar.policy import OperatingPoint, ScalePlan
 
@@ -171,7 +172,8 @@ def test_budget_seeds_fit_the_budget_with_the_largest_uniform_keep_then_spend_wh
 def test_scales_are_skipped_only_when_no_plan_computing_every_scale_meets_the_budget():
     from types import SimpleNamespace
 
-    from calibrate.search import skipping_allowed, verification_candidates
+    from calibrate.candidates import verification_candidates
+    from calibrate.search import skipping_allowed
     rec = hand_record(n=7, depth=2, refinement_start=4)                 # search range 3..6
     tokens = [1, 4, 16, 36, 64, 100, 169]
     lm = _linear_latency(7, tokens)
@@ -217,7 +219,7 @@ def test_search_reaches_the_span_of_the_published_policies():
 def test_verification_candidates_are_distinct_policies():
     from types import SimpleNamespace
 
-    from calibrate.search import distinct_candidates
+    from calibrate.candidates import distinct_candidates
     rec = hand_record(n=7, depth=2, refinement_start=4)
     seeds = seed_params(rec)
     # identity with other keep ratios / selections: nothing is accelerated, so the same policy
@@ -236,7 +238,7 @@ def test_verification_candidates_are_distinct_policies():
 def test_verification_also_measures_trials_just_over_the_budget():
     """Trials predicted up to 10% over the budget are verified too (the latency model's error band),
     best quality first and never the same policy twice; trials further out are not."""
-    from calibrate.search import measured_trials, verification_candidates
+    from calibrate.candidates import measured_trials, verification_candidates
     rec = hand_record(n=7, depth=2, refinement_start=4)
     seeds = seed_params(rec)
     rows = [(seeds["paper-like"], 0.80, 0.90),                      # 0 feasible
@@ -329,7 +331,7 @@ class _ToyObjective:
 
 
 def test_local_search_climbs_to_a_better_policy_within_the_target():
-    from calibrate.search import local_search, measured_trials, ranked_within
+    from calibrate.candidates import local_search, measured_trials, ranked_within
     rec = hand_record(n=7, depth=2, refinement_start=4)
     obj = _ToyObjective(rec)
     full = obj.cost(point_from_params(rec, seed_params(rec)["identity"]))
@@ -365,7 +367,7 @@ def test_local_search_climbs_to_a_better_policy_within_the_target():
 
 
 def test_local_search_runs_neighbours_an_interrupted_run_left_queued_once():
-    from calibrate.search import _plan_key, local_search, measured_trials
+    from calibrate.candidates import _plan_key, local_search, measured_trials
     rec = hand_record(n=7, depth=2, refinement_start=4)
     obj = _ToyObjective(rec)
     study = optuna.create_study(direction="maximize")
@@ -390,7 +392,8 @@ def test_trials_bound_the_enqueued_seeds_and_the_local_search_runs_only_its_own(
     only the first ones are queued (the rest named in a warning), so the sampler's ``optimize``
     consumes the whole queue; a queue left by a run with a higher ``--trials`` is dropped before
     the local search, which would otherwise run those seeds as its own trials."""
-    from calibrate.search import budget_seed_params, drop_queued_seeds, is_local, local_search, measured_trials
+    from calibrate.candidates import local_search, measured_trials
+    from calibrate.search import budget_seed_params, drop_queued_seeds, is_local
     rec = hand_record(n=7, depth=2, refinement_start=4)
     tokens = [1, 4, 16, 36, 64, 100, 169]
     lm = _linear_latency(7, tokens)
@@ -426,7 +429,7 @@ def test_trials_bound_the_enqueued_seeds_and_the_local_search_runs_only_its_own(
 
 
 def test_local_search_respects_its_trial_budget_across_calls():
-    from calibrate.search import local_search, measured_trials
+    from calibrate.candidates import local_search, measured_trials
     rec = hand_record(n=7, depth=2, refinement_start=4)
     obj = _ToyObjective(rec)
     study = optuna.create_study(direction="maximize")

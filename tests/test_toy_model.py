@@ -46,7 +46,7 @@ def test_registered_and_loads_through_registry():
 
 
 def test_missing_weights_error_says_how_to_train(tmp_path):
-    with pytest.raises(mini.MiniWeightsError, match="stagevar.toy.train"):
+    with pytest.raises(mini.MiniWeightsError, match="stagevar-train"):
         mini.load_mini(tmp_path)
 
 
@@ -76,7 +76,7 @@ def test_seeded_generation_is_deterministic(adapter):
 def test_heldout_subset_quality(adapter):
     """12 held-out prompts (2 per category) x 1 seed, default sampling settings."""
     pytest.importorskip("scipy")
-    from stagevar.toy.train import evaluate_weights
+    from training.evaluation import evaluate_weights
 
     res = evaluate_weights(adapter, "heldout", 12, (0,))
     assert res["overall"] >= FIXED_SUBSET_THRESHOLD, res

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from stagevar.toy import train as tt
+from stagevar.errors import StageVarError
+from training import cli, data, targets, weights
+from training.loop import train
 from stagevar.toy.model import load_mini
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -30,7 +33,7 @@ TINY = {
 
 @pytest.fixture()
 def arch():
-    shipped = yaml.safe_load((Path(tt.__file__).parent / "configs" / "mini.yaml").read_text())
+    shipped = yaml.safe_load((Path(cli.__file__).parent / "configs" / "mini.yaml").read_text())
     a = copy.deepcopy(TINY)
     # work bounded by step counts (the minutes are a hang guard only), so every machine does the same
     a["train"] = dict(shipped["train"], max_minutes=60, vae_minutes=60, vae_steps=3, max_steps=8, batch=2, short_batch=2,
@@ -45,21 +48,21 @@ def _log(out):
 def test_trains_resumes_and_exports(arch, tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "run"
-    final = tt.train(arch, out, max_steps=4, threads=1, quiet=True)
+    final = train(arch, out, max_steps=4, threads=1, quiet=True)
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     st1 = ck["state"]
     assert st1["vae_step"] > 0 and st1["tr_step"] > 0
     phases = {r["phase"] for r in _log(out)}
     assert phases == {"vae", "transformer"}
     # resuming with a longer budget continues the same run: step counters go on, the VAE is not retrained
-    tt.train(arch, out, max_steps=8, threads=1, quiet=True)
+    train(arch, out, max_steps=8, threads=1, quiet=True)
     st2 = torch.load(out / "ckpt.pt", weights_only=False)["state"]
     assert st2["vae_step"] == st1["vae_step"] and st2["tr_step"] > st1["tr_step"]
     assert st2["elapsed"] > st1["elapsed"]
     steps = [r["step"] for r in _log(out) if r["phase"] == "transformer"]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
     # the exported weights (final/ and --export of the checkpoint) build a model that generates
-    meta = tt.export_checkpoint(out / "ckpt.pt", tmp_path / "exported")
+    meta = weights.export_checkpoint(out / "ckpt.pt", tmp_path / "exported")
     assert meta["transformer_steps"] == st2["tr_step"]
     for wdir in (final, tmp_path / "exported"):
         m = load_mini(wdir)
@@ -67,19 +70,46 @@ def test_trains_resumes_and_exports(arch, tmp_path):
         assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
 
 
+def test_an_interrupted_run_resumes_to_the_same_weights(arch, tmp_path, monkeypatch):
+    """Killed after a checkpoint and run again, a run ends with the weights an uninterrupted run
+    ends with, bit for bit: the checkpoint holds everything the run depends on (models, optimisers,
+    data stream, every random generator, the step counters), the self-sampled prefix included."""
+    from training import loop
+    torch.set_num_threads(1)
+    arch["train"].update(max_steps=6, ckpt_minutes=0, self_prefix_scales=2, self_prefix_prob=0.5, self_prefix_match=2)
+    once = train(arch, tmp_path / "once", threads=1, quiet=True)
+    step = loop.Trainer._transformer_step
+
+    def killed_at_4(self, i, lr):
+        if i == 4:
+            raise KeyboardInterrupt
+        return step(self, i, lr)
+
+    monkeypatch.setattr(loop.Trainer, "_transformer_step", killed_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(arch, tmp_path / "twice", threads=1, quiet=True)
+    assert torch.load(tmp_path / "twice" / "ckpt.pt", weights_only=False)["state"]["tr_step"] == 4
+    monkeypatch.setattr(loop.Trainer, "_transformer_step", step)
+    twice = train(arch, tmp_path / "twice", threads=1, quiet=True)
+    for f in ("transformer.safetensors", "text.safetensors", "vae.safetensors"):
+        assert (once / f).read_bytes() == (twice / f).read_bytes(), f
+    steps = [r["step"] for r in _log(tmp_path / "twice") if r["phase"] == "transformer"]
+    assert steps == list(range(6))                                   # no step done twice or left out
+
+
 def test_export_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        tt.main(["--export", str(tmp_path / "missing.pt")])            # no --out
-    with pytest.raises(SystemExit, match="no such checkpoint"):
-        tt.main(["--export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "w")])
+        cli.main(["--export", str(tmp_path / "missing.pt")])            # no --out
+    assert cli.main(["--export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "w")]) == 1
+    assert re.search(r"no such checkpoint", capsys.readouterr().err)
 
 
 def test_warm_start_from_weights(arch, tmp_path):
     """--init: training goes on from exported weights (no VAE phase; the VAE stays as it was) and the
     training record names where it started."""
     torch.set_num_threads(1)
-    first = tt.train(arch, tmp_path / "a", max_steps=4, threads=1, quiet=True)
-    final = tt.train(arch, tmp_path / "b", max_steps=3, threads=1, quiet=True, init=first)
+    first = train(arch, tmp_path / "a", max_steps=4, threads=1, quiet=True)
+    final = train(arch, tmp_path / "b", max_steps=3, threads=1, quiet=True, init=first)
     assert {r["phase"] for r in _log(tmp_path / "b")} == {"transformer"}
     a, b = load_mini(first), load_mini(final)
     for k, v in a.vae.state_dict().items():
@@ -90,18 +120,18 @@ def test_warm_start_from_weights(arch, tmp_path):
     # a different architecture is refused, naming the section
     other = copy.deepcopy(arch)
     other["transformer"]["depth"] = 2
-    with pytest.raises(SystemExit, match="'transformer'"):
-        tt.train(other, tmp_path / "c", max_steps=1, threads=1, quiet=True, init=first)
+    with pytest.raises(StageVarError, match="'transformer'"):
+        train(other, tmp_path / "c", max_steps=1, threads=1, quiet=True, init=first)
 
 
-def test_average_of_two_weights_directories(arch, tmp_path):
+def test_average_of_two_weights_directories(arch, tmp_path, capsys):
     """--average: the transformer and text encoder are the weighted mean of the two inputs (ALPHA the
     weight of the second), the VAE is the shared one, the record names both; mismatches are refused."""
     torch.set_num_threads(1)
-    first = tt.train(arch, tmp_path / "a", max_steps=4, threads=1, quiet=True)
-    second = tt.train(arch, tmp_path / "b", max_steps=3, threads=1, quiet=True, init=first)
+    first = train(arch, tmp_path / "a", max_steps=4, threads=1, quiet=True)
+    second = train(arch, tmp_path / "b", max_steps=3, threads=1, quiet=True, init=first)
     out = tmp_path / "avg"
-    assert tt.main(["--average", str(first), str(second), "0.25", "--out", str(out)]) == 0
+    assert cli.main(["--average", str(first), str(second), "0.25", "--out", str(out)]) == 0
     a, b, m = (load_mini(d) for d in (first, second, out))
     for part in ("transformer", "text_encoder"):
         sa, sb, sm = (getattr(x, part).state_dict() for x in (a, b, m))
@@ -125,12 +155,12 @@ def test_average_of_two_weights_directories(arch, tmp_path):
     name = next(k for k, v in vae_sd.items() if v.is_floating_point())
     vae_sd[name] = vae_sd[name] + 1
     save_file(vae_sd, str(other / "vae.safetensors"))
-    with pytest.raises(SystemExit, match="vae.safetensors"):
-        tt.main(["--average", str(first), str(other), "0.5", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="ALPHA=1.5"):
-        tt.main(["--average", str(first), str(second), "1.5", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="not a weights directory"):
-        tt.main(["--average", str(first), str(tmp_path / "missing"), "0.5", "--out", str(tmp_path / "x")])
+    assert cli.main(["--average", str(first), str(other), "0.5", "--out", str(tmp_path / "x")]) == 1
+    assert re.search(r"vae.safetensors", capsys.readouterr().err)
+    assert cli.main(["--average", str(first), str(second), "1.5", "--out", str(tmp_path / "x")]) == 1
+    assert re.search(r"ALPHA=1.5", capsys.readouterr().err)
+    assert cli.main(["--average", str(first), str(tmp_path / "missing"), "0.5", "--out", str(tmp_path / "x")]) == 1
+    assert re.search(r"not a weights directory", capsys.readouterr().err)
 
 
 def test_periodic_evaluation_is_logged_and_recorded(arch, tmp_path):
@@ -139,7 +169,7 @@ def test_periodic_evaluation_is_logged_and_recorded(arch, tmp_path):
     pytest.importorskip("scipy")
     torch.set_num_threads(1)
     arch["train"].update(eval_steps=2, eval_prompts=6)
-    final = tt.train(arch, tmp_path / "run", max_steps=4, threads=1, quiet=True)
+    final = train(arch, tmp_path / "run", max_steps=4, threads=1, quiet=True)
     rows = [r for r in _log(tmp_path / "run") if r["phase"] == "eval"]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(r["images"] == 6 and 0.0 <= r["overall"] <= 1.0 and r["split"] == "calibration" for r in rows)
@@ -150,12 +180,12 @@ def test_periodic_evaluation_is_logged_and_recorded(arch, tmp_path):
     assert rec["transformer_steps"] == 4 and rec["vae_steps"] == 3
     bad = copy.deepcopy(arch)
     bad["train"]["eval_minutes"] = -1
-    with pytest.raises(SystemExit, match="train.eval_minutes"):
-        tt.train(bad, tmp_path / "bad", max_steps=1, threads=1, quiet=True)
+    with pytest.raises(StageVarError, match="train.eval_minutes"):
+        train(bad, tmp_path / "bad", max_steps=1, threads=1, quiet=True)
 
 
 def test_rendering_workers_give_the_same_stream():
-    one, pool = tt.SceneStream(3, 32), tt.SceneStream(3, 32, workers=2)
+    one, pool = data.SceneStream(3, 32), data.SceneStream(3, 32, workers=2)
     try:
         for n in (5, 11):
             (p1, x1), (p2, x2) = one.batch(n), pool.batch(n)
@@ -168,37 +198,37 @@ def test_category_weights_reweight_the_stream():
     from collections import Counter
 
     from stagevar.toy.prompts import CATEGORIES, make_split
-    plain = tt.SceneStream(5, 32)
-    assert [plain._next_item() for _ in range(50)] == make_split("train", tt.SceneStream.CHUNK, 5 * 100_003)[:50]
-    weighted = tt.SceneStream(5, 32, category_weights={"counting": 3})
+    plain = data.SceneStream(5, 32)
+    assert [plain._next_item() for _ in range(50)] == make_split("train", data.SceneStream.CHUNK, 5 * 100_003)[:50]
+    weighted = data.SceneStream(5, 32, category_weights={"counting": 3})
     items = [weighted._next_item() for _ in range(3000)]
     counts = Counter(it["spec"]["category"] for it in items)
     assert set(counts) == set(CATEGORIES)
     others = [counts[c] for c in CATEGORIES if c != "counting"]
     assert 2.5 < counts["counting"] / (sum(others) / len(others)) < 3.5
     assert len({(it["prompt"], it["seed"]) for it in items}) == len(items)          # distinct items, no repeats
-    again = tt.SceneStream(5, 32, category_weights={"counting": 3})
+    again = data.SceneStream(5, 32, category_weights={"counting": 3})
     again.load_state(weighted.state())
-    weighted2 = tt.SceneStream(5, 32, category_weights={"counting": 3})
+    weighted2 = data.SceneStream(5, 32, category_weights={"counting": 3})
     [weighted2._next_item() for _ in range(3000)]
     assert [again._next_item() for _ in range(20)] == [weighted2._next_item() for _ in range(20)]   # resumable
-    with pytest.raises(SystemExit, match="category_weights: countng"):
-        tt.SceneStream(5, 32, category_weights={"countng": 2})
-    with pytest.raises(SystemExit, match="category_weights: colors"):
-        tt.SceneStream(5, 32, category_weights={"colors": 0})
+    with pytest.raises(StageVarError, match="category_weights: countng"):
+        data.SceneStream(5, 32, category_weights={"countng": 2})
+    with pytest.raises(StageVarError, match="category_weights: colors"):
+        data.SceneStream(5, 32, category_weights={"colors": 0})
 
 
 def test_config_overrides(arch):
     a = copy.deepcopy(arch)
-    tt.apply_override(a, "train.batch=64")
-    tt.apply_override(a, "train.lr=3.0e-4")
+    cli.apply_override(a, "train.batch=64")
+    cli.apply_override(a, "train.lr=3.0e-4")
     assert a["train"]["batch"] == 64 and a["train"]["lr"] == 3.0e-4
-    with pytest.raises(SystemExit, match="no key 'train.btch'"):
-        tt.apply_override(a, "train.btch=1")
-    with pytest.raises(SystemExit, match="no section 'trian'"):
-        tt.apply_override(a, "trian.batch=1")
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        tt.apply_override(a, "train.batch")
+    with pytest.raises(StageVarError, match="no key 'train.btch'"):
+        cli.apply_override(a, "train.btch=1")
+    with pytest.raises(StageVarError, match="no section 'trian'"):
+        cli.apply_override(a, "trian.batch=1")
+    with pytest.raises(StageVarError, match="KEY=VALUE"):
+        cli.apply_override(a, "train.batch")
 
 
 def test_self_sampled_prefix_relabels_only_the_chosen_rows(arch, tmp_path):
@@ -208,10 +238,10 @@ def test_self_sampled_prefix_relabels_only_the_chosen_rows(arch, tmp_path):
     from stagevar.toy.model import build_parts
     _, ad = build_parts(arch)
     sched = [tuple(s) for s in ad.cfg.scale_schedule]
-    _, img = tt.SceneStream(1, 32).batch(4)
+    _, img = data.SceneStream(1, 32).batch(4)
     with torch.no_grad():
         feats = ad.vae.encode(img).float()
-    plain, x_plain = tt.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None)
+    plain, x_plain = targets.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None)
     offs = [0]
     for _, h, w in sched:
         offs.append(offs[-1] + h * w)
@@ -220,7 +250,7 @@ def test_self_sampled_prefix_relabels_only_the_chosen_rows(arch, tmp_path):
         return plain[:, offs[si]:offs[si + 1]].reshape(4, 1, *sched[si][1:], -1)
 
     rows = torch.tensor([True, False, True, False])
-    same, _ = tt.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None, own_rows=rows, own_scales=2,
+    same, _ = targets.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None, own_rows=rows, own_scales=2,
                                          own_bits=lambda si, x: labels_of(si))
     assert torch.equal(same, plain)
     seen = []
@@ -229,7 +259,7 @@ def test_self_sampled_prefix_relabels_only_the_chosen_rows(arch, tmp_path):
         seen.append(prefix.shape[1])
         return 1 - labels_of(si)
 
-    mixed, x_mixed = tt.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None, own_rows=rows,
+    mixed, x_mixed = targets.teacher_forcing_targets(ad.vae, feats, sched, len(sched), 0.0, None, own_rows=rows,
                                                 own_scales=1, own_bits=inverted)
     assert seen == [0]                                     # scale 0 sampled from an empty prefix only
     assert torch.equal(mixed[~rows], plain[~rows]) and torch.equal(x_mixed[~rows], x_plain[~rows])
@@ -240,15 +270,15 @@ def test_self_sampled_prefix_relabels_only_the_chosen_rows(arch, tmp_path):
 def test_training_with_self_sampled_prefix_runs_and_is_recorded(arch, tmp_path):
     torch.set_num_threads(1)
     arch["train"].update(self_prefix_scales=2, self_prefix_prob=0.5)
-    final = tt.train(arch, tmp_path / "run", max_steps=3, threads=1, quiet=True)
+    final = train(arch, tmp_path / "run", max_steps=3, threads=1, quiet=True)
     rec = json.loads((final / "config.json").read_text())["training"]
     assert rec["self_prefix"] == {"scales": 2, "prob": 0.5}
     steps = [r for r in _log(tmp_path / "run") if r.get("phase") == "transformer"]
     assert len(steps) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in steps)
     assert sum(r["own_prefix_rows"] for r in steps) > 0                  # some rows did take their own prefix
     arch["train"].update(self_prefix_prob=1.5)
-    with pytest.raises(SystemExit, match="self_prefix_prob=1.5"):
-        tt.train(arch, tmp_path / "bad", max_steps=1, threads=1, quiet=True)
+    with pytest.raises(StageVarError, match="self_prefix_prob=1.5"):
+        train(arch, tmp_path / "bad", max_steps=1, threads=1, quiet=True)
 
 
 def test_nearest_scene_picks_the_candidate_closest_to_the_coarse_prefix():
@@ -260,15 +290,15 @@ def test_nearest_scene_picks_the_candidate_closest_to_the_coarse_prefix():
     target = torch.tensor([2, 0, 3])
     coarse = torch.nn.functional.adaptive_avg_pool2d(cand[torch.arange(B), target], 4)
     summed = torch.nn.functional.interpolate(coarse, size=(H, H), mode="nearest").unsqueeze(2)
-    assert torch.equal(tt.nearest_scene(summed, cand, (4, 4)), target)
+    assert torch.equal(targets.nearest_scene(summed, cand, (4, 4)), target)
 
 
 def test_alternative_scenes_satisfy_the_prompt_and_are_deterministic():
     from stagevar.toy.evaluate import score
     from stagevar.toy.prompts import make_split
     items = make_split("train", 6, 3)
-    a = tt.alternative_scenes(items, 3, 64)
-    assert a.shape == (18, 3, 64, 64) and torch.equal(a, tt.alternative_scenes(items, 3, 64))
+    a = data.alternative_scenes(items, 3, 64)
+    assert a.shape == (18, 3, 64, 64) and torch.equal(a, data.alternative_scenes(items, 3, 64))
     assert not torch.equal(a[0], a[1])                       # other layouts of the same prompt
     imgs = ((a.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     assert all(score(imgs[i], items[i // 3]["spec"]) for i in range(len(imgs)))
@@ -288,7 +318,7 @@ def test_own_prefix_is_the_model_sampling_itself(arch):
         _, h, w = sched[si]
         return torch.full((2, 1, h, w, d), si % 2, dtype=torch.long)
 
-    bits, summed = tt.sample_own_prefix(fake, sched, 2, 2, d, "cpu")
+    bits, summed = targets.sample_own_prefix(fake, sched, 2, 2, d, "cpu")
     assert [p.shape[1] for p in prefixes] == [0, sched[1][1] * sched[1][2]]      # scale 1 reads its 2x2 input
     s0, nxt = accumulate_step(None, bits_to_codes(bits[0]), 0, sched)
     assert torch.equal(prefixes[1], nxt)
@@ -299,7 +329,7 @@ def test_training_with_matched_scenes_runs_and_is_recorded(arch, tmp_path):
     torch.set_num_threads(1)
     arch["train"].update(self_prefix_scales=1, self_prefix_prob=1.0, self_prefix_match=3,
                          self_prefix_categories=["counting", "two_object"])
-    final = tt.train(arch, tmp_path / "run", max_steps=3, threads=1, quiet=True)
+    final = train(arch, tmp_path / "run", max_steps=3, threads=1, quiet=True)
     rec = json.loads((final / "config.json").read_text())["training"]
     assert rec["self_prefix"] == {"scales": 1, "prob": 1.0, "match": 3, "categories": ["counting", "two_object"]}
     steps = [r for r in _log(tmp_path / "run") if r.get("phase") == "transformer"]
@@ -307,9 +337,9 @@ def test_training_with_matched_scenes_runs_and_is_recorded(arch, tmp_path):
     # every row is drawn for the own prefix (prob 1), matched when its prompt is of a listed category
     assert all(r["own_prefix_rows"] == r.get("matched_rows", 0) for r in steps)
     assert sum(r.get("matched_rows", 0) for r in steps) > 0
-    with pytest.raises(SystemExit, match="self_prefix_categories=.*'count'"):
-        tt.train({**arch, "train": {**arch["train"], "self_prefix_categories": ["count"]}}, tmp_path / "bad",
+    with pytest.raises(StageVarError, match="self_prefix_categories=.*'count'"):
+        train({**arch, "train": {**arch["train"], "self_prefix_categories": ["count"]}}, tmp_path / "bad",
                  max_steps=1, threads=1, quiet=True)
     arch["train"].update(self_prefix_prob=0.0)
-    with pytest.raises(SystemExit, match="self_prefix_match=3"):
-        tt.train(arch, tmp_path / "bad", max_steps=1, threads=1, quiet=True)
+    with pytest.raises(StageVarError, match="self_prefix_match=3"):
+        train(arch, tmp_path / "bad", max_steps=1, threads=1, quiet=True)

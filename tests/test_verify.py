@@ -6,7 +6,7 @@ from __future__ import annotations
 import types
 
 import calibrate.verify as verify
-from calibrate.search import parse_budget
+from calibrate.budget import parse_budget
 
 
 class ScriptedSubject:

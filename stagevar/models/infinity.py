@@ -416,11 +416,12 @@ class InfinityTransformer(nn.Module):
 
     # ---- teacher forcing (training and reference checks)
     def forward(self, kv_compact: torch.Tensor, lens: Sequence[int], x_BLC_wo_prefix: torch.Tensor,
-                return_hidden: bool = False):
+                return_hidden: bool = False, num_scales: int | None = None):
         """Teacher-forced logits for all scales at once (block-causal mask), like upstream
-        ``Infinity.forward`` with ``cond_drop_rate = 0``. ``x_BLC_wo_prefix``: (B, L-1, d_token)."""
+        ``Infinity.forward`` with ``cond_drop_rate = 0``. ``x_BLC_wo_prefix``: (B, L-1, d_token);
+        ``num_scales``: only the first scales (the input holds their tokens only; training)."""
         cfg = self.cfg
-        sched = list(cfg.scale_schedule)
+        sched = list(cfg.scale_schedule)[:num_scales]
         B = x_BLC_wo_prefix.shape[0]
         cond_BD, gss, text = self.encode_text(kv_compact, lens)
         text_kv = [blk.ca.text_kv(text) for blk in self._blocks]
@@ -431,7 +432,7 @@ class InfinityTransformer(nn.Module):
         level = torch.cat([torch.full((n,), i, dtype=torch.long, device=x.device) for i, n in enumerate(sizes)])
         x = x + self.lvl_embed(level).unsqueeze(0)
         mask = torch.where(level[:, None] >= level[None, :], 0.0, float("-inf")).to(x.dtype)
-        rope = torch.cat(self.rope_tables(x.device), dim=1)[:, None, None]      # (2,1,1,L,c)
+        rope = torch.cat(self.rope_tables(x.device)[:len(sched)], dim=1)[:, None, None]      # (2,1,1,L,c)
         for blk, kv in zip(self._blocks, text_kv):
             x = blk(x, gss, text, kv, rope, None, mask)
         logits = self.logits(x[:, :L], cond_BD)

@@ -50,7 +50,18 @@ def generate_and_evaluate(model, items: list[dict], seeds: list[int], runtime, b
     return evaluate(images, specs), time.perf_counter() - t0
 
 
+def _need_scipy() -> None:
+    """The evaluator measures connected components with scipy.ndimage, which the runtime alone does
+    not install: one clear error before any work."""
+    try:
+        import scipy.ndimage  # noqa: F401
+    except ImportError:
+        raise StageVarError("'stagevar evaluate' needs scipy for the evaluator (connected components): install it "
+                            "with pip install -e '.[evaluate]' (or '.[calibrate]', which includes it).") from None
+
+
 def run_evaluate(args) -> int:
+    _need_scipy()
     if args.images is not None:
         from stagevar.toy.evaluate import evaluate_directory
         if args.prompts is None:

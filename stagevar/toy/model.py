@@ -1,6 +1,6 @@
 """``infinity-mini``: the embedded default model, a small text-to-image Infinity trained on the toy world.
 
-Three parts, all trained here by :mod:`stagevar.toy.train` on procedural scenes
+Three parts, all trained here by `stagevar-train` (the :mod:`training` package) on procedural scenes
 (:mod:`stagevar.toy.scenes`, prompts of :mod:`stagevar.toy.prompts`):
 
 * a small BSQ VAE (:class:`~stagevar.models.bsq_vae.BSQVAE`, stride 8, d = 16 bits per token);
@@ -33,7 +33,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHT_FILES = ("config.json", "transformer.safetensors", "vae.safetensors", "text.safetensors")
 MODEL_NAME = "infinity-mini"
 
-#: The architecture trained by ``stagevar/toy/configs/mini.yaml`` (the YAML may override it).
+#: The architecture trained by ``training/configs/mini.yaml`` (the YAML may override it).
 DEFAULT_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
@@ -162,7 +162,7 @@ def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float
     if missing:
         raise MiniWeightsError(
             f"infinity-mini weights are missing in {wdir}: {', '.join(missing)}. Train them with "
-            "`python -m stagevar.toy.train --config stagevar/toy/configs/mini.yaml --out runs/mini` "
+            "`stagevar-train --config training/configs/mini.yaml --out runs/mini` "
             "(92 minutes on 2 CPU cores; the shipped weights trained on to 175, see MODEL_CARD.md) and copy "
             "runs/mini/final/* into stagevar/toy/weights/, "
             "or pass --weights DIR pointing at a directory holding those files.")
