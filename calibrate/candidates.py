@@ -41,12 +41,14 @@ def ranked_within(trials: list[optuna.trial.FrozenTrial], budget_s: float, low: 
 
 
 def verification_candidates(record: CalibrationRecord, trials: list[optuna.trial.FrozenTrial], budget_s: float, k: int,
-                            k_near: int, allow_skip: bool = True) -> list[tuple]:
+                            k_near: int, allow_skip: bool = True, near_s: float | None = None) -> list[tuple]:
     """What verification re-measures for one budget, from measured ``trials`` (this budget's study
     and the other studies of the run, all on the same record): the ``k`` best distinct trials
-    predicted within the budget, then the ``k_near`` best distinct ones predicted up to
-    ``INFEASIBLE_MARGIN`` over it (the latency model's error band: verification measures their
-    real latency and keeps them only if it meets the budget), never the same policy twice; without
+    predicted within ``budget_s`` (the target: the budget less the latency margin), then the
+    ``k_near`` best distinct ones predicted above it but within ``near_s`` (default
+    ``INFEASIBLE_MARGIN`` over ``budget_s``; the calibrate command passes that margin over the
+    budget itself: the latency model's error band, where verification measures the real latency
+    and keeps a plan only if it meets the budget), never the same policy twice; without
     ``allow_skip`` (:func:`skipping_allowed`), no policy that skips a scale (another budget's study
     may have found some)."""
     if not allow_skip:
@@ -55,7 +57,8 @@ def verification_candidates(record: CalibrationRecord, trials: list[optuna.trial
     if k_near <= 0:
         return strict
     seen = {_plan_key(point) for _, point in strict}
-    near_ranked = ranked_within(trials, budget_s, 1.0, INFEASIBLE_MARGIN)
+    high = (near_s if near_s is not None else budget_s * INFEASIBLE_MARGIN) / budget_s
+    near_ranked = ranked_within(trials, budget_s, 1.0, high)
     near = [(t, pt) for t, pt in distinct_candidates(record, near_ranked, k_near + len(strict))
             if _plan_key(pt) not in seen][:k_near]
     return strict + near

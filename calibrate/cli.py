@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from calibrate.options import Parser, add_common_arguments, scorer_from_args, setup
+from calibrate.options import Parser, add_common_arguments, add_search_images_argument, scorer_from_args, setup
 from stagevar.errors import StageVarError, run_command
 
 log = logging.getLogger("stagevar.calibrate")
@@ -63,13 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "selection set, which overstate the chosen point a little)")
     p.add_argument("--verify-candidates", type=int, default=5, help="best feasible trials re-measured end to end (default 5)")
     p.add_argument("--verify-near", type=int, default=2,
-                   help="also re-measure this many best trials predicted up to 10%% over the target (the latency "
+                   help="also re-measure this many best trials predicted over the target but up to 10%% over the budget (the latency "
                         "model's error band); they are chosen only if their measured speedup meets the budget (default 2)")
     p.add_argument("--verify-repeats", type=int, default=5,
                    help="timed rounds of the verification latency (full model and candidates interleaved; median; default 5)")
     p.add_argument("--local-trials", type=int, default=30,
                    help="trials per budget of the local search after the sampler: neighbours (one keep notch, one "
                         "selection, one boundary moved) of the best trial, while they improve (default 30; 0: none)")
+    add_search_images_argument(p)
     p.add_argument("--latency-margin", type=float, default=0.05,            # = calibrate.search.LATENCY_MARGIN
                    help="the local search and the choice of candidates aim this fraction under the budget's latency, "
                         "so that a policy predicted just inside it still meets it when measured (default 0.05)")
@@ -119,6 +120,7 @@ def cmd_calibrate(args) -> int:
 
     budgets = parse_budgets(args.budget)
     settings = SearchSettings(trials=args.trials, local_trials=args.local_trials, seed=args.seed,
+                              search_images=args.search_images,
                               latency_margin=args.latency_margin, verify_candidates=args.verify_candidates,
                               verify_near=args.verify_near, verify_repeats=args.verify_repeats, study=args.study)
     settings.check()

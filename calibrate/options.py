@@ -71,6 +71,15 @@ def setup(args):
     return model, prompts, seeds
 
 
+def add_search_images_argument(p) -> None:
+    """``--search-images``: shared by the calibrate command and its workers (a study's trials must
+    all be measured alike)."""
+    p.add_argument("--search-images", type=int, default=32, metavar="N",
+                   help="images a trial is measured on while it ranks in the top quarter of the trials so far: the "
+                        "record's images first, then the same prompts with other seeds, a set at a time (default 32; "
+                        "the record's count: every trial on the record's images only)")
+
+
 def scorer_from_args(args, model):
     """The scorer ``--metric`` / ``--metric-weights`` ask for, on the model's device
     (:func:`calibrate.metrics.build_scorer`)."""

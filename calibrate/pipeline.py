@@ -35,6 +35,7 @@ class SearchSettings:
 
     trials: int = 60                       # sampler trials per budget, enqueued seeds included
     local_trials: int = 30                 # local-search trials per budget after the sampler
+    search_images: int = 32                # images a trial that ranks in the top quarter is measured on
     seed: int = 0                          # the sampler's seed
     latency_margin: float = LATENCY_MARGIN  # aim this fraction under each budget's latency
     verify_candidates: int = 5             # best feasible trials re-measured end to end
@@ -45,7 +46,7 @@ class SearchSettings:
     def check(self) -> None:
         """A clear error naming the first setting out of range (by its CLI option)."""
         for name, low in (("trials", 1), ("verify_repeats", 1), ("local_trials", 0), ("verify_candidates", 1),
-                          ("verify_near", 0)):
+                          ("verify_near", 0), ("search_images", 1)):
             if getattr(self, name) < low:
                 raise StageVarError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}.")
         if not 0.0 <= self.latency_margin < 0.5:
@@ -80,10 +81,12 @@ class CalibrationResult:
     scorer: Any
 
 
-def default_study_name(model, budget, record, study: str | None, several: bool) -> str:
+def default_study_name(model, budget, record, study: str | None, several: bool, sets: int = 1) -> str:
+    """``--study`` (with the budget when there are several), or model, resolution, budget, record
+    key and, when trials are measured on more than the record's images, the number of image sets."""
     if study:
         return f"{study}.{budget.name}" if several else study
-    return f"{model.name}.{model.resolution}.{budget.name}.{record.key}"
+    return f"{model.name}.{model.resolution}.{budget.name}.{record.key}" + (f".x{sets}" if sets > 1 else "")
 
 
 def journal_storage(path: Path):
@@ -131,24 +134,26 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
     from calibrate.measure.common import variant_grid
     from calibrate.measure.latency import LatencyModel
     from calibrate.candidates import local_search, measured_trials
-    from calibrate.search import Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local, params_for_point
+    from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local,
+                                  objective_sets, params_for_point)
 
     s = record.inputs["settings"]
     lat_model = LatencyModel(record.latency, variant_grid(tuple(s["keeps"]), tuple(s["selections"])), model.num_layers)
     tokens = model.tokens_per_scale()
     baseline_pred = lat_model.baseline(tokens)
-    reference = subject.run(None)
-    ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
+    sets = objective_sets(subject, scorer, settings.search_images)
     warm_points = dict(warm_start.operating_points) if warm_start is not None else {}
     warm_params = [p for p in (params_for_point(record, pt) for pt in warm_points.values()) if p is not None]
     searched: list[Searched] = []
     for budget in budgets:
         budget_s = budget.target_seconds(baseline_pred)
-        name = default_study_name(model, budget, record, settings.study, len(budgets) > 1)
-        study = open_owned_study(name, storage, record, budget, budget_s, model.name, settings.trials, settings.seed)
+        name = default_study_name(model, budget, record, settings.study, len(budgets) > 1, len(sets))
+        study = open_owned_study(name, storage, record, budget, budget_s, model.name, settings.trials, settings.seed,
+                                 settings.search_images)
         if single_writer:
             requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
-        objective = Objective(record, subject, lat_model, budget_s, scorer, reference, ref_sem)
+        objective = Objective(record, subject, lat_model, budget_s, scorer, sets[0].reference, sets[0].reference_semantic,
+                              more=sets[1:])
         left_out = enqueue_seeds(study, record, warm_points,
                                  fitted=budget_seed_params(record, lat_model, tokens, budget_s * (1 - settings.latency_margin),
                                                            warm_params), limit=settings.trials,
@@ -187,7 +192,7 @@ def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer
     import optuna
 
     from calibrate.candidates import verification_candidates
-    from calibrate.search import point_from_params, summarize_trial
+    from calibrate.search import INFEASIBLE_MARGIN, point_from_params, summarize_trial
     from calibrate.verify import verify_candidates
     from stagevar.policy import OperatingPoint
 
@@ -196,7 +201,8 @@ def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer
     for sd in searched:
         budget = sd.budget
         cand_points = verification_candidates(record, pooled, sd.target_s, settings.verify_candidates, settings.verify_near,
-                                              allow_skip=sd.objective.allow_skip)
+                                              allow_skip=sd.objective.allow_skip,
+                                              near_s=sd.objective.budget_s * INFEASIBLE_MARGIN)
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
             done_trials = [t for t in sd.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]

@@ -4,11 +4,15 @@
   "off" is a value - ``first_accelerated = N`` means nothing is accelerated, ``skip_from = N``
   that no scale is skipped - never a missing parameter), so :class:`optuna.trial.FixedTrial`
   replays any policy through the same code.
-* The objective is quality against the full model on the calibration prompts (mean over prompts;
-  the worst prompt is kept as a user attribute). Latency is predicted from the calibration
-  record's latency table and is a constraint (``trial.set_constraint``): a trial is feasible when
-  predicted latency <= budget. Clearly infeasible trials (predicted more than 10% over budget) are
-  not generated: their quality is estimated from the per-scale sensitivities instead, and marked.
+* The objective is quality against the full model (mean over images; the worst image is kept as
+  a user attribute), measured on the record's images and then, while the trial ranks in the top
+  quarter of the trials measured that far (:func:`search_pruner`), on more sets of images (the
+  same prompts, other seeds; ``--search-images``, 32 by default): most trials cost one set, and the
+  plans that compete near the budget are compared on four times as many images. Latency is
+  predicted from the calibration record's latency table and is a constraint
+  (``trial.set_constraint``): a trial is feasible when predicted latency <= budget. Clearly
+  infeasible trials (predicted more than 10% over budget) are not generated: their quality is
+  estimated from the per-scale sensitivities instead, and marked.
 * The study is seeded (``enqueue_trial``) with the identity policy, a paper-like policy
   (refinement = the last three scales, guidance dropped, a fixed random-projection keep ratio) and
   a FastVAR-like policy (deviation-selected tokens in the middle layers at the two scales before
@@ -30,15 +34,16 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import optuna
 
 from calibrate.measure.common import Subject, Variant
 from calibrate.measure.latency import LatencyModel
-from calibrate.measure.sensitivity import compare
+from calibrate.measure.sensitivity import concat_values, per_image, summarize
 from calibrate.record import CalibrationRecord
 from stagevar.policy import OperatingPoint, ScalePlan
 
@@ -248,12 +253,65 @@ def estimated_quality(record: CalibrationRecord, point: OperatingPoint) -> float
     return max(0.0, 1.0 - damage)
 
 
+#: seeds of the objective's extra image sets: the record's seeds + this x the set's number
+EXTRA_SEED_STEP = 100
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """Images a trial is measured on: prompts x seeds (a :class:`Subject`) and the full model's
+    images of them, with the scorer's verdicts on those."""
+
+    subject: Subject
+    reference: Any
+    reference_semantic: Any = None
+
+    @classmethod
+    def of(cls, subject: Subject, scorer) -> "ImageSet":
+        ref = subject.run(None)
+        return cls(subject, ref, scorer.reference_verdicts(ref.images, subject.item_prompts))
+
+
+def set_count(items: int, images: int) -> int:
+    """How many image sets of ``items`` images make ``images`` (rounded up; at least one).
+
+    >>> set_count(8, 32), set_count(8, 8), set_count(8, 20), set_count(8, 1)
+    (4, 1, 3, 1)
+    """
+    return max(1, -(-int(images) // int(items)))
+
+
+def objective_sets(subject: Subject, scorer, images: int) -> list[ImageSet]:
+    """The image sets a trial may be measured on, ``images`` in all (rounded up to whole sets): the
+    record's prompts x seeds first, then the same prompts with other seeds (``EXTRA_SEED_STEP``)."""
+    rounds = set_count(len(subject.items), images)
+    sets = [ImageSet.of(subject, scorer)]
+    for r in range(1, rounds):
+        more = Subject(subject.adapter, subject.prompts, [s + EXTRA_SEED_STEP * r for s in subject.seeds],
+                       subject.batch_size, subject.guidance, engine=subject.engine)
+        sets.append(ImageSet.of(more, scorer))
+    return sets
+
+
+def search_pruner() -> optuna.pruners.BasePruner:
+    """After each image set, a trial goes on only while its quality so far ranks in the top quarter
+    of the trials measured that far (the first five trials are never stopped)."""
+    return optuna.pruners.PercentilePruner(75.0, n_startup_trials=5, n_warmup_steps=0)
+
+
 class Objective:
+    """Quality against the full model of the policy a trial suggests, on the record's images and,
+    while the trial ranks in the top quarter (:func:`search_pruner`), on the ``more`` image sets
+    (:func:`objective_sets`): most trials cost one set and the plans that compete for the budget
+    are compared on all of them. Latency is predicted from the record (the constraint); clearly
+    infeasible trials are estimated from the sensitivities instead of measured."""
+
     def __init__(self, record: CalibrationRecord, subject: Subject, latency: LatencyModel, budget_s: float | None,
-                 scorer, reference, reference_semantic=None):
+                 scorer, reference, reference_semantic=None, more: Sequence[ImageSet] = ()):
         self.record, self.subject, self.latency = record, subject, latency
         self.budget_s, self.scorer = budget_s, scorer
         self.reference, self.reference_semantic = reference, reference_semantic
+        self.more = list(more)
         self.tokens = subject.adapter.tokens_per_scale()
         self.allow_skip = skipping_allowed(record, latency, self.tokens, budget_s)
 
@@ -268,16 +326,29 @@ class Objective:
                 trial.set_user_attr("quality_estimated", True)
                 return estimated_quality(self.record, point)
         out = self.subject.run(point)
-        m = compare(out, self.reference, self.subject.item_prompts, self.scorer, self.reference_semantic)
-        trial.set_user_attr("quality_se", m["quality_se"])
-        trial.set_user_attr("quality_worst", m["quality_worst"])
-        trial.set_user_attr("ssim", m["ssim"])
-        trial.set_user_attr("semantic", m["semantic"])
         trial.set_user_attr("measured_latency_s", out.seconds)
         trial.set_user_attr("quality_estimated", False)
+        parts = [per_image(out, self.reference, self.subject.item_prompts, self.scorer, self.reference_semantic)]
+        for extra in self.more if self.budget_s is not None else ():
+            m = self._attrs(trial, parts)
+            trial.report(m["quality"], step=m["images"])
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+            more = extra.subject.run(point)
+            parts.append(per_image(more, extra.reference, extra.subject.item_prompts, self.scorer,
+                                   extra.reference_semantic))
+        m = self._attrs(trial, parts)
         if self.budget_s is None:
             return m["quality"], predicted
         return m["quality"]
+
+    @staticmethod
+    def _attrs(trial, parts) -> dict[str, Any]:
+        """The quality over the image sets measured so far, with its attributes on the trial."""
+        m = summarize(concat_values(parts))
+        for key in ("quality_se", "quality_worst", "ssim", "semantic", "images"):
+            trial.set_user_attr(key, m[key])
+        return m
 
 
 #: user attribute of a local-search trial (the number of the trial it was a neighbour of)
@@ -294,7 +365,8 @@ def open_study(name: str, storage, direction_multi: bool, seed: int) -> optuna.S
     if direction_multi:
         return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler,
                                    directions=["maximize", "minimize"])
-    return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler, direction="maximize")
+    return optuna.create_study(study_name=name, storage=storage, load_if_exists=True, sampler=sampler,
+                               pruner=search_pruner(), direction="maximize")
 
 
 def params_for_point(record: CalibrationRecord, point: OperatingPoint) -> dict[str, Any] | None:

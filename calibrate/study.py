@@ -21,10 +21,20 @@ log = logging.getLogger("stagevar.calibrate.worker")
 STUDY_ATTR = "stagevar"
 
 
-def study_info(record, budget, budget_s: float, model_name: str | None, trials: int) -> dict:
-    """What a study stores about the search it holds (:data:`STUDY_ATTR`)."""
+def study_info(record, budget, budget_s: float, model_name: str | None, trials: int, images: int | None) -> dict:
+    """What a study stores about the search it holds (:data:`STUDY_ATTR`); ``images``: how many
+    images a trial may be measured on (``--search-images``)."""
     return {"record_key": record.key, "record_sha256": record.sha256(), "budget": budget.name, "budget_s": budget_s,
-            "model": model_name, "trials": trials}
+            "model": model_name, "trials": trials, "search_images": images}
+
+
+def check_search_images(name: str, theirs: dict | None, images: int | None) -> None:
+    """Refuse to add trials measured on another number of images to a study (their qualities would
+    not be comparable)."""
+    have = (theirs or {}).get("search_images")
+    if have is not None and images is not None and have != images:
+        raise StageVarError(f"study {name!r} measures its trials on up to {have} images, this run on {images} "
+                            f"(--search-images): pass --search-images {have}, or another --study name.")
 
 
 def check_study_record(name: str, theirs: dict | None, record, hint: str) -> None:
@@ -44,7 +54,8 @@ def check_study_record(name: str, theirs: dict | None, record, hint: str) -> Non
         f"run's record is {record.key} (sha256 {my_sha}). {hint}")
 
 
-def open_owned_study(name: str, storage, record, budget, budget_s: float, model_name: str, trials: int, seed: int):
+def open_owned_study(name: str, storage, record, budget, budget_s: float, model_name: str, trials: int, seed: int,
+                     images: int | None = None):
     """Open (or create) the study of a single-process search and check that it was searched with
     this calibration record."""
     from calibrate.search import open_study
@@ -53,21 +64,22 @@ def open_owned_study(name: str, storage, record, budget, budget_s: float, model_
     check_study_record(name, theirs, record, "Run on the machine and with the options that measured the record (same "
                        "--out, prompts, seeds, device), or pass another --study name (or remove the study) to search "
                        "again with this record.")
+    check_search_images(name, theirs, images)
     if not theirs:
-        study.set_user_attr(STUDY_ATTR, study_info(record, budget, budget_s, model_name, trials))
+        study.set_user_attr(STUDY_ATTR, study_info(record, budget, budget_s, model_name, trials, images))
     return study
 
 
 def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sampler_seed: int, wait_s: float = 120.0,
-               fitted: dict | None = None, allow_skip: bool = True):
+               fitted: dict | None = None, allow_skip: bool = True, images: int | None = None):
     """Create the study (exactly one process succeeds) or load it; check that it was made for the
     same record and budget; enqueue the seed policies once (with the budget-fitted seeds ``fitted``,
     as :func:`calibrate.search.budget_seed_params` makes them; those that skip scales only with
     ``allow_skip``)."""
     import optuna
-    from calibrate.search import enqueue_seeds
+    from calibrate.search import enqueue_seeds, search_pruner
 
-    info = study_info(rec, budget, budget_s, rec.inputs["model"].get("model"), trials)
+    info = study_info(rec, budget, budget_s, rec.inputs["model"].get("model"), trials, images)
     try:
         optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=False)
         created = True
@@ -76,7 +88,7 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
     sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=10, multivariate=True, constant_liar=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=search_pruner())
     if len(study.directions) > 1:
         raise StageVarError(f"study {name!r} has several objectives; a worker searches one budget (quality, maximised). "
                             "Use another --study name.")
@@ -100,6 +112,7 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
     else:
         check_study_record(name, theirs, rec, "Every worker must use the same record: pass --record with the record "
                            "the study was started with (copy its directory to this machine), or use another --study name.")
+        check_search_images(name, theirs, images)
         if theirs.get("budget") != budget.name:
             raise StageVarError(f"study {name!r} searches budget {theirs.get('budget')}, not {budget.name}. "
                                 "Use the same --budget for every worker of a study, or another --study name.")

@@ -2,8 +2,10 @@
 and measure the chosen one again on prompts that took no part in the choice.
 
 Latency: the full model and every candidate are timed on the same batch in the same process,
-interleaved (full, c1, c2, ..., full, c1, c2, ...) after a warm-up round, median of ``repeats``;
-the speedup is the ratio of medians. Close calls (a candidate within 5% of the budget's latency
+interleaved (full, c1, c2, ..., full, c1, c2, ...) after a warm-up round, ``repeats`` rounds; a
+candidate's speedup is the median over the rounds of the full model's time / its own in the same
+round, so that the machine's drift between rounds cancels (in one verification, plans that differ
+only in a token selection and time alike measured 2.84x and 3.38x as ratios of medians). Close calls (a candidate within 5% of the budget's latency
 whose quality beats every candidate clearly within it) are timed twice as many rounds more, with
 the full model, before the choice: on a noisy machine the same plan measured 3.06x in one run and
 under 3x in another, and which side of the budget it fell on decided the policy. Quality: every held-out prompt and seed is generated with the
@@ -19,6 +21,7 @@ estimates. The selection set's numbers are kept beside them (``selection_*``).
 """
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Any
 
@@ -28,6 +31,9 @@ from calibrate.measure.sensitivity import compare
 #: the report set's seeds are the calibration seeds plus this, so its images are never ones the
 #: selection saw, even where a prompt of the (finite) held-out split repeats
 REPORT_SEED_OFFSET = 1000
+
+
+log = logging.getLogger("stagevar.calibrate")
 
 
 def _reference(subject: Subject, scorer, cache: dict, key: str):
@@ -61,7 +67,7 @@ def close_calls(budget, base_s: float, latencies: list[float], qualities: list[f
     latency within ``band`` of the budget's, and better quality than every candidate clearly
     within it (only those could change the choice).
 
-    >>> from calibrate.search import parse_budget
+    >>> from calibrate.budget import parse_budget
     >>> close_calls(parse_budget("3x"), 3.0, [0.9, 1.02, 1.2], [0.5, 0.9, 0.95])   # 3.3x, 2.94x, 2.5x
     [1]
     """
@@ -102,31 +108,41 @@ def _verify(subject: Subject, candidates, budget, scorer, cache: dict, repeats: 
     for _, point in candidates[:1]:
         one.run(None, timed=True)
         one.run(point, timed=True)                       # warm-up
-    base_t, cand_t = [], [[] for _ in candidates]
+    base_t, pairs = [], [[] for _ in candidates]
 
     def rounds(which: list[int], n: int) -> None:        # the full model and ``which`` candidates, interleaved
         for _ in range(n):
-            base_t.append(one.run(None, timed=True).seconds)
+            base = one.run(None, timed=True).seconds
+            base_t.append(base)
             for i in which:
-                cand_t[i].append(one.run(candidates[i][1], timed=True).seconds)
+                pairs[i].append((base, one.run(candidates[i][1], timed=True).seconds))
+
+    def speedups() -> list[float]:
+        """Each candidate's median over its rounds of the full model's time / its own in the same
+        round: the machine's drift between rounds cancels out."""
+        return [statistics.median(b / c for b, c in p) for p in pairs]
 
     rounds(list(range(len(candidates))), repeats)
     step("timing")
-    close = close_calls(budget, statistics.median(base_t), [statistics.median(t) for t in cand_t],
-                        [m["quality"] for m in quality])
+    base = statistics.median(base_t)
+    close = close_calls(budget, base, [base / s for s in speedups()], [m["quality"] for m in quality])
     if close:                                            # a choice the timing noise could flip: time them longer
         rounds(close, CLOSE_CALL_ROUNDS * repeats)
     step(f"{len(close)} close call(s) timed longer" if close else "no close call")
     base = statistics.median(base_t)
     results = []
-    for (trial, point), times, m in zip(candidates, cand_t, quality):
-        lat = statistics.median(times)
-        speedup = base / lat
+    for (trial, point), p, speedup, m in zip(candidates, pairs, speedups(), quality):
+        lat = base / speedup                             # the full model's median time at the paired speedup
         feasible = speedup >= budget.speedup if budget.speedup is not None else lat <= budget.seconds
         measured = {"verified": True, "feasible": bool(feasible), "baseline_latency_s": round(base, 4), "latency_s": round(lat, 4),
                     "speedup": round(speedup, 3), **quality_fields(m), "verification_images": len(subject.items),
-                    "latency_batch": one.batch_size, "latency_repeats": len(times)}
+                    "latency_batch": one.batch_size, "latency_repeats": len(p)}
         results.append((trial, point, measured))
+    for trial, _, m in results:
+        log.info("%s: trial %s (predicted %.2fx) measured %.2fx%s, quality %.3f, evaluator %s", budget.name,
+                 getattr(trial, "number", trial), getattr(trial, "user_attrs", {}).get("predicted_speedup", float("nan")),
+                 m["speedup"], "" if m["feasible"] else " (misses the budget)", m["quality"],
+                 "n/a" if m.get("score") is None else f"{m['score_full']:.3f} -> {m['score']:.3f}")
     ok = [r for r in results if r[2]["feasible"]]
     chosen = max(ok, key=lambda r: (r[2]["quality"], r[2]["speedup"])) if ok else max(results, key=lambda r: r[2]["speedup"])
     trial, point, measured = chosen

@@ -100,7 +100,7 @@ Exit codes: 0 ok; 1 error (storage problems included); 2 usage; with --n-workers
 
 # ============================================================================== CLI
 def build_worker_parser() -> argparse.ArgumentParser:
-    from calibrate.options import Parser, add_common_arguments
+    from calibrate.options import Parser, add_common_arguments, add_search_images_argument
     p = Parser(prog="stagevar-calibrate worker",
                 description="Join a shared Optuna study and run policy-search trials until the study holds --trials "
                             "finished trials. Any number of workers on any number of machines.",
@@ -114,6 +114,7 @@ def build_worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="one budget: a speedup (3x) or a latency per batch (700ms)")
     p.add_argument("--trials", type=int, default=60,
                    help="finished trials (COMPLETE or PRUNED) wanted in the study, in total across all workers (default 60)")
+    add_search_images_argument(p)
     p.add_argument("--n-workers", type=int, default=1, help="worker processes started on this machine (default 1)")
     p.add_argument("--record", type=Path,
                    help="calibration record directory (from `stagevar-calibrate measure`) used by every worker; its "
@@ -214,8 +215,9 @@ def _metric_names(m) -> str:
     return "+".join(m["semantic"] + m["structure"]) if m else "the model's own scorer and ssim"
 
 
-def _study_name(args, model, rec, budget) -> str:
-    return args.study or f"{model.name}.{model.resolution}.{budget.name}.{rec.key}"
+def _study_name(args, model, rec, budget, sets: int) -> str:
+    from calibrate.pipeline import default_study_name
+    return default_study_name(model, budget, rec, args.study, False, sets)
 
 
 def _variants_of(rec):
@@ -228,7 +230,7 @@ def _variants_of(rec):
 def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
-    from calibrate.search import LATENCY_MARGIN, Objective, budget_seed_params, skipping_allowed
+    from calibrate.search import LATENCY_MARGIN, Objective, budget_seed_params, objective_sets, skipping_allowed
 
     model, rec, scorer = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
@@ -236,16 +238,16 @@ def _run_worker(args, budget, storage) -> int:
     lat_model = LatencyModel(rec.latency, _variants_of(rec), model.num_layers)
     tokens = model.tokens_per_scale()
     budget_s = budget.target_seconds(lat_model.baseline(tokens))
-    name = _study_name(args, model, rec, budget)
+    subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
+    sets = objective_sets(subject, scorer, args.search_images)
+    name = _study_name(args, model, rec, budget, len(sets))
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     with storage_guard(args.storage):
         study = join_study(name, storage, rec, budget, budget_s, args.trials, sampler_seed(args.seed, args.worker_index),
                            fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
-                           allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s))
-    subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
-    reference = subject.run(None)
-    ref_sem = scorer.reference_verdicts(reference.images, subject.item_prompts)
-    objective = TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, reference, ref_sem), worker_id)
+                           allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s), images=args.search_images)
+    objective = TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, sets[0].reference,
+                                          sets[0].reference_semantic, more=sets[1:]), worker_id)
     log.info("worker %s joined study %s (record %s, budget %s = %.3fs predicted)", worker_id, name, rec.key, budget.name, budget_s)
 
     def on_trial(st):
@@ -322,7 +324,9 @@ def _run_local_workers(args, budget) -> int:
     if args.record is None:
         model, rec, _ = _load_record_for(args)
         record = record_dir(args.out, rec.key)
-        name = _study_name(args, model, rec, budget)
+        from calibrate.search import set_count
+        name = _study_name(args, model, rec, budget, set_count(len(rec.inputs["prompts"]) * len(rec.inputs["seeds"]),
+                                                               args.search_images))
         del model
     else:
         from calibrate.record import CalibrationRecord

@@ -42,7 +42,7 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     policy_path = work / "p.yaml"
-    argv = ["--model", "infinity-tiny", "--budget", "50x", "--prompts", str(prompts), "--num-prompts", "2",
+    argv = ["--model", "infinity-tiny", "--budget", "50x", "--prompts", str(prompts), "--num-prompts", "2", "--search-images", "4",
             "--batch-size", "2", "--num-heldout", "2", "--num-report", "2", "--trials", "4", "--verify-candidates", "1",
             "--out", str(work), "--policy-out", str(policy_path), "--quiet", "--json", "--frontier"]
 
@@ -82,7 +82,7 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     # the study: journal-backed, 4 trials, seeds enqueued once
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-    name = f"infinity-tiny.256.50x.{rec.key}"
+    name = f"infinity-tiny.256.50x.{rec.key}.x2"                 # two image sets of the record's two images
     study = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
     assert len(study.trials) == 4
     assert [t.user_attrs.get("seed_policy") for t in study.trials[:3]] == ["identity", "paper-like", "fastvar-like"]
@@ -149,12 +149,12 @@ def test_cli_local_search_after_the_sampler_and_resume(measured, model, tmp_path
     _steady_latency(record_dir(work, rec.key), model)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    argv = ["--model", "infinity-tiny", "--budget", "1.05x", "--prompts", str(prompts), "--num-prompts", "2",
+    argv = ["--model", "infinity-tiny", "--budget", "1.05x", "--prompts", str(prompts), "--num-prompts", "2", "--search-images", "4",
             "--batch-size", "2", "--num-heldout", "2", "--num-report", "2", "--trials", "4", "--local-trials", "3", "--verify-candidates", "1",
             "--verify-near", "0", "--verify-repeats", "1", "--out", str(work), "--policy-out", str(work / "p.yaml"), "--quiet"]
     calibrate_main(argv)
     capsys.readouterr()
-    name = f"infinity-tiny.256.1.05x.{rec.key}"
+    name = f"infinity-tiny.256.1.05x.{rec.key}.x2"
 
     def load():
         return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))

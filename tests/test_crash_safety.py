@@ -127,7 +127,7 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
     journal = out / "study.journal"
     argv = ["--model", "infinity-tiny", "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "8", "--num-report", "4",
             "--trials", str(TRIALS), "--local-trials", str(LOCAL_TRIALS), "--verify-candidates", "1", "--budget", "1.05x",
-            "--out", str(out),
+            "--out", str(out), "--search-images", "4",
             "--policy-out", str(policy_path), "--threads", "1", "--quiet"]
     units = lambda: sorted(out.glob("calibration-*/units/*.json"))  # noqa: E731
 

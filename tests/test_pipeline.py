@@ -18,7 +18,7 @@ from stagevar.models.registry import load_model
 from stagevar.policy import Policy
 
 HELDOUT = ["a green triangle", "a blue circle"]
-FAST = SearchSettings(trials=3, local_trials=1, verify_candidates=1, verify_near=0, verify_repeats=1)
+FAST = SearchSettings(trials=3, local_trials=1, verify_candidates=1, verify_near=0, verify_repeats=1, search_images=4)
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     study_name = "scaleout-test"
     env, mark = _holding_env(tmp_path)
     cmd = [sys.executable, "-m", "calibrate.cli", "worker", "--storage", postgres.url, "--study", study_name,
-           "--model", "infinity-tiny", "--budget", BUDGET, "--trials", str(TRIALS), "--record", str(rdir), "--n-workers", "4",
+           "--model", "infinity-tiny", "--budget", BUDGET, "--trials", str(TRIALS), "--record", str(rdir), "--n-workers", "4", "--search-images", "4",
            "--threads", "1", "--heartbeat", "1", "--grace-period", "4", "--quiet"]
     parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     killed = None
@@ -200,7 +200,7 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     policy_path = tmp_path / "policy.yaml"
     capsys.readouterr()
     rc = main(["--model", "infinity-tiny", "--num-prompts", "2", "--batch-size", "1", "--seeds", "0", "--out", str(out),
-               "--budget", BUDGET, "--storage", postgres.url, "--study", study_name, "--trials", str(TRIALS),
+               "--budget", BUDGET, "--storage", postgres.url, "--study", study_name, "--trials", str(TRIALS), "--search-images", "4",
                "--num-heldout", "2", "--num-report", "2", "--verify-candidates", "1", "--local-trials", "4", "--policy-out", str(policy_path),
                "--quiet", "--threads", "1"])
     o, e = capsys.readouterr()
@@ -226,7 +226,7 @@ def test_sigterm_requeues_the_running_trial(postgres, tiny_record, tmp_path):  #
     out, rec = tiny_record
     env, mark = _holding_env(tmp_path)
     p = subprocess.Popen([sys.executable, "-m", "calibrate.cli", "worker", "--storage", postgres.url, "--study", "sigterm",
-                          "--model", "infinity-tiny", "--budget", BUDGET, "--trials", "50", "--record", str(record_dir(out, rec.key)),
+                          "--model", "infinity-tiny", "--budget", BUDGET, "--trials", "50", "--record", str(record_dir(out, rec.key)), "--search-images", "4",
                           "--threads", "1", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         _wait_for(lambda: mark.exists() and mark.read_text(), p, "the worker measuring a trial")

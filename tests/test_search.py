@@ -262,6 +262,10 @@ def test_verification_also_measures_trials_just_over_the_budget():
     got = verification_candidates(rec, trials, 1.0, k=3, k_near=2)
     assert [t.number for t, _ in got] == [0, 3, 1]
     assert [t.number for t, _ in verification_candidates(rec, trials, 1.0, k=3, k_near=0)] == [0]
+    # the near band may reach further (the calibrate command: 10% over the budget, not the target)
+    got = verification_candidates(rec, trials, 1.0, k=3, k_near=3, near_s=1.31)
+    assert [t.number for t, _ in got] == [0, 2, 3, 1]
+    assert [t.number for t, _ in verification_candidates(rec, trials, 1.0, k=3, k_near=2, near_s=1.06)] == [0, 1]
     # the predicted latency is absolute: for a budget of 1.1 s, trials 3 and 4 are within it, and
     # trial 4 (trial 0's policy) counts once; a trial from another budget's study ranks the same way
     got = verification_candidates(rec, trials, 1.1, k=3, k_near=0)
@@ -541,3 +545,41 @@ def test_objective_feasible_trial_is_measured(model, record, subject, reference)
     assert t.value == 1.0 and t.user_attrs["ssim"] == 1.0
     assert all(c <= 0 for c in t.constraints.values())
     assert [x.number for x in feasible_ranked(study)] == [0]
+
+
+def test_objective_measures_promising_trials_on_more_images(model, record, subject, reference):
+    """With more image sets, a trial reports its quality after each set: those that keep up with
+    the completed trials are measured on every set (their quality is over all the images), the
+    others are pruned after the first, and pruned trials are never verification candidates."""
+    from calibrate.candidates import measured_trials
+    from calibrate.search import EXTRA_SEED_STEP, ImageSet, objective_sets, search_pruner
+    scorer = scorer_for(model.name)
+    sets = objective_sets(subject, scorer, 3 * len(subject.items) - 1)           # rounded up to three sets
+    assert len(sets) == 3 and sets[0].subject is subject
+    assert [s.subject.prompts for s in sets[1:]] == [subject.prompts] * 2
+    assert sets[2].subject.seeds == [s + 2 * EXTRA_SEED_STEP for s in subject.seeds]
+    assert not np.array_equal(sets[1].reference.images, sets[0].reference.images)   # other seeds, other images
+    assert isinstance(search_pruner(), optuna.pruners.PercentilePruner)
+
+    lm = LatencyModel(record.latency, record_variants(), model.num_layers)
+    study = open_study("sets", None, direction_multi=False, seed=0)
+    obj = Objective(record, subject, lm, 1e6, scorer, sets[0].reference, sets[0].reference_semantic, more=sets[1:])
+    n = len(subject.items)
+    good = seed_params(record)["identity"]
+    lo, top = search_bounds(record)
+    bad = dict(good, first_accelerated=lo, cond_only_from=lo, **{f"keep_{k}": 0.1 for k in range(lo, top)})
+    for _ in range(5):                                     # five completed trials: the pruner's start-up
+        study.enqueue_trial(good)
+    study.enqueue_trial(bad)
+    study.enqueue_trial(good)
+    study.optimize(obj, n_trials=7)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 5 + [optuna.trial.TrialState.PRUNED,
+                                                                 optuna.trial.TrialState.COMPLETE]
+    done, pruned = study.trials[0], study.trials[5]
+    assert done.user_attrs["images"] == 3 * n and sorted(done.intermediate_values) == [n, 2 * n]
+    assert done.value == 1.0
+    assert pruned.user_attrs["images"] == n and list(pruned.intermediate_values) == [n]
+    assert pruned.intermediate_values[n] < 1.0
+    assert 5 not in [t.number for t in measured_trials(study)]
+    assert isinstance(sets[1], ImageSet)

@@ -87,6 +87,16 @@ def quality_parts(vals: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(structure, axis=0), np.mean(semantic, axis=0)
 
 
+def concat_values(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-image values of several image sets (:func:`per_image` results) as one set.
+
+    >>> concat_values([{"ssim": [1.0], "sem_acc": None}, {"ssim": [0.5], "sem_acc": None}])
+    {'ssim': array([1. , 0.5]), 'sem_acc': None}
+    """
+    return {k: None if parts[0][k] is None else np.concatenate([np.asarray(p[k], dtype=np.float64) for p in parts])
+            for k in parts[0]}
+
+
 def summarize(vals: Mapping[str, Any]) -> dict[str, Any]:
     """The one reduction of per-image values (:func:`per_image`, or their concatenation over
     shards) to a sensitivity / quality row: means, standard errors, the worst image."""
