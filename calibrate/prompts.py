@@ -18,7 +18,7 @@ from stagevar.io import read_prompt_file
 
 __all__ = ["bundled", "read_prompt_file"]
 
-SCENE_MODELS = ("infinity-mini", "infinity-tiny")
+SCENE_MODELS = ("infinity-mini", "infinity-mini-256", "infinity-tiny")
 
 TEXT_PROMPTS_CALIBRATION = [
     "a photo of a red apple on a wooden table", "two dogs playing in the snow", "a blue car parked left of a tree",

@@ -177,7 +177,7 @@ def test_calibrate_with_learned_metrics_end_to_end(weights, tmp_path, small_meas
     weights = {k: weights[k] for k in ("clip", "dino", "lpips")}
     given = ",".join(f"{k}={v}" for k, v in weights.items())
     rc = main(["--model", "infinity-tiny", "--metric", "clip,dino,lpips", "--metric-weights", given, "--budget", "2x",
-               "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "2", "--num-report", "2", "--trials", "3",
+               "--num-prompts", "2", "--batch-size", "2", "--search-images", "4", "--num-heldout", "2", "--num-report", "2", "--trials", "3",
                "--local-trials", "1", "--verify-candidates", "1", "--threads", "1", "--out", str(tmp_path / "cal"),
                "--policy-out", str(policy), "--quiet", "--json"])
     cap = capsys.readouterr()

@@ -50,6 +50,31 @@ def test_missing_weights_error_says_how_to_train(tmp_path):
         mini.load_mini(tmp_path)
 
 
+def test_the_256_model_is_registered_with_its_architecture_and_no_weights_yet():
+    """infinity-mini-256: infinity-mini's architecture on a 13-scale schedule to 32x32 (the last
+    three scales 75% of the tokens); its random weights generate 256x256 images; without trained
+    weights it says how to train them; calibration draws it the scene prompts."""
+    from calibrate.prompts import bundled
+    from stagevar.models.registry import list_models, load_model
+    assert "infinity-mini-256" in list_models()
+    m = load_model("infinity-mini-256", random_weights=True)
+    assert m.name == "infinity-mini-256" and m.image_size == (256, 256)
+    sides = [h for _, h, _ in m.scale_schedule]
+    assert sides == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 24, 32]
+    tokens = [h * h for h in sides]
+    assert sum(tokens) == 2680 and round(sum(tokens[-3:]) / sum(tokens), 2) == 0.75
+    assert sides[:10] == [h for _, h, _ in load_model("infinity-mini").scale_schedule]
+    img = m.reference_generate(m.encode_prompts(["a red circle"]), guidance=m.default_guidance, seed=0)
+    assert img.shape == (1, 3, 256, 256)
+    v = mini.VARIANTS[256]
+    if not (v.weights_dir / "transformer.safetensors").is_file():
+        with pytest.raises(mini.MiniWeightsError, match="mini256.yaml"):
+            load_model("infinity-mini-256")
+    with pytest.raises(ConditionError, match="circel"):
+        m.encode_prompts(["a red circel"])
+    assert bundled("infinity-mini-256", "calibration", 4) == bundled("infinity-mini", "calibration", 4)
+
+
 def test_text_encoder_lens_and_errors(adapter):
     cond = adapter.encode_prompts(["a red circle", "a circle and a square"])
     assert cond.lens == [4, 6]  # words + EOS

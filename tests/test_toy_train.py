@@ -97,6 +97,28 @@ def test_an_interrupted_run_resumes_to_the_same_weights(arch, tmp_path, monkeypa
     assert steps == list(range(6))                                   # no step done twice or left out
 
 
+def test_warm_start_grows_the_schedule(arch, tmp_path):
+    """--init from weights of a shorter schedule at a smaller image (how infinity-mini-256 starts
+    from infinity-mini): the learned scales keep their weights, there is no VAE phase, the record
+    says where the weights grew from; a schedule that is not an extension is refused."""
+    torch.set_num_threads(1)
+    small = train(arch, tmp_path / "small", max_steps=2, threads=1, quiet=True)
+    big = dict(copy.deepcopy(arch), image_size=64, schedule=[1, 2, 4, 8])
+    big["sampling"] = dict(arch["sampling"])
+    grown = train(big, tmp_path / "big", max_steps=1, threads=1, quiet=True, init=small)
+    rec = json.loads((grown / "config.json").read_text())
+    assert rec["schedule"] == [1, 2, 4, 8] and rec["training"]["vae_steps"] == 0
+    assert rec["training"]["init"]["grown_from"] == {"image_size": 32, "schedule": [1, 2, 4]}
+    assert (grown / "vae.safetensors").read_bytes() == (small / "vae.safetensors").read_bytes()   # no VAE phase
+    m = load_mini(grown)
+    img = m.reference_generate(m.encode_prompts(["a red circle"]), guidance=3.0, seed=0)
+    assert img.shape == (1, 3, 64, 64) and torch.isfinite(img).all()
+    for schedule, size, what in (([1, 4, 8], 64, "neither"), ([1, 2, 4], 64, "image_size")):
+        bad = dict(copy.deepcopy(big), schedule=schedule, image_size=size)
+        with pytest.raises(StageVarError, match=what):
+            train(bad, tmp_path / f"bad{size}{len(schedule)}", max_steps=1, threads=1, quiet=True, init=small)
+
+
 def test_export_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--export", str(tmp_path / "missing.pt")])            # no --out
@@ -343,3 +365,32 @@ def test_training_with_matched_scenes_runs_and_is_recorded(arch, tmp_path):
     arch["train"].update(self_prefix_prob=0.0)
     with pytest.raises(StageVarError, match="self_prefix_match=3"):
         train(arch, tmp_path / "bad", max_steps=1, threads=1, quiet=True)
+
+
+@pytest.mark.slow
+def test_gpu_training_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/train256-gpu.sh end to end on the CPU, two steps: the files it leaves under $OUT
+    are the ones a lent machine sends back (at most 8, each under 16 MiB), and the packed weights
+    unpack into a directory that loads as infinity-mini-256."""
+    import os
+    import subprocess
+    import tarfile
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), STAGEVAR_TRAIN_DEVICE="cpu", STAGEVAR_TRAIN_WORKERS="0",
+               STAGEVAR_TRAIN_EVAL_N="2", STAGEVAR_TRAIN_EXTRA="--max-steps 2 --set train.batch=1 --set train.short_batch=1")
+    res = subprocess.run(["bash", "benchmarks/train256-gpu.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=1800)
+    assert res.returncode == 0, res.stdout + res.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert {"train.log", "log.jsonl", "eval.log", "heldout.jsonl", "weights.tar.part-aa"} <= set(files)
+    assert len(files) <= 8 and all(p.is_file() and p.stat().st_size < 16 * 2**20 for p in out.iterdir())
+    assert json.loads((out / "heldout.jsonl").read_text().splitlines()[-1])["num_images"] == 4
+    packed = tmp_path / "weights.tar"
+    packed.write_bytes(b"".join(p.read_bytes() for p in sorted(out.glob("weights.tar.part-*"))))
+    with tarfile.open(packed) as tar:
+        tar.extractall(tmp_path / "weights", filter="data")
+    from stagevar.models.registry import load_model
+    m = load_model("infinity-mini-256", weights=tmp_path / "weights")
+    assert m.image_size == (256, 256)

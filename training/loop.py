@@ -190,7 +190,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> Path:
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
+        except ImportError:                      # a bare machine (a lent GPU): no bar, the log still written
+            tqdm = _NoBar
         self.log_f = open(self.out / "log.jsonl", "a")
         self.bar = tqdm(total=int(self.budget.budget_s), initial=int(self.state["elapsed"]), unit="s",
                         desc=self.state["phase"], disable=self.quiet, mininterval=5, dynamic_ncols=True)
@@ -410,6 +413,27 @@ class Trainer:
         export(self.out / "final_raw", self.arch, self.adapter, self.tr.state_dict(), {**meta, "transformer_weights": "raw"})
         print(f"done: {meta}; weights in {self.out / 'final'}", flush=True)
         return self.out / "final"
+
+
+class _NoBar:
+    """What the run uses of a tqdm bar, doing nothing (when tqdm is not installed)."""
+
+    def __init__(self, *a, initial: int = 0, **k):
+        self.n = initial
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix_str(self, *a, **k) -> None:
+        pass
+
+    set_description = set_postfix_str
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def _param_groups(model, wd: float):

@@ -54,17 +54,32 @@ def device_label(dev: torch.device) -> str:
 
 def check_init(arch: dict[str, Any], init: Path) -> dict[str, Any]:
     """The training record of the weights directory ``init``, after checking that its architecture
-    is the config's (a warm start cannot change shapes)."""
+    is the config's: the same VAE, text encoder and transformer (a warm start cannot change
+    shapes). The schedule may grow: ``init``'s schedule must then be the first scales of the
+    config's (each learned scale keeps its meaning; the new last scales start untrained), at a
+    larger ``image_size``, so that a 256² model starts from the 128² one."""
     cfg_path = Path(init) / "config.json"
     if not cfg_path.is_file():
         raise StageVarError(f"--init {init}: no config.json there (pass a weights directory such as "
-                         "stagevar/toy/weights or a run's final/)")
+                            "stagevar/toy/weights or a run's final/)")
     have = json.loads(cfg_path.read_text())
-    for key in ARCH_KEYS:
+    for key in ("vae", "text", "transformer"):
         if have.get(key) != arch.get(key):
             raise StageVarError(f"--init {init}: its {key!r} ({have.get(key)}) differs from the config's "
-                             f"({arch.get(key)}); a warm start needs the same architecture")
-    return {"from": str(init), "training": have.get("training", {})}
+                                f"({arch.get(key)}); a warm start needs the same architecture")
+    old, new = list(have.get("schedule") or []), list(arch.get("schedule") or [])
+    grown = old != new
+    if grown and (len(old) >= len(new) or new[:len(old)] != old):
+        raise StageVarError(f"--init {init}: its schedule {old} is neither the config's {new} nor its first scales; "
+                            "a warm start keeps every learned scale and may only add scales after them")
+    if grown == (have.get("image_size") == arch.get("image_size")):
+        raise StageVarError(f"--init {init}: image_size {have.get('image_size')} -> {arch.get('image_size')} with "
+                            f"schedule {old} -> {new}; a grown schedule needs a larger image and the same schedule "
+                            "the same image")
+    rec = {"from": str(init), "training": have.get("training", {})}
+    if grown:
+        rec["grown_from"] = {"image_size": have.get("image_size"), "schedule": old}
+    return rec
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, raw: bool = False) -> dict[str, Any]:

@@ -15,6 +15,7 @@ cheap (torch + numpy only); weights are read when the model is built.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -32,6 +33,41 @@ from stagevar.models.text import TextCondition
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHT_FILES = ("config.json", "transformer.safetensors", "vae.safetensors", "text.safetensors")
 MODEL_NAME = "infinity-mini"
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniVariant:
+    """One embedded model of the toy world: its name, image side, weights directory (whose
+    ``config.json`` fixes the architecture) and how its weights are trained."""
+
+    name: str
+    image_size: int
+    weights_dir: Path
+    train_command: str
+    description: str
+
+
+#: the embedded models, by image side (a weights directory's ``config.json`` names its side)
+VARIANTS = {
+    128: MiniVariant(MODEL_NAME, 128, WEIGHTS_DIR,
+                     "stagevar-train --config training/configs/mini.yaml --out runs/mini (92 minutes on 2 CPU cores; "
+                     "the shipped weights trained on to 175, see MODEL_CARD.md), then copy runs/mini/final/* into "
+                     "stagevar/toy/weights/",
+                     "Infinity trained here on the toy scenes (depth 8, width 256, 10 scales to 16x16, 128px, BSQ VAE "
+                     "d=16); weights shipped in stagevar/toy/weights"),
+    256: MiniVariant("infinity-mini-256", 256, WEIGHTS_DIR.parent / "weights-256",
+                     "stagevar-train --config training/configs/mini256.yaml --init stagevar/toy/weights --out "
+                     "runs/mini256 (or benchmarks/train256-gpu.sh on a GPU), then copy runs/mini256/final/* into "
+                     "stagevar/toy/weights-256/",
+                     "infinity-mini's architecture at 256px (13 scales to 32x32, the last three 75% of the tokens, "
+                     "as Infinity-2B's at 1024px); not trained yet: --random-weights for speed"),
+}
+
+
+def variant_of(arch: dict[str, Any]) -> MiniVariant:
+    """The embedded model an architecture belongs to (by its image side; other sides, as in the
+    trainer's tests, count as infinity-mini)."""
+    return VARIANTS.get(int(arch.get("image_size", 128)), VARIANTS[128])
 
 #: The architecture trained by ``training/configs/mini.yaml`` (the YAML may override it).
 DEFAULT_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -135,7 +171,7 @@ def build_parts(arch: dict[str, Any]):
     text = MiniTextEncoder(len(VOCAB), width=int(txt["width"]), layers=int(txt.get("layers", 2)),
                            heads=int(txt.get("heads", 4)), max_tokens=int(txt.get("max_tokens", 12)),
                            ffn_mult=int(txt.get("ffn_mult", 2)))
-    adapter = InfinityAdapter(MODEL_NAME, cfg, vae, text)
+    adapter = InfinityAdapter(variant_of(arch).name, cfg, vae, text)
     return cfg, adapter
 
 
@@ -153,19 +189,21 @@ def init_transformer_(tr: nn.Module, seed: int = 0) -> None:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float32) -> InfinityAdapter:
-    """Build infinity-mini from a weights directory (default: the shipped ``stagevar/toy/weights``)."""
+def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float32,
+              variant: MiniVariant | None = None) -> InfinityAdapter:
+    """Build an embedded model from a weights directory (default: ``variant``'s, infinity-mini's
+    shipped ``stagevar/toy/weights`` when none is given)."""
     from safetensors.torch import load_file
 
-    wdir = Path(weights) if weights is not None else WEIGHTS_DIR
+    variant = variant or VARIANTS[128]
+    wdir = Path(weights) if weights is not None else variant.weights_dir
+    name = variant.name
     missing = [f for f in WEIGHT_FILES if not (wdir / f).is_file()]
     if missing:
         raise MiniWeightsError(
-            f"infinity-mini weights are missing in {wdir}: {', '.join(missing)}. Train them with "
-            "`stagevar-train --config training/configs/mini.yaml --out runs/mini` "
-            "(92 minutes on 2 CPU cores; the shipped weights trained on to 175, see MODEL_CARD.md) and copy "
-            "runs/mini/final/* into stagevar/toy/weights/, "
-            "or pass --weights DIR pointing at a directory holding those files.")
+            f"{name} weights are missing in {wdir}: {', '.join(missing)}. Train them with `{variant.train_command}`, "
+            "or pass --weights DIR pointing at a directory holding those files (--random-weights: its architecture "
+            "with random weights, for speed only).")
     try:
         arch = json.loads((wdir / "config.json").read_text())
         _, adapter = build_parts(arch)
@@ -177,38 +215,37 @@ def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float
             bad = [k for k in res.missing_keys if not k.endswith(("zero_k_bias", ".lfq.mask"))]
             if bad or res.unexpected_keys:
                 raise MiniWeightsError(
-                    f"{wdir / fname} does not match the infinity-mini architecture in config.json: "
+                    f"{wdir / fname} does not match the {name} architecture in config.json: "
                     f"missing {bad[:5]}, unexpected {res.unexpected_keys[:5]}; re-copy the weights of one training run.")
     except MiniWeightsError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        raise MiniWeightsError(f"cannot read infinity-mini weights from {wdir}: {e}") from None
+        raise MiniWeightsError(f"cannot read {name} weights from {wdir}: {e}") from None
     return set_compute_dtype_(adapter.to(device=device), dtype).eval()
 
 
-def _weights_dir(weights) -> Path | None:
-    """A directory holding infinity-mini's files: ``weights`` itself or ``weights/infinity-mini``
-    (so a shared ``$STAGEVAR_WEIGHTS`` root works); None means the shipped weights."""
+def _weights_dir(weights, name: str = MODEL_NAME) -> Path | None:
+    """A directory holding the model's files: ``weights`` itself or ``weights/<name>`` (so a
+    shared ``$STAGEVAR_WEIGHTS`` root works); None means the model's own directory."""
     if weights is None:
         return None
     root = Path(weights)
-    for cand in (root, root / MODEL_NAME):
+    for cand in (root, root / name):
         if cand.is_dir() and (cand / "config.json").is_file():
             return cand
     return None
 
 
-def random_mini(device="cpu", dtype=torch.float32, seed: int = 0) -> InfinityAdapter:
-    """infinity-mini's architecture with seeded random weights (speed tests without the weights)."""
+def random_mini(device="cpu", dtype=torch.float32, seed: int = 0, variant: MiniVariant | None = None) -> InfinityAdapter:
+    """An embedded model's architecture (its weights directory's ``config.json``) with seeded random
+    weights (speed tests without the weights)."""
     from stagevar.models.infinity import randomize_
 
-    cfg_file = WEIGHTS_DIR / "config.json"
-    if cfg_file.is_file():
-        arch = json.loads(cfg_file.read_text())
-    else:
-        import yaml
-        arch = yaml.safe_load((Path(__file__).resolve().parent / "configs" / "mini.yaml").read_text())
-    _, adapter = build_parts(arch)
+    variant = variant or VARIANTS[128]
+    cfg_file = variant.weights_dir / "config.json"
+    if not cfg_file.is_file():
+        raise MiniWeightsError(f"{variant.name}: {cfg_file} is missing (it fixes the architecture); reinstall stagevar.")
+    _, adapter = build_parts(json.loads(cfg_file.read_text()))
     randomize_(adapter.transformer, seed=seed)
     randomize_(adapter.vae, seed=seed + 1)
     for mod in adapter.modules():
@@ -221,13 +258,14 @@ def random_mini(device="cpu", dtype=torch.float32, seed: int = 0) -> InfinityAda
 def _register() -> None:
     from stagevar.models.catalog import register_model
 
-    @register_model(MODEL_NAME, family="infinity", needs_weights=False, scorer="evaluator",
-                    description="Infinity trained here on the toy scenes (depth 8, width 256, 10 scales to 16x16, "
-                                "128px, BSQ VAE d=16); weights shipped in stagevar/toy/weights")
-    def infinity_mini(weights=None, device="cpu", dtype=torch.float32, random_weights=False, **_):
-        if random_weights:
-            return random_mini(device=device, dtype=dtype)
-        return load_mini(_weights_dir(weights), device=device, dtype=dtype)
+    for variant in VARIANTS.values():
+        def build(weights=None, device="cpu", dtype=torch.float32, random_weights=False, _v=variant, **_):
+            if random_weights:
+                return random_mini(device=device, dtype=dtype, variant=_v)
+            return load_mini(_weights_dir(weights, _v.name), device=device, dtype=dtype, variant=_v)
+
+        register_model(variant.name, family="infinity", needs_weights=False, scorer="evaluator",
+                       description=variant.description)(build)
 
 
 _register()
