@@ -172,17 +172,9 @@ def load_shard(path: str | Path) -> dict[str, Any]:
 
 
 
-def merge_records(shards, out: str | Path | None = None):
-    """Merge finished shards (directories or ``shard.json`` files, any order) into the calibration
-    record a single process would have measured; saved in ``record_dir(out, key)`` when ``out`` is
-    given. Latency, the latency check and the device fields come from shard 0."""
-    from calibrate.calibration import record_dir
-    from calibrate.measure.convergence import curve_names, summarize_curves
-    from calibrate.measure.sensitivity import summarize as summarize_sensitivity, value_names
-    from calibrate.measure.stages import detect_stages
-    from calibrate.measure.spectra import ENERGIES
-    from calibrate.record import CalibrationRecord, content_key
-
+def _complete_set(shards) -> list[dict]:
+    """The shards, in index order, after checking that they form one complete set measured with
+    the same inputs (device fields aside)."""
     parts = sorted((load_shard(s) for s in shards), key=lambda d: d["shard_index"])
     if not parts:
         raise StageVarError("no shards to merge.")
@@ -202,6 +194,22 @@ def merge_records(shards, out: str | Path | None = None):
         if d["inputs"]["device_type"] != base["inputs"]["device_type"]:
             log.warning("shard %s ran on %s, shard 0 on %s: quality numbers may differ slightly by hardware",
                         d["shard_index"], d["inputs"]["device_type"], base["inputs"]["device_type"])
+    return parts
+
+
+def merge_records(shards, out: str | Path | None = None):
+    """Merge finished shards (directories or ``shard.json`` files, any order) into the calibration
+    record a single process would have measured; saved in ``record_dir(out, key)`` when ``out`` is
+    given. Latency, the latency check and the device fields come from shard 0."""
+    from calibrate.calibration import record_dir
+    from calibrate.measure.convergence import curve_names, summarize_curves
+    from calibrate.measure.sensitivity import summarize as summarize_sensitivity, value_names
+    from calibrate.measure.stages import detect_stages
+    from calibrate.measure.spectra import ENERGIES
+    from calibrate.record import CalibrationRecord, content_key
+
+    parts = _complete_set(shards)
+    base = parts[0]
     inputs = base["inputs"]
     key = content_key(inputs)
     if "latency" not in base:

@@ -83,18 +83,30 @@ def render_markdown(res: dict[str, Any]) -> str:
         if evaluator and cfg["random_weights"]:
             L.append("Random weights: the evaluator's scores say nothing about the model here; compare SSIM only.")
     if evaluator:
-        from stagevar.toy.prompts import CATEGORIES
-        cats = [c for c in CATEGORIES if c in rows[0]["quality"]["evaluator"]]
-        L += ["", "## Evaluator score per category", "",
-              "| method | " + " | ".join(cats) + " | overall |", "|---|" + "---:|" * (len(cats) + 1)]
-        for r in rows:
-            ev = r["quality"]["evaluator"]
-            L.append(f"| `{r['name']}` | " + " | ".join(show(ev[c], ".3f") for c in cats) + f" | {ev['overall']:.3f} |")
-    L += ["", "## Methods", "", "| method | source | plan (scale:guidance+selection@keep[layers], skip) | predicted work skipped |",
-          "|---|---|---|---:|"]
+        L += _category_table(rows)
+    L += _methods_table(rows)
+    return "\n".join(L) + "\n"
+
+
+def _category_table(rows) -> list[str]:
+    """The embedded evaluator's score per prompt category and method."""
+    from stagevar.toy.prompts import CATEGORIES
+    cats = [c for c in CATEGORIES if c in rows[0]["quality"]["evaluator"]]
+    L = ["", "## Evaluator score per category", "",
+         "| method | " + " | ".join(cats) + " | overall |", "|---|" + "---:|" * (len(cats) + 1)]
+    for r in rows:
+        ev = r["quality"]["evaluator"]
+        L.append(f"| `{r['name']}` | " + " | ".join(show(ev[c], ".3f") for c in cats) + f" | {ev['overall']:.3f} |")
+    return L
+
+
+def _methods_table(rows) -> list[str]:
+    """Where each method comes from and the plan it runs."""
+    L = ["", "## Methods", "", "| method | source | plan (scale:guidance+selection@keep[layers], skip) | predicted work skipped |",
+         "|---|---|---|---:|"]
     for r in rows:
         L.append(f"| `{r['name']}` | {r['source']} | {r['plan']} | {r['predicted_work_skipped']:.1%} |")
-    return "\n".join(L) + "\n"
+    return L
 
 
 def json_safe(o):

@@ -94,16 +94,29 @@ def check_var_golden(golden_dir: Path, engine: str | None = None) -> list[CheckR
     labels = inputs["labels"].long()
     probe = inputs["vocab_probe_idx"].long()
     tf_idx = _scale_keys(inputs, "tf_idx_scale")
-    rows: list[CheckRow] = []
 
-    # ---- 1. teacher forcing
+    rows = _teacher_forced_rows(tr, vae, var_sd, labels, probe, tf_idx, inputs, _load(golden_dir / files["teacher_forced"]))
+    infer = config.get("infer_kwargs", {})
+    if infer.get("more_smooth"):
+        raise NotImplementedError("golden runs with more_smooth=True (gumbel smoothing) are not supported")
+    for cfg in config["cfg_values"]:
+        rows += _guided_rows(adapter, labels, probe, float(cfg), infer, _load(golden_dir / _cfg_file(files, float(cfg))),
+                             engine)
+    bad = [r for r in rows if not r.passed]
+    log.info("VAR golden %s: %d/%d rows passed", golden_dir, len(rows) - len(bad), len(rows))
+    return rows
+
+
+def _teacher_forced_rows(tr, vae, var_sd, labels, probe, tf_idx, inputs, ref) -> list[CheckRow]:
+    """Teacher forcing: the derived level buffer, the transformer's input and its logits and
+    hidden states against the reference's."""
+    rows: list[CheckRow] = []
     stage = "teacher-forced"
     if "lvl_1L" in var_sd:
         rows.append(compare_exact(FAMILY, stage, "lvl_1L", tr.lvl_1L, var_sd["lvl_1L"], "derived buffer vs file"))
     tf_x = inputs["tf_x_BLCv_wo_first_l"].float()
     rows.append(compare(FAMILY, stage, "tf_x_BLCv_wo_first_l", vae.quantize.idxBl_to_var_input(tf_idx), tf_x,
                         TOL_INPUT, "VQVAE idxBl_to_var_input of tf_idx_scaleNN"))
-    ref = _load(golden_dir / files["teacher_forced"])
     logits, hidden = tr(labels, tf_x, return_hidden=True)
     rows += _logit_rows(stage, "logits", logits, ref, probe, TOL_LOGITS)
     if "h_last_block_output" in ref:
@@ -115,53 +128,51 @@ def check_var_golden(golden_dir: Path, engine: str | None = None) -> list[CheckR
         if key.startswith("x_BLC_block0_input"):
             n = ref[key].shape[1]
             rows.append(compare(FAMILY, stage, key, hidden["x_block0_input"][:, :n], ref[key], TOL_LOGITS))
+    return rows
 
-    # ---- 2. inference per guidance value
-    infer = config.get("infer_kwargs", {})
-    if infer.get("more_smooth"):
-        raise NotImplementedError("golden runs with more_smooth=True (gumbel smoothing) are not supported")
+
+def _guided_rows(adapter, labels, probe, cfg: float, infer: dict, ref, engine) -> list[CheckRow]:
+    """One guidance value: logits with the reference's tokens forced, greedy tokens, the latent,
+    the image, and the runtime's rows (every engine gives the reference's tokens)."""
+    vae = adapter.vae
+    rows: list[CheckRow] = []
     seed = int(infer.get("g_seed", 0))
     top_k, top_p = int(infer.get("top_k", 1)), float(infer.get("top_p", 0.0))
-    for cfg in config["cfg_values"]:
-        cfg = float(cfg)
-        ref = _load(golden_dir / _cfg_file(files, cfg))
-        ref_idx = _scale_keys(ref, "idx_scale")
-        amp = abs(1 + cfg) + abs(cfg)
+    ref_idx = _scale_keys(ref, "idx_scale")
+    amp = abs(1 + cfg) + abs(cfg)
 
-        stage = f"forced-inference cfg={cfg:g}"
-        trace: dict[str, Any] = {}
-        adapter.reference_latent(labels, guidance=cfg, seed=seed, top_k=top_k, top_p=top_p,
-                                 trace=trace, force_tokens=ref_idx)
-        guided = torch.cat(trace["guided_logits"], dim=1)
-        raw = torch.cat(trace["raw_logits"], dim=1)
-        B = labels.shape[0]
-        rows += _logit_rows(stage, "guided", guided, ref, probe, TOL_LOGITS * amp,
-                            note=f"tolerance x{amp:g} (CFG amplification)")
-        if "raw_cond_logsumexp" in ref:
-            rows.append(compare(FAMILY, stage, "raw_cond_logsumexp", raw[:B].logsumexp(-1),
-                                ref["raw_cond_logsumexp"], TOL_LOGITS))
-        if "raw_uncond_logsumexp" in ref:
-            rows.append(compare(FAMILY, stage, "raw_uncond_logsumexp", raw[B:].logsumexp(-1),
-                                ref["raw_uncond_logsumexp"], TOL_LOGITS))
+    stage = f"forced-inference cfg={cfg:g}"
+    trace: dict[str, Any] = {}
+    adapter.reference_latent(labels, guidance=cfg, seed=seed, top_k=top_k, top_p=top_p,
+                             trace=trace, force_tokens=ref_idx)
+    guided = torch.cat(trace["guided_logits"], dim=1)
+    raw = torch.cat(trace["raw_logits"], dim=1)
+    B = labels.shape[0]
+    rows += _logit_rows(stage, "guided", guided, ref, probe, TOL_LOGITS * amp,
+                        note=f"tolerance x{amp:g} (CFG amplification)")
+    if "raw_cond_logsumexp" in ref:
+        rows.append(compare(FAMILY, stage, "raw_cond_logsumexp", raw[:B].logsumexp(-1),
+                            ref["raw_cond_logsumexp"], TOL_LOGITS))
+    if "raw_uncond_logsumexp" in ref:
+        rows.append(compare(FAMILY, stage, "raw_uncond_logsumexp", raw[B:].logsumexp(-1),
+                            ref["raw_uncond_logsumexp"], TOL_LOGITS))
 
-        stage = f"greedy cfg={cfg:g}"
-        trace = {}
-        f_hat = adapter.reference_latent(labels, guidance=cfg, seed=seed, top_k=top_k, top_p=top_p, trace=trace)
-        for si, (ours, want) in enumerate(zip(trace["tokens"], ref_idx)):
-            rows.append(compare_exact(FAMILY, stage, f"idx_scale{si:02d}", ours, want))
-        if "f_hat" in ref:
-            rows.append(compare(FAMILY, f"latent cfg={cfg:g}", "f_hat", f_hat, ref["f_hat"], TOL_LATENT))
-        image = vae.fhat_to_img01(f_hat)
-        stage = f"image cfg={cfg:g}"
-        if "image_01" in ref:
-            rows.append(compare(FAMILY, stage, "image_01", image, ref["image_01"], TOL_IMAGE))
-        if "image_01_avgpool8" in ref:
-            rows.append(compare(FAMILY, stage, "image_01_avgpool8", F.avg_pool2d(image, 8),
-                                ref["image_01_avgpool8"], TOL_IMAGE))
-        rows += runtime_rows(FAMILY, f"greedy cfg={cfg:g}", adapter, labels, cfg, seed, engine, ref_idx,
-                             ref.get("image_01"), TOL_IMAGE, top_k=top_k, top_p=top_p)
-    bad = [r for r in rows if not r.passed]
-    log.info("VAR golden %s: %d/%d rows passed", golden_dir, len(rows) - len(bad), len(rows))
+    stage = f"greedy cfg={cfg:g}"
+    trace = {}
+    f_hat = adapter.reference_latent(labels, guidance=cfg, seed=seed, top_k=top_k, top_p=top_p, trace=trace)
+    for si, (ours, want) in enumerate(zip(trace["tokens"], ref_idx)):
+        rows.append(compare_exact(FAMILY, stage, f"idx_scale{si:02d}", ours, want))
+    if "f_hat" in ref:
+        rows.append(compare(FAMILY, f"latent cfg={cfg:g}", "f_hat", f_hat, ref["f_hat"], TOL_LATENT))
+    image = vae.fhat_to_img01(f_hat)
+    stage = f"image cfg={cfg:g}"
+    if "image_01" in ref:
+        rows.append(compare(FAMILY, stage, "image_01", image, ref["image_01"], TOL_IMAGE))
+    if "image_01_avgpool8" in ref:
+        rows.append(compare(FAMILY, stage, "image_01_avgpool8", F.avg_pool2d(image, 8),
+                            ref["image_01_avgpool8"], TOL_IMAGE))
+    rows += runtime_rows(FAMILY, f"greedy cfg={cfg:g}", adapter, labels, cfg, seed, engine, ref_idx,
+                         ref.get("image_01"), TOL_IMAGE, top_k=top_k, top_p=top_p)
     return rows
 
 
