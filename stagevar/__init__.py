@@ -15,15 +15,13 @@ Tensor layout suffixes used throughout: ``B`` batch rows, ``L`` tokens, ``C`` ch
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from stagevar.errors import StageVarError
+from stagevar.models.catalog import DEFAULT_MODEL
 from stagevar.policy import Policy, ScalePlan, load_policy
+from stagevar.version import __version__
 
 __all__ = ["__version__", "StageVarError", "Policy", "ScalePlan", "load_policy", "load_model", "list_models",
            "generate", "Runtime", "DEFAULT_MODEL"]
-
-DEFAULT_MODEL = "infinity-mini"
 
 
 def load_model(name: str = DEFAULT_MODEL, weights=None, **kwargs):

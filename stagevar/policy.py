@@ -509,7 +509,7 @@ def binding_for(adapter) -> ModelBinding:
 
 
 def base_provenance(**extra: Any) -> dict[str, Any]:
-    from stagevar import __version__
+    from stagevar.version import __version__
     d = {"tool": "stagevar", "tool_version": __version__,
          "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()}
     d.update(extra)

@@ -161,7 +161,7 @@ def add_profile_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from stagevar import DEFAULT_MODEL
+    from stagevar.models.catalog import DEFAULT_MODEL
     from stagevar.engine import ENGINES
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL})")
     p.add_argument("--weights", type=Path, help="weights directory (default $STAGEVAR_WEIGHTS; embedded models need none)")

@@ -252,7 +252,7 @@ def _device_name(device) -> str:
 
 def _config(adapter, args, engines, guidance, lat_prompts, mem, use_eval) -> dict[str, Any]:
     import torch
-    from stagevar import __version__
+    from stagevar.version import __version__
     from stagevar.perf import allocator_setting
     fp, schedule, device = adapter.fingerprint(), adapter.scale_schedule, adapter.device
     mem_method = next(iter(mem.values()))["peak_mem_method"] if mem else "not measured (--no-memory)"

@@ -8,6 +8,9 @@ from typing import Callable
 
 from stagevar.errors import StageVarError
 
+#: the model every command uses when none is named: the embedded one, whose weights ship with stagevar
+DEFAULT_MODEL = "infinity-mini"
+
 _REGISTRY: dict[str, "ModelEntry"] = {}
 
 

@@ -106,7 +106,7 @@ def load_model(
 
 def add_model_arguments(p, random_weights_help: str = "seeded random weights at full size (speed only)") -> None:
     """The options :func:`load_model_from_args` reads, for a command's parser."""
-    from stagevar import DEFAULT_MODEL
+    from stagevar.models.catalog import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model (default {DEFAULT_MODEL}; see list-models)")
     p.add_argument("--weights", type=Path, help="weights directory, or 'hf' for the local Hugging Face cache (default "
                                                 "$STAGEVAR_WEIGHTS, else the Hugging Face cache; embedded models need none)")
