@@ -131,14 +131,12 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
     (the studies, the pooled measured trials, id(trial) -> (study name, its budget))."""
     import optuna
 
-    from calibrate.measure.common import variant_grid
     from calibrate.measure.latency import LatencyModel
     from calibrate.candidates import local_search, measured_trials
     from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local,
                                   objective_sets, params_for_point)
 
-    s = record.inputs["settings"]
-    lat_model = LatencyModel(record.latency, variant_grid(tuple(s["keeps"]), tuple(s["selections"])), model.num_layers)
+    lat_model = LatencyModel.of_record(record, model.num_layers)
     tokens = model.tokens_per_scale()
     baseline_pred = lat_model.baseline(tokens)
     sets = objective_sets(subject, scorer, settings.search_images)

@@ -220,13 +220,6 @@ def _study_name(args, model, rec, budget, sets: int) -> str:
     return default_study_name(model, budget, rec, args.study, False, sets)
 
 
-def _variants_of(rec):
-    from calibrate.measure.common import variant_grid
-    s = rec.inputs.get("settings") or {}
-    if s.get("keeps") and s.get("selections"):
-        return variant_grid(tuple(s["keeps"]), tuple(s["selections"]))
-    return variant_grid()
-
 def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
@@ -235,7 +228,7 @@ def _run_worker(args, budget, storage) -> int:
     model, rec, scorer = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
     batch_size, guidance = rec.inputs["batch_size"], rec.inputs["guidance"]
-    lat_model = LatencyModel(rec.latency, _variants_of(rec), model.num_layers)
+    lat_model = LatencyModel.of_record(rec, model.num_layers)
     tokens = model.tokens_per_scale()
     budget_s = budget.target_seconds(lat_model.baseline(tokens))
     subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))

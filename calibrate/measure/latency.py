@@ -53,6 +53,16 @@ def summarize(samples: dict[str, list[list[float]]], totals: dict[str, list[floa
 class LatencyModel:
     """Predicts a policy's end-to-end latency from the per-scale table."""
 
+    @classmethod
+    def of_record(cls, record, depth: int) -> "LatencyModel":
+        """The record's latency table over the variants it measured (its settings' keep ratios
+        and selections; the default grid for a record that does not name them)."""
+        from calibrate.measure import common
+        s = record.inputs.get("settings") or {}
+        grid = (common.variant_grid(tuple(s["keeps"]), tuple(s["selections"])) if s.get("keeps") and s.get("selections")
+                else common.variant_grid())
+        return cls(record.latency, grid, depth)
+
     def __init__(self, latency: dict, variants: list[Variant], depth: int):
         self.overhead = latency["overhead_s"]
         self.depth = depth
