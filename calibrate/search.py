@@ -310,8 +310,7 @@ class Objective:
                  scorer, reference, reference_semantic=None, more: Sequence[ImageSet] = ()):
         self.record, self.subject, self.latency = record, subject, latency
         self.budget_s, self.scorer = budget_s, scorer
-        self.reference, self.reference_semantic = reference, reference_semantic
-        self.more = list(more)
+        self.sets = [ImageSet(subject, reference, reference_semantic), *more]
         self.tokens = subject.adapter.tokens_per_scale()
         self.allow_skip = skipping_allowed(record, latency, self.tokens, budget_s)
 
@@ -325,19 +324,20 @@ class Objective:
             if predicted > self.budget_s * INFEASIBLE_MARGIN:
                 trial.set_user_attr("quality_estimated", True)
                 return estimated_quality(self.record, point)
-        out = self.subject.run(point)
-        trial.set_user_attr("measured_latency_s", out.seconds)
-        trial.set_user_attr("quality_estimated", False)
-        parts = [per_image(out, self.reference, self.subject.item_prompts, self.scorer, self.reference_semantic)]
-        for extra in self.more if self.budget_s is not None else ():
-            m = self._attrs(trial, parts)
-            trial.report(m["quality"], step=m["images"])
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-            more = extra.subject.run(point)
-            parts.append(per_image(more, extra.reference, extra.subject.item_prompts, self.scorer,
+        parts: list[dict[str, Any]] = []
+        m: dict[str, Any] = {}
+        for extra in self.sets if self.budget_s is not None else self.sets[:1]:
+            if parts:                                    # after a set: go on only while the trial ranks well
+                trial.report(m["quality"], step=m["images"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+            out = extra.subject.run(point)
+            if not parts:
+                trial.set_user_attr("measured_latency_s", out.seconds)
+                trial.set_user_attr("quality_estimated", False)
+            parts.append(per_image(out, extra.reference, extra.subject.item_prompts, self.scorer,
                                    extra.reference_semantic))
-        m = self._attrs(trial, parts)
+            m = self._attrs(trial, parts)
         if self.budget_s is None:
             return m["quality"], predicted
         return m["quality"]

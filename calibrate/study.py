@@ -28,30 +28,25 @@ def study_info(record, budget, budget_s: float, model_name: str | None, trials: 
             "model": model_name, "trials": trials, "search_images": images}
 
 
-def check_search_images(name: str, theirs: dict | None, images: int | None) -> None:
-    """Refuse to add trials measured on another number of images to a study (their qualities would
-    not be comparable)."""
+def check_study_record(name: str, theirs: dict | None, record, hint: str, images: int | None = None) -> None:
+    """Refuse a study made with another calibration record, or whose trials are measured on another
+    number of images (``--search-images``): its trials are not comparable. One paragraph naming
+    both, ending (for the record) with ``hint``, what to do."""
+    if theirs and theirs.get("record_sha256") not in (None, record.sha256()):
+        their_sha, my_sha = str(theirs.get("record_sha256"))[:16], record.sha256()[:16]
+        if theirs.get("record_key") == record.key:
+            raise StageVarError(
+                f"study {name!r} was searched with calibration record {record.key} (sha256 {their_sha}); this run's "
+                f"record has the same key but other content (sha256 {my_sha}): it was measured on another machine "
+                "(other latencies) or its stages were derived by another version of stagevar, so the study's trials "
+                f"are not comparable. {hint}")
+        raise StageVarError(
+            f"study {name!r} was searched with calibration record {theirs.get('record_key')} (sha256 {their_sha}), but "
+            f"this run's record is {record.key} (sha256 {my_sha}). {hint}")
     have = (theirs or {}).get("search_images")
     if have is not None and images is not None and have != images:
         raise StageVarError(f"study {name!r} measures its trials on up to {have} images, this run on {images} "
                             f"(--search-images): pass --search-images {have}, or another --study name.")
-
-
-def check_study_record(name: str, theirs: dict | None, record, hint: str) -> None:
-    """Refuse a study made with another calibration record (its trials are not comparable): one
-    paragraph naming both records, ending with ``hint`` (what to do)."""
-    if not theirs or theirs.get("record_sha256") in (None, record.sha256()):
-        return
-    their_sha, my_sha = str(theirs.get("record_sha256"))[:16], record.sha256()[:16]
-    if theirs.get("record_key") == record.key:
-        raise StageVarError(
-            f"study {name!r} was searched with calibration record {record.key} (sha256 {their_sha}); this run's record "
-            f"has the same key but other content (sha256 {my_sha}): it was measured on another machine (other "
-            "latencies) or its stages were derived by another version of stagevar, so the study's trials are not "
-            f"comparable. {hint}")
-    raise StageVarError(
-        f"study {name!r} was searched with calibration record {theirs.get('record_key')} (sha256 {their_sha}), but this "
-        f"run's record is {record.key} (sha256 {my_sha}). {hint}")
 
 
 def open_owned_study(name: str, storage, record, budget, budget_s: float, model_name: str, trials: int, seed: int,
@@ -63,8 +58,7 @@ def open_owned_study(name: str, storage, record, budget, budget_s: float, model_
     theirs = study.user_attrs.get(STUDY_ATTR)
     check_study_record(name, theirs, record, "Run on the machine and with the options that measured the record (same "
                        "--out, prompts, seeds, device), or pass another --study name (or remove the study) to search "
-                       "again with this record.")
-    check_search_images(name, theirs, images)
+                       "again with this record.", images)
     if not theirs:
         study.set_user_attr(STUDY_ATTR, study_info(record, budget, budget_s, model_name, trials, images))
     return study
@@ -111,8 +105,8 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
         log.warning("study %s was not created by a worker: cannot check that it uses record %s", name, rec.key)
     else:
         check_study_record(name, theirs, rec, "Every worker must use the same record: pass --record with the record "
-                           "the study was started with (copy its directory to this machine), or use another --study name.")
-        check_search_images(name, theirs, images)
+                           "the study was started with (copy its directory to this machine), or use another --study name.",
+                           images)
         if theirs.get("budget") != budget.name:
             raise StageVarError(f"study {name!r} searches budget {theirs.get('budget')}, not {budget.name}. "
                                 "Use the same --budget for every worker of a study, or another --study name.")
