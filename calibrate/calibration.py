@@ -35,6 +35,7 @@ class MeasureSettings:
     keeps: tuple[float, ...] = (0.75, 0.5, 0.25, 0.1)
     selections: tuple[str, ...] = ("random_projection", "deviation")
     sensitivity_from: int | None = None        # first scale measured (default: half the scales)
+    guidance_from: int | None = None           # first scale whose guidance drop is measured (default: a quarter)
     latency_repeats: int = 3
     latency_check_policies: int = 3
     spectra_layers: tuple[int, ...] | None = None
@@ -171,11 +172,20 @@ def default_spectra_layers(adapter) -> tuple[int, ...]:
 
 
 def sensitivity_units(settings: MeasureSettings, n: int) -> list[tuple[int, Variant]]:
-    """(scale, variant) of every sensitivity unit: the scales from ``sensitivity_from`` (default:
-    half the scales) to the last, each with guidance dropped and every keep x selection."""
+    """(scale, variant) of every sensitivity unit: guidance dropped from each scale from
+    ``guidance_from`` (default: a quarter of the scales) up to ``sensitivity_from`` (default: half
+    the scales), then the scales from ``sensitivity_from`` to the last, each with guidance dropped
+    and every keep x selection. The early guidance rows tell the search how far down dropping
+    guidance is harmless (:func:`calibrate.search.guidance_floor`); they cost one run a scale.
+
+    >>> [(k, v.name) for k, v in sensitivity_units(MeasureSettings(keeps=(0.5,), selections=("deviation",)), 8)]
+    [(2, 'cond'), (3, 'cond'), (4, 'cond'), (4, 'cfg+dev@0.5'), (5, 'cond'), (5, 'cfg+dev@0.5'), (6, 'cond'), (6, 'cfg+dev@0.5'), (7, 'cond'), (7, 'cfg+dev@0.5')]
+    """
     first = settings.sensitivity_from if settings.sensitivity_from is not None else max(1, n // 2)
+    early = settings.guidance_from if settings.guidance_from is not None else max(1, n // 4)
     variants = [Variant("cond_only")] + [Variant("cfg", r, s) for r in settings.keeps for s in settings.selections]
-    return [(k, v) for k in range(first, n) for v in variants]
+    return [(k, Variant("cond_only")) for k in range(max(1, early), first)] + \
+        [(k, v) for k in range(first, n) for v in variants]
 
 
 def measure_sensitivity(store: UnitStore, subject: Subject, settings: MeasureSettings, unit_done, measure_unit) -> list[dict]:

@@ -83,10 +83,14 @@ class CalibrationResult:
 
 def default_study_name(model, budget, record, study: str | None, several: bool, sets: int = 1) -> str:
     """``--study`` (with the budget when there are several), or model, resolution, budget, record
-    key and, when trials are measured on more than the record's images, the number of image sets."""
+    key, the version of the search space (``s2``: a study of an earlier version is not resumed
+    after an upgrade, a new one starts) and, when trials are measured on more than the record's
+    images, the number of image sets."""
+    from calibrate.search import SEARCH_SPACE
     if study:
         return f"{study}.{budget.name}" if several else study
-    return f"{model.name}.{model.resolution}.{budget.name}.{record.key}" + (f".x{sets}" if sets > 1 else "")
+    return (f"{model.name}.{model.resolution}.{budget.name}.{record.key}.s{SEARCH_SPACE}"
+            + (f".x{sets}" if sets > 1 else ""))
 
 
 def journal_storage(path: Path):
@@ -200,7 +204,8 @@ def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer
         budget = sd.budget
         cand_points = verification_candidates(record, pooled, sd.target_s, settings.verify_candidates, settings.verify_near,
                                               allow_skip=sd.objective.allow_skip,
-                                              near_s=sd.objective.budget_s * INFEASIBLE_MARGIN)
+                                              near_s=sd.objective.budget_s * INFEASIBLE_MARGIN,
+                                              cushion_s=sd.target_s * (1 - settings.latency_margin))
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
             done_trials = [t for t in sd.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]

@@ -22,7 +22,10 @@
   seeds (:func:`budget_seed_params`) are enqueued too: for each first accelerated scale of the
   search range, guidance dropped there and the largest uniform keep ratio predicted to meet the
   target, and variants that spend what is left on one scale, so that plans accelerating every
-  late scale are measured at tight budgets, not only plans that skip scales.
+  late scale are measured at tight budgets, not only plans that skip scales; the same again with
+  guidance dropped from :func:`guidance_floor` (before the token range, where the sensitivity
+  pass found dropping it harmless), and a plan whose keep ratios follow the spectra's effective
+  ranks (:func:`spectral_seed_params`).
 * ``--warm-start POLICY`` also enqueues the operating points of an earlier policy
   (:func:`params_for_point`), so recalibrating after a change (new weights, another default
   guidance) starts from the plans that worked before; the sampler and the local search go on
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -76,13 +80,50 @@ def search_bounds(record: CalibrationRecord) -> tuple[int, int]:
     return lo, n
 
 
+#: version of the search space (what the parameters mean); a study records it, and one made with
+#: another version is not resumed (its trials would replay as other policies)
+SEARCH_SPACE = 2
+
+
+#: a guidance drop is harmless where its measured damage, less two standard errors, is at most this
+GUIDANCE_FREE_DAMAGE = 0.02
+
+
+def guidance_floor(record: CalibrationRecord) -> int:
+    """The lowest scale the search may drop guidance from: the start of the token range
+    (:func:`search_bounds`), or lower, down through the scales below it whose guidance drop the
+    sensitivity pass measured harmless (``cond`` rows: damage less two standard errors at most
+    :data:`GUIDANCE_FREE_DAMAGE`; the first scale that is not, or not measured, stops the walk).
+    Dropping guidance halves a scale's work, and at a tight budget the time it saves on the
+    scales just before the token range buys more tokens on the late ones.
+
+    >>> from calibrate.record import CalibrationRecord
+    >>> stages = {"semantic": [0, 7], "structure": [8, 8], "refinement": [9, 9]}
+    >>> cond = lambda k, d: {"scale": k, "variant": "cond", "damage": d, "damage_se": 0.01}
+    >>> rec = CalibrationRecord("k", {"model": {"scale_schedule": [[1, k, k] for k in range(1, 11)]}}, {},
+    ...                         [cond(2, 0.01), cond(3, 0.2), cond(4, 0.03), cond(5, 0.0)], [], {}, [], stages)
+    >>> search_bounds(rec), guidance_floor(rec)
+    ((6, 10), 4)
+    """
+    lo, _ = search_bounds(record)
+    damage = {r["scale"]: r["damage"] - 2 * r.get("damage_se", 0.0) for r in record.sensitivity
+              if r.get("variant") == "cond" and "damage" in r}
+    floor = lo
+    while floor - 1 >= 1 and damage.get(floor - 1, math.inf) <= GUIDANCE_FREE_DAMAGE:
+        floor -= 1
+    return floor
+
+
 def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord, allow_skip: bool = True) -> OperatingPoint:
-    """Every Optuna parameter of the space, and the operating point they describe. Without
-    ``allow_skip`` (:func:`skipping_allowed`) ``skip_from`` has the one value N (nothing skipped)."""
+    """Every Optuna parameter of the space, and the operating point they describe: token subsets
+    (``keep_k``, ``selection_k``) and skipped scales from ``first_accelerated`` on, within the
+    search range (:func:`search_bounds`); guidance dropped from ``cond_only_from`` on, which may lie
+    before that range, down to :func:`guidance_floor`. Without ``allow_skip``
+    (:func:`skipping_allowed`) ``skip_from`` has the one value N (nothing skipped)."""
     lo, n = search_bounds(record)
     depth = record.inputs["num_layers"]
-    first = trial.suggest_int("first_accelerated", lo, n)           # n: nothing accelerated
-    cond_from = trial.suggest_int("cond_only_from", lo, n)          # n: guidance never dropped
+    first = trial.suggest_int("first_accelerated", lo, n)           # n: no token subset
+    cond_from = trial.suggest_int("cond_only_from", guidance_floor(record), n)   # n: guidance never dropped
     skip_from = trial.suggest_int("skip_from", lo if allow_skip else n, n)   # n: no scale skipped (SkipVAR-style stop)
     restore = trial.suggest_categorical("restore", RESTORES)
     layer_start = trial.suggest_int("layer_start", 0, max(0, depth // 4))
@@ -90,12 +131,11 @@ def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord, all
     for k in range(lo, n):
         keeps[k] = trial.suggest_categorical(f"keep_{k}", KEEPS)
         sels[k] = trial.suggest_categorical(f"selection_{k}", SELECTIONS)
-    cond_from = max(cond_from, first)
     skip_from = max(skip_from, first)
     plans = []
     for k in range(n):
-        if k < first:
-            plans.append(ScalePlan(k))
+        if k < first:                            # before the token range: at most guidance dropped
+            plans.append(ScalePlan(k, guidance="cond_only") if k >= cond_from else ScalePlan(k))
             continue
         if k >= skip_from:
             plans.append(ScalePlan(k, skip=True))
@@ -107,7 +147,7 @@ def suggest_policy(trial: optuna.trial.BaseTrial, record: CalibrationRecord, all
             continue
         plans.append(ScalePlan(k, guidance=guidance, keep=keep, selection=sels[k], restore=restore,
                                layers=(layer_start, depth) if layer_start > 0 else None))
-    return OperatingPoint(stages_for(record, first), tuple(plans))
+    return OperatingPoint(stages_for(record, min(first, cond_from)), tuple(plans))
 
 
 def stages_for(record: CalibrationRecord, first_accelerated: int) -> dict[str, tuple[int, int]]:
@@ -129,7 +169,7 @@ def skipping_allowed(record: CalibrationRecord, latency: LatencyModel, tokens: l
         return True
     lo, n = search_bounds(record)
     for sel in SELECTIONS:
-        params = dict(seed_params(record)["identity"], first_accelerated=lo, cond_only_from=lo)
+        params = dict(seed_params(record)["identity"], first_accelerated=lo, cond_only_from=guidance_floor(record))
         params.update({f"keep_{k}": min(KEEPS) for k in range(lo, n)})
         params.update({f"selection_{k}": sel for k in range(lo, n)})
         if latency.predict(point_from_params(record, params), tokens) <= budget_s:
@@ -181,11 +221,14 @@ def budget_seed_params(record: CalibrationRecord, latency: LatencyModel, tokens:
     takes the selection the sensitivity measurement found least damaging
     (:func:`least_damaging_selection`). Then, for each such plan and each of its scales, the same
     plan with that one scale raised as many notches as the budget left over allows (the uniform
-    plan usually leaves some). A start that cannot meet the budget even at the smallest keep gives
-    no seed. None are made when one of the fixed seeds (:func:`seed_params`) or of ``enqueued``
-    (e.g. a warm start's points) skips no scale and is predicted to meet the budget. Callers pass
-    the budget less the latency margin (:data:`LATENCY_MARGIN`), the target the local search
-    climbs within.
+    plan usually leaves some). When the guidance range reaches below the token range
+    (:func:`guidance_floor`), each of these comes again with guidance dropped from the floor
+    (named ``fitted:gG:s@keep``): the time saved there is spent on tokens. Last, the spectral seed
+    (:func:`spectral_seed_params`). A start that cannot meet the budget even at the smallest keep
+    gives no seed. None are made when one of the fixed seeds (:func:`seed_params`) or of
+    ``enqueued`` (e.g. a warm start's points) skips no scale and is predicted to meet the budget.
+    Callers pass the budget less the latency margin (:data:`LATENCY_MARGIN`), the target the local
+    search climbs within.
 
     The fixed seeds compute every scale only up to about 2x; at a tighter budget the sampler,
     started from them, tends to reach the budget by skipping scales, and the plans that
@@ -199,34 +242,86 @@ def budget_seed_params(record: CalibrationRecord, latency: LatencyModel, tokens:
         point = point_from_params(record, params)
         if not any(p.skip for p in point.plans) and latency.predict(point, tokens) <= budget_s:
             return {}
-    base = fixed["identity"]
-    out = {}
 
     def fits(params):
         return latency.predict(point_from_params(record, params), tokens) <= budget_s
 
-    for s in range(lo, n):
-        for keep in KEEPS:
-            params = dict(base, first_accelerated=s, cond_only_from=s)
-            for k in range(s, n):
-                params[f"keep_{k}"] = keep
-                params[f"selection_{k}"] = least_damaging_selection(record, k, keep)
-            if fits(params):
-                out[f"fitted:{s}@{keep:g}"] = params
-                # the budget left over: spent on one scale at a time, as many notches as fit
-                for f in range(s, n):
-                    raised = dict(params)
-                    i = KEEPS.index(keep)
-                    while i > 0:
-                        trial = dict(raised, **{f"keep_{f}": KEEPS[i - 1],
-                                                f"selection_{f}": least_damaging_selection(record, f, KEEPS[i - 1])})
-                        if not fits(trial):
-                            break
-                        raised, i = trial, i - 1
-                    if raised != params:
-                        out[f"fitted:{s}@{keep:g},{f}@{raised[f'keep_{f}']:g}"] = raised
-                break
+    floor = guidance_floor(record)
+    out: dict[str, dict[str, Any]] = {}
+    for g_first in (False, True) if floor < lo else (False,):
+        for s in range(lo, n):
+            tag = f"g{floor}:{s}" if g_first else f"{s}"
+            for keep in KEEPS:
+                params = dict(fixed["identity"], first_accelerated=s, cond_only_from=floor if g_first else s)
+                for k in range(s, n):
+                    params[f"keep_{k}"] = keep
+                    params[f"selection_{k}"] = least_damaging_selection(record, k, keep)
+                if fits(params):
+                    out[f"fitted:{tag}@{keep:g}"] = params
+                    out.update(_spend_left_over(record, params, s, n, fits, f"fitted:{tag}@{keep:g}"))
+                    break
+    spectral = spectral_seed_params(record, fits)
+    if spectral is not None and spectral[1] not in out.values():
+        out[spectral[0]] = spectral[1]
     return out
+
+
+def _spend_left_over(record: CalibrationRecord, params: dict[str, Any], s: int, n: int, fits,
+                     name: str) -> dict[str, dict[str, Any]]:
+    """For each scale ``f`` from ``s``: ``params`` with that one scale raised as many notches of
+    :data:`KEEPS` as still ``fits``, named ``name,f@keep`` (none where not one notch fits)."""
+    out = {}
+    keep = params[f"keep_{s}"]
+    for f in range(s, n):
+        raised = dict(params)
+        i = KEEPS.index(keep)
+        while i > 0:
+            trial = dict(raised, **{f"keep_{f}": KEEPS[i - 1],
+                                    f"selection_{f}": least_damaging_selection(record, f, KEEPS[i - 1])})
+            if not fits(trial):
+                break
+            raised, i = trial, i - 1
+        if raised != params:
+            out[f"{name},{f}@{raised[f'keep_{f}']:g}"] = raised
+    return out
+
+
+def spectral_fractions(record: CalibrationRecord) -> dict[int, float]:
+    """Per scale of the search range, the effective rank the spectra measured as a fraction of the
+    scale's tokens (95% of the energy; the largest over the layers measured). Empty without spectra."""
+    lo, n = search_bounds(record)
+    out: dict[int, float] = {}
+    for r in record.spectra:
+        if lo <= r["scale"] < n and r.get("eff_rank_frac_95") is not None:
+            out[r["scale"]] = max(out.get(r["scale"], 0.0), float(r["eff_rank_frac_95"]))
+    return out if len(out) == n - lo else {}
+
+
+#: the factors the spectral seed scales the effective-rank fractions by, largest first
+SPECTRAL_FACTORS = tuple(round(3.0 * 0.9 ** i, 3) for i in range(30))
+
+
+def spectral_seed_params(record: CalibrationRecord, fits) -> tuple[str, dict[str, Any]] | None:
+    """The seed whose keep ratio at each scale of the search range follows the effective rank the
+    spectra measured there (:func:`spectral_fractions`): the fractions times the largest factor of
+    :data:`SPECTRAL_FACTORS` whose plan ``fits``, each rounded to the nearest ratio of
+    :data:`KEEPS` (at most 1), guidance dropped from :func:`guidance_floor`, the least damaging
+    selection per scale. A scale whose features have few directions keeps few tokens; where the
+    scales differ, the budget goes where the features are richest. (name, parameters), or None
+    without spectra or when no factor fits."""
+    fractions = spectral_fractions(record)
+    if not fractions:
+        return None
+    lo, n = search_bounds(record)
+    for factor in SPECTRAL_FACTORS:
+        params = dict(seed_params(record)["identity"], first_accelerated=lo, cond_only_from=guidance_floor(record))
+        for k, frac in fractions.items():
+            keep = min(KEEPS, key=lambda r: (abs(r - min(1.0, frac * factor)), r))
+            params[f"keep_{k}"] = keep
+            params[f"selection_{k}"] = least_damaging_selection(record, k, keep)
+        if fits(params):
+            return f"spectral@{factor:g}", params
+    return None
 
 
 # ----------------------------------------------------------------------------------------- objective
@@ -371,20 +466,20 @@ def open_study(name: str, storage, direction_multi: bool, seed: int) -> optuna.S
 
 def params_for_point(record: CalibrationRecord, point: OperatingPoint) -> dict[str, Any] | None:
     """The search parameters that describe ``point`` (e.g. an operating point of an earlier
-    policy), or None when it lies outside this record's search space (it accelerates a scale
-    before the search range, uses a keep ratio the space lacks, or mixes restore modes / layer
-    ranges across scales). The inverse of :func:`point_from_params` on the plans."""
+    policy), or None when it lies outside this record's search space (it computes a token subset
+    or skips a scale before the search range, drops guidance before :func:`guidance_floor`, uses a
+    keep ratio the space lacks, or mixes restore modes / layer ranges across scales). The inverse of :func:`point_from_params` on the plans."""
     lo, n = search_bounds(record)
     depth = record.inputs["num_layers"]
     plans = list(point.plans)
     if len(plans) != n:
         return None
     changed = [p.scale for p in plans if not p.is_identity]
-    if any(k < lo for k in changed):
+    if any(k < guidance_floor(record) for k in changed) or any(k < lo and (p.skip or p.is_subset) for k, p in enumerate(plans)):
         return None
     subsets = [p for p in plans if p.is_subset and not p.skip]
     params: dict[str, Any] = {
-        "first_accelerated": min(changed, default=n),
+        "first_accelerated": min((k for k in changed if k >= lo), default=n),
         "cond_only_from": min((p.scale for p in plans if p.guidance == "cond_only" and not p.skip), default=n),
         "skip_from": min((p.scale for p in plans if p.skip), default=n),
         "restore": subsets[0].restore if subsets else "cached_update",

@@ -24,13 +24,15 @@ STUDY_ATTR = "stagevar"
 def study_info(record, budget, budget_s: float, model_name: str | None, trials: int, images: int | None) -> dict:
     """What a study stores about the search it holds (:data:`STUDY_ATTR`); ``images``: how many
     images a trial may be measured on (``--search-images``)."""
+    from calibrate.search import SEARCH_SPACE
     return {"record_key": record.key, "record_sha256": record.sha256(), "budget": budget.name, "budget_s": budget_s,
-            "model": model_name, "trials": trials, "search_images": images}
+            "model": model_name, "trials": trials, "search_images": images, "search_space": SEARCH_SPACE}
 
 
 def check_study_record(name: str, theirs: dict | None, record, hint: str, images: int | None = None) -> None:
-    """Refuse a study made with another calibration record, or whose trials are measured on another
-    number of images (``--search-images``): its trials are not comparable. One paragraph naming
+    """Refuse a study made with another calibration record, in another version of the search space
+    (:data:`calibrate.search.SEARCH_SPACE`), or whose trials are measured on another number of
+    images (``--search-images``): its trials are not comparable. One paragraph naming
     both, ending (for the record) with ``hint``, what to do."""
     if theirs and theirs.get("record_sha256") not in (None, record.sha256()):
         their_sha, my_sha = str(theirs.get("record_sha256"))[:16], record.sha256()[:16]
@@ -43,6 +45,12 @@ def check_study_record(name: str, theirs: dict | None, record, hint: str, images
         raise StageVarError(
             f"study {name!r} was searched with calibration record {theirs.get('record_key')} (sha256 {their_sha}), but "
             f"this run's record is {record.key} (sha256 {my_sha}). {hint}")
+    from calibrate.search import SEARCH_SPACE
+    space = (theirs or {}).get("search_space", 1 if theirs else SEARCH_SPACE)    # studies before the version: 1
+    if space != SEARCH_SPACE:
+        raise StageVarError(f"study {name!r} was searched in version {space} of the search space, this stagevar "
+                            f"searches version {SEARCH_SPACE} (the parameters mean other policies): pass another "
+                            "--study name (or remove the study) to search again.")
     have = (theirs or {}).get("search_images")
     if have is not None and images is not None and have != images:
         raise StageVarError(f"study {name!r} measures its trials on up to {have} images, this run on {images} "

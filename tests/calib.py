@@ -11,7 +11,7 @@ from calibrate.record import CalibrationRecord
 PROMPTS = ["a red circle", "two blue squares"]
 SEEDS = [0]
 BATCH = 2
-SETTINGS = MeasureSettings(keeps=(0.5,), selections=("random_projection",), sensitivity_from=5,
+SETTINGS = MeasureSettings(keeps=(0.5,), selections=("random_projection",), sensitivity_from=5, guidance_from=4,
                            latency_repeats=1, latency_check_policies=1)
 SENS_FIELDS = ("ssim", "semantic", "hf_ratio", "quality", "quality_worst", "damage")
 

@@ -14,7 +14,7 @@ import pytest
 import calibrate.calibration as calibration
 from calibrate.calibration import record_dir
 from calibrate.metrics import scorer_for
-from calibrate.search import Objective, point_from_params
+from calibrate.search import SEARCH_SPACE, Objective, point_from_params
 from stagevar.models.registry import load_model
 from stagevar.policy import load_policy
 
@@ -82,7 +82,7 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     # the study: journal-backed, 4 trials, seeds enqueued once
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-    name = f"infinity-tiny.256.50x.{rec.key}.x2"                 # two image sets of the record's two images
+    name = f"infinity-tiny.256.50x.{rec.key}.s{SEARCH_SPACE}.x2"               # two image sets of the record's two images
     study = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))
     assert len(study.trials) == 4
     assert [t.user_attrs.get("seed_policy") for t in study.trials[:3]] == ["identity", "paper-like", "fastvar-like"]
@@ -154,7 +154,7 @@ def test_cli_local_search_after_the_sampler_and_resume(measured, model, tmp_path
             "--verify-near", "0", "--verify-repeats", "1", "--out", str(work), "--policy-out", str(work / "p.yaml"), "--quiet"]
     calibrate_main(argv)
     capsys.readouterr()
-    name = f"infinity-tiny.256.1.05x.{rec.key}.x2"
+    name = f"infinity-tiny.256.1.05x.{rec.key}.s{SEARCH_SPACE}.x2"
 
     def load():
         return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(work / "study.journal"))))

@@ -41,9 +41,9 @@ def test_measured_record_is_complete(measured, model):
     assert (d / "record.json").is_file() and (d / "spectra.npz").is_file()
     assert rec.num_scales == len(model.scale_schedule) == 7
     assert rec.version == RECORD_VERSION
-    # sensitivity: scales 5, 6 x (cond, cfg+rp@0.5)
+    # sensitivity: guidance dropped from scale 4; scales 5, 6 x (cond, cfg+rp@0.5)
     assert sorted((r["scale"], r["variant"]) for r in rec.sensitivity) == [
-        (5, "cfg+rp@0.5"), (5, "cond"), (6, "cfg+rp@0.5"), (6, "cond")]
+        (4, "cond"), (5, "cfg+rp@0.5"), (5, "cond"), (6, "cfg+rp@0.5"), (6, "cond")]
     for r in rec.sensitivity:
         assert 0.0 <= r["quality"] <= 1.0 and r["damage"] == pytest.approx(1 - r["quality"])
     assert len(rec.latency_check) == 1
@@ -156,6 +156,7 @@ def test_key_depends_on_every_input(model, record):
         "keeps": key(settings=dataclasses.replace(SETTINGS, keeps=(0.25,))),
         "selections": key(settings=dataclasses.replace(SETTINGS, selections=("deviation",))),
         "sensitivity_from": key(settings=dataclasses.replace(SETTINGS, sensitivity_from=4)),
+        "guidance_from": key(settings=dataclasses.replace(SETTINGS, guidance_from=3)),
         "latency_repeats": key(settings=dataclasses.replace(SETTINGS, latency_repeats=2)),
     }
     param = next(model.parameters())
@@ -187,8 +188,8 @@ def test_resume_after_interruption(model, measured, tmp_path, monkeypatch):
     d = record_dir(tmp_path, record.key)
     assert not (d / "record.json").exists()
     units = sorted(p.name for p in (d / "units").glob("*.json"))
-    assert units == ["convergence.json", "sensitivity__k05__cond.json"]
-    assert calls == [(5, "cond")]
+    assert units == ["convergence.json", "sensitivity__k04__cond.json"]
+    assert calls == [(4, "cond")]
 
     # finished latency units (same key, so interchangeable) are also reused, not re-measured: this
     # also keeps the test short (the latency pass is 10 generations)
@@ -206,9 +207,10 @@ def test_resume_after_interruption(model, measured, tmp_path, monkeypatch):
     resumed = measure(model, PROMPTS, SEEDS, out=tmp_path, batch_size=BATCH, settings=SETTINGS, progress=False)
     assert (d / "record.json").is_file()
     # the finished units are not recomputed
-    assert (5, "cond") not in calls and "convergence" not in puts and "sensitivity/k05/cond" not in puts
-    assert sorted(calls) == [(5, "cfg+rp@0.5"), (6, "cfg+rp@0.5"), (6, "cond")]
-    assert sorted(puts) == ["sensitivity/k05/cfg+rp@0.5", "sensitivity/k06/cfg+rp@0.5", "sensitivity/k06/cond"]
+    assert (4, "cond") not in calls and "convergence" not in puts and "sensitivity/k04/cond" not in puts
+    assert sorted(calls) == [(5, "cfg+rp@0.5"), (5, "cond"), (6, "cfg+rp@0.5"), (6, "cond")]
+    assert sorted(puts) == ["sensitivity/k05/cfg+rp@0.5", "sensitivity/k05/cond", "sensitivity/k06/cfg+rp@0.5",
+                            "sensitivity/k06/cond"]
     # ... and the result equals the from-scratch record (deterministic on CPU)
     assert resumed.key == record.key
     assert resumed.convergence == record.convergence

@@ -270,6 +270,11 @@ def test_verification_also_measures_trials_just_over_the_budget():
     # trial 4 (trial 0's policy) counts once; a trial from another budget's study ranks the same way
     got = verification_candidates(rec, trials, 1.1, k=3, k_near=0)
     assert [t.number for t, _ in got] == [3, 4, 1]
+    # a cushion: when no candidate is predicted within it, the last slot goes to the best one that is
+    assert [t.number for t, _ in verification_candidates(rec, trials, 1.1, k=2, k_near=0)] == [3, 4]
+    assert [t.number for t, _ in verification_candidates(rec, trials, 1.1, k=2, k_near=0, cushion_s=1.0)] == [3, 0]
+    assert [t.number for t, _ in verification_candidates(rec, trials, 1.1, k=2, k_near=0, cushion_s=1.03)] == [3, 4]
+    assert [t.number for t, _ in verification_candidates(rec, trials, 1.1, k=2, k_near=0, cushion_s=0.5)] == [3, 4]
 
 
 def test_neighbours_are_single_moves_inside_the_space():
@@ -583,3 +588,102 @@ def test_objective_measures_promising_trials_on_more_images(model, record, subje
     assert pruned.intermediate_values[n] < 1.0
     assert 5 not in [t.number for t in measured_trials(study)]
     assert isinstance(sets[1], ImageSet)
+
+
+# ------------------------------------------------------------------ guidance before the token range
+def _record_with_cond_rows(first_cond: int = 2):
+    """A hand record (search range 3..6) whose sensitivity pass measured the guidance drop from
+    ``first_cond`` on, and spectra whose effective rank shrinks with the scale."""
+    rec = hand_record(n=7, depth=2, refinement_start=4)
+    rec.sensitivity = [{"scale": k, "variant": "cond", "guidance": "cond_only", "keep": 1.0,
+                        "selection": "random_projection", "damage": 0.01} for k in range(first_cond, 7)]
+    rec.spectra = [{"scale": k, "layer": layer, "eff_rank_frac_95": frac * (0.8 if layer == 1 else 1.0)}
+                   for k, frac in zip(range(3, 7), (0.8, 0.5, 0.3, 0.2)) for layer in (1, 2)]
+    return rec
+
+
+def test_guidance_may_be_dropped_before_the_token_range_down_to_the_measured_floor():
+    from calibrate.search import guidance_floor, params_for_point, search_bounds
+    assert guidance_floor(hand_record(n=7, depth=2, refinement_start=4)) == 3      # nothing measured: the range
+    rec = _record_with_cond_rows(2)
+    assert search_bounds(rec) == (3, 7) and guidance_floor(rec) == 2
+    params = dict(seed_params(rec)["identity"], cond_only_from=2, first_accelerated=4, keep_4=0.5, keep_6=0.2)
+    point = point_from_params(rec, params)
+    assert [p.guidance for p in point.plans] == ["cfg"] * 2 + ["cond_only"] * 5
+    assert [p.keep for p in point.plans] == [1.0] * 4 + [0.5, 1.0, 0.2]
+    assert point.stages["refinement"] == (2, 6) and point.stages["semantic"] == (0, 1)
+    later = point_from_params(rec, dict(params, cond_only_from=5))       # guidance dropped inside the range
+    assert [p.guidance for p in later.plans] == ["cfg"] * 5 + ["cond_only"] * 2
+    assert later.stages["refinement"] == (4, 6)
+    assert point_from_params(rec, params_for_point(rec, point)).plans == point.plans      # round trip
+    below = OperatingPoint(point.stages, (ScalePlan(0), ScalePlan(1, guidance="cond_only")) + point.plans[2:])
+    subset_early = OperatingPoint(point.stages, point.plans[:2] + (ScalePlan(2, guidance="cond_only", keep=0.5),)
+                                  + point.plans[3:])
+    assert params_for_point(rec, below) is None and params_for_point(rec, subset_early) is None
+    moves = [nb["cond_only_from"] for nb in neighbours(rec, dict(params, cond_only_from=3))
+             if nb["cond_only_from"] != 3]
+    assert sorted(moves) == [2, 4]
+    assert not any(nb["cond_only_from"] < 2 for nb in neighbours(rec, params))
+    study = open_study("floor", optuna.storages.InMemoryStorage(), direction_multi=False, seed=0)
+    asked = [study.ask() for _ in range(40)]
+    for t in asked:
+        suggest_policy(t, rec)
+    assert {t.params["cond_only_from"] for t in asked} <= set(range(2, 8)) and \
+        min(t.params["cond_only_from"] for t in asked) == 2
+
+
+def test_budget_seeds_also_drop_guidance_from_the_floor_and_follow_the_spectra():
+    from calibrate.search import KEEPS, SPECTRAL_FACTORS, budget_seed_params, spectral_fractions
+    rec = _record_with_cond_rows(2)
+    tokens = [1, 4, 16, 36, 64, 100, 169]
+    lm = _linear_latency(7, tokens)
+    budget = lm.baseline(tokens) / 3
+    seeds = budget_seed_params(rec, lm, tokens, budget)
+    floor_seeds = {name: p for name, p in seeds.items() if name.startswith("fitted:g2:")}
+    assert floor_seeds and any(name.startswith("fitted:3@") for name in seeds)
+    for name, params in floor_seeds.items():
+        point = point_from_params(rec, params)
+        assert params["cond_only_from"] == 2 and lm.predict(point, tokens) <= budget
+        assert all(p.is_identity for p in point.plans[:2]) and all(p.guidance == "cond_only" for p in point.plans[2:])
+    # the floor's time buys tokens: its uniform plan from scale 3 keeps more than the one without
+    assert floor_seeds["fitted:g2:3@" + name_keep(seeds, "fitted:g2:3@")]["keep_3"] >= \
+        seeds["fitted:3@" + name_keep(seeds, "fitted:3@")]["keep_3"]
+    # the spectral seed: keeps follow the largest fraction per scale (0.8, 0.5, 0.3, 0.2) scaled
+    # by the largest factor that fits; the next larger factor does not fit
+    assert spectral_fractions(rec) == {3: 0.8, 4: 0.5, 5: 0.3, 6: 0.2}
+    name = next(n for n in seeds if n.startswith("spectral@"))
+    params, factor = seeds[name], float(name.split("@")[1])
+    keeps = [params[f"keep_{k}"] for k in range(3, 7)]
+    assert keeps == sorted(keeps, reverse=True) and keeps[0] > keeps[-1]
+    assert keeps == [min(KEEPS, key=lambda r: (abs(r - min(1.0, f * factor)), r)) for f in (0.8, 0.5, 0.3, 0.2)]
+    assert lm.predict(point_from_params(rec, params), tokens) <= budget and params["cond_only_from"] == 2
+    i = SPECTRAL_FACTORS.index(factor)
+    if i > 0:
+        bigger = SPECTRAL_FACTORS[i - 1]
+        looser = dict(params, **{f"keep_{k}": min(KEEPS, key=lambda r: (abs(r - min(1.0, f * bigger)), r))
+                                 for k, f in zip(range(3, 7), (0.8, 0.5, 0.3, 0.2))})
+        assert lm.predict(point_from_params(rec, looser), tokens) > budget
+    assert spectral_fractions(hand_record(n=7, depth=2, refinement_start=4)) == {}   # no spectra: no spectral seed
+    assert not any(n.startswith("spectral@") for n in budget_seed_params(hand_record(), lm, tokens, budget))
+
+
+def name_keep(seeds: dict, prefix: str) -> str:
+    """The keep of the uniform seed named ``prefix<keep>``."""
+    return next(n[len(prefix):] for n in seeds if n.startswith(prefix) and "," not in n)
+
+
+def test_a_study_of_another_search_space_version_is_refused():
+    from calibrate.pipeline import default_study_name
+    from calibrate.search import SEARCH_SPACE
+    from calibrate.study import check_study_record, study_info
+    from stagevar.errors import StageVarError
+    from types import SimpleNamespace
+    rec = hand_record()
+    info = study_info(rec, SimpleNamespace(name="3x"), 1.0, "m", 10, 32)
+    assert info["search_space"] == SEARCH_SPACE
+    check_study_record("s", info, rec, "hint", 32)                     # the same version: accepted
+    for old in (dict(info, search_space=SEARCH_SPACE - 1), {k: v for k, v in info.items() if k != "search_space"}):
+        with pytest.raises(StageVarError, match=f"version {SEARCH_SPACE - 1} of the search space"):
+            check_study_record("s", old, rec, "hint", 32)
+    model = SimpleNamespace(name="m", resolution="128")
+    assert default_study_name(model, SimpleNamespace(name="3x"), rec, None, False, 4) == f"m.128.3x.hand.s{SEARCH_SPACE}.x4"
