@@ -155,7 +155,7 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
         if single_writer:
             requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
         objective = Objective(record, subject, lat_model, budget_s, scorer, sets[0].reference, sets[0].reference_semantic,
-                              more=sets[1:])
+                              more=sets[1:], margin=settings.latency_margin)
         left_out = enqueue_seeds(study, record, warm_points,
                                  fitted=budget_seed_params(record, lat_model, tokens, budget_s * (1 - settings.latency_margin),
                                                            warm_params), limit=settings.trials,

@@ -160,8 +160,11 @@ def stages_for(record: CalibrationRecord, first_accelerated: int) -> dict[str, t
 
 def skipping_allowed(record: CalibrationRecord, latency: LatencyModel, tokens: list[int], budget_s: float | None) -> bool:
     """Whether the search may skip scales at ``budget_s``: only when no plan that computes every
-    scale can meet it, i.e. when even the cheapest one (guidance dropped and 10% of the tokens
-    kept on every scale of the search range) is predicted over the budget. A skipped scale
+    scale can meet it, i.e. when even the cheapest one (guidance dropped from
+    :func:`guidance_floor` and 10% of the tokens kept on every scale of the search range) is
+    predicted over it. Callers pass the target the search aims at, the budget less the latency
+    margin: at a budget that the cheapest such plan meets only within the margin (infinity-mini
+    at 4x), forbidding skips left the study no plan within the target. A skipped scale
     leaves the image at the previous scale's resolution; on held-out prompts every skipping 3x
     plan the search found lost more than the plans that compute every scale with fewer tokens
     (``benchmarks/RESULTS.md``), and on 8 calibration images their blur scored deceptively well."""
@@ -402,12 +405,13 @@ class Objective:
     infeasible trials are estimated from the sensitivities instead of measured."""
 
     def __init__(self, record: CalibrationRecord, subject: Subject, latency: LatencyModel, budget_s: float | None,
-                 scorer, reference, reference_semantic=None, more: Sequence[ImageSet] = ()):
+                 scorer, reference, reference_semantic=None, more: Sequence[ImageSet] = (), margin: float = LATENCY_MARGIN):
         self.record, self.subject, self.latency = record, subject, latency
         self.budget_s, self.scorer = budget_s, scorer
         self.sets = [ImageSet(subject, reference, reference_semantic), *more]
         self.tokens = subject.adapter.tokens_per_scale()
-        self.allow_skip = skipping_allowed(record, latency, self.tokens, budget_s)
+        # skipping is judged against the target the search aims at (the budget less the margin)
+        self.allow_skip = skipping_allowed(record, latency, self.tokens, None if budget_s is None else budget_s * (1 - margin))
 
     def __call__(self, trial: optuna.trial.Trial) -> float | tuple[float, float]:
         point = suggest_policy(trial, self.record, self.allow_skip)

@@ -238,7 +238,8 @@ def _run_worker(args, budget, storage) -> int:
     with storage_guard(args.storage):
         study = join_study(name, storage, rec, budget, budget_s, args.trials, sampler_seed(args.seed, args.worker_index),
                            fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
-                           allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s), images=args.search_images)
+                           allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
+                           images=args.search_images)
     objective = TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, sets[0].reference,
                                           sets[0].reference_semantic, more=sets[1:]), worker_id)
     log.info("worker %s joined study %s (record %s, budget %s = %.3fs predicted)", worker_id, name, rec.key, budget.name, budget_s)

@@ -184,6 +184,12 @@ def test_scales_are_skipped_only_when_no_plan_computing_every_scale_meets_the_bu
     assert full / 3 > floor
     assert not skipping_allowed(rec, lm, tokens, full / 3) and not skipping_allowed(rec, lm, tokens, floor)
     assert skipping_allowed(rec, lm, tokens, floor * 0.99) and skipping_allowed(rec, lm, tokens, None)
+    # the objective judges against its target, the budget less the margin: a budget the cheapest
+    # plan meets only within the margin allows skipping
+    subject = SimpleNamespace(adapter=SimpleNamespace(tokens_per_scale=lambda: tokens))
+    assert not Objective(rec, subject, lm, floor / 0.99, None, None, margin=0.0).allow_skip
+    assert Objective(rec, subject, lm, floor / 0.99, None, None, margin=0.05).allow_skip
+    assert not Objective(rec, subject, lm, floor / 0.9, None, None, margin=0.05).allow_skip
     # the study's space, its seeds, the local search's moves and the candidates follow the rule
     study = open_study("noskip", optuna.storages.InMemoryStorage(), direction_multi=False, seed=0)
     enqueue_seeds(study, rec, allow_skip=False)
