@@ -209,6 +209,23 @@ def sensitivity_table(record: CalibrationRecord) -> list[str]:
     return out + [""]
 
 
+def search_space_lines(record: CalibrationRecord) -> list[str]:
+    """What the record lets the search change: the scales it may compute on fewer tokens (or
+    skip), and the lowest scale it may drop guidance from, with the reason."""
+    from calibrate.search import GUIDANCE_FREE_DAMAGE, guidance_floor, search_bounds
+    lo, n = search_bounds(record)
+    floor = guidance_floor(record)
+    line = f"The search may compute scales {lo}-{n - 1} on fewer tokens. "
+    if floor < lo:
+        span = f"scale {floor}" if floor == lo - 1 else f"each of scales {floor}-{lo - 1}"
+        line += (f"It may drop guidance from scale {floor} on: dropping it from {span} could not be told from "
+                 f"harmless (damage less two standard errors at most {GUIDANCE_FREE_DAMAGE}).")
+    else:
+        line += (f"It may drop guidance from scale {lo} on, the start of that range: dropping it from scale {lo - 1} "
+                 "was not measured, or measured harmful.")
+    return [line, ""]
+
+
 def measures_section(record: CalibrationRecord, metric_cost: dict[str, dict[str, float]] | None = None) -> list[str]:
     """Which scorers the quality reads, where their weights came from, whether any of them is a
     semantic measure, and what the learned metrics cost in this run (``metric_cost``:
@@ -256,6 +273,7 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
         lines += ["## Sensitivity", "", "Damage (1 - quality vs the full model) when only that scale is accelerated "
                   "(`cond`: guidance dropped from that scale on).", "", f"![sensitivity]({files['sensitivity']})", ""]
         lines += sensitivity_table(record)
+        lines += search_space_lines(record)
     if "spectra" in files:
         lines += ["## Spectra", "", "| scale | tokens | layer | eff. rank 90% | 95% | 99% |", "|---|---|---|---|---|---|"]
         for r in record.spectra:

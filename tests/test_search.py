@@ -693,3 +693,16 @@ def test_a_study_of_another_search_space_version_is_refused():
             check_study_record("s", old, rec, "hint", 32)
     model = SimpleNamespace(name="m", resolution="128")
     assert default_study_name(model, SimpleNamespace(name="3x"), rec, None, False, 4) == f"m.128.3x.hand.s{SEARCH_SPACE}.x4"
+
+
+def test_report_states_where_the_search_may_drop_guidance():
+    from calibrate.report import search_space_lines
+    rec = _record_with_cond_rows(2)
+    assert search_space_lines(rec)[0] == (
+        "The search may compute scales 3-6 on fewer tokens. It may drop guidance from scale 2 on: dropping it from "
+        "scale 2 could not be told from harmless (damage less two standard errors at most 0.02).")
+    rec.sensitivity[0]["damage"] = 0.5                              # scale 2 harmful: the floor is the range
+    assert "from scale 3 on, the start of that range: dropping it from scale 2 was not measured, or measured harmful" \
+        in search_space_lines(rec)[0]
+    rec = _record_with_cond_rows(1)
+    assert "dropping it from each of scales 1-2 could not be told" in search_space_lines(rec)[0]
