@@ -137,8 +137,8 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
 
     from calibrate.measure.latency import LatencyModel
     from calibrate.candidates import local_search, measured_trials
-    from calibrate.search import (Objective, budget_seed_params, drop_queued_seeds, enqueue_seeds, is_local,
-                                  objective_sets, params_for_point)
+    from calibrate.search import Objective, drop_queued_seeds, is_local, objective_sets
+    from calibrate.seeds import budget_seed_params, enqueue_seeds, params_for_point
 
     lat_model = LatencyModel.of_record(record, model.num_layers)
     tokens = model.tokens_per_scale()

@@ -76,10 +76,11 @@ def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sa
                fitted: dict | None = None, allow_skip: bool = True, images: int | None = None):
     """Create the study (exactly one process succeeds) or load it; check that it was made for the
     same record and budget; enqueue the seed policies once (with the budget-fitted seeds ``fitted``,
-    as :func:`calibrate.search.budget_seed_params` makes them; those that skip scales only with
+    as :func:`calibrate.seeds.budget_seed_params` makes them; those that skip scales only with
     ``allow_skip``)."""
     import optuna
-    from calibrate.search import enqueue_seeds, search_pruner
+    from calibrate.search import search_pruner
+    from calibrate.seeds import enqueue_seeds
 
     info = study_info(rec, budget, budget_s, rec.inputs["model"].get("model"), trials, images)
     try:

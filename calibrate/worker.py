@@ -32,7 +32,7 @@ candidates end to end on held-out prompts and writes the policy. Run it with the
   processes start.
 * **Creation is race-safe.** Exactly one process creates the study (the database's unique study
   name decides); it stores the record and budget in the study and enqueues the seed policies
-  (:func:`calibrate.search.enqueue_seeds`); the others load the study and wait for the seeds.
+  (:func:`calibrate.seeds.enqueue_seeds`); the others load the study and wait for the seeds.
 * **Fault tolerance.** The storage is an :class:`optuna.storages.RDBStorage` with a heartbeat
   (``--heartbeat`` seconds) and a grace period (``--grace-period``): a worker killed mid-trial
   (SIGKILL, power loss, preemption) stops beating; after the grace period another worker marks
@@ -223,7 +223,8 @@ def _study_name(args, model, rec, budget, sets: int) -> str:
 def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
-    from calibrate.search import LATENCY_MARGIN, Objective, budget_seed_params, objective_sets, skipping_allowed
+    from calibrate.search import LATENCY_MARGIN, Objective, objective_sets, skipping_allowed
+    from calibrate.seeds import budget_seed_params
 
     model, rec, scorer = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])

@@ -266,7 +266,7 @@ def test_join_refuses_another_record_or_budget(tiny_record, tmp_path):
     with pytest.raises(StageVarError, match="budget 2x, not 3x"):
         join_study("s", storage, rec, parse_budget("3x"), 0.1, 8, sampler_seed=3)
     # the budget-fitted seeds go in once, with the fixed ones, as in a single-process search
-    from calibrate.search import seed_params
+    from calibrate.seeds import seed_params
     fitted = {"fitted:x": dict(seed_params(rec)["paper-like"], keep_6=0.1)}
     study = join_study("f", storage, rec, parse_budget("3x"), 0.05, 8, sampler_seed=0, fitted=fitted)
     assert [t.user_attrs["seed_policy"] for t in study.trials] == ["identity", "paper-like", "fastvar-like", "fitted:x"]

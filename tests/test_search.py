@@ -15,7 +15,8 @@ from calibrate.measure.latency import LatencyModel
 from calibrate.metrics import scorer_for
 from calibrate.budget import BudgetError, parse_budget, parse_budgets
 from calibrate.candidates import feasible_ranked, neighbours
-from calibrate.search import Objective, enqueue_seeds, open_study, point_from_params, search_bounds, seed_params, suggest_policy
+from calibrate.search import Objective, open_study, point_from_params, search_bounds, suggest_policy
+from calibrate.seeds import enqueue_seeds, seed_params
 from stagevar.models.registry import load_model
 from stagevar.policy import OperatingPoint, ScalePlan
 
@@ -52,7 +53,7 @@ def test_seed_policies_expected_plans():
 def test_warm_start_points_round_trip_through_the_search_space():
     """An earlier policy's operating points become search parameters that replay to the same
     plans; points outside the space are refused (None), and enqueue_seeds reports them."""
-    from calibrate.search import params_for_point
+    from calibrate.seeds import params_for_point
     rec = hand_record(n=7, depth=8, refinement_start=4)            # search range 3..6, layer_start <= 2
     seeds = seed_params(rec)
     rng = np.random.default_rng(0)
@@ -97,7 +98,8 @@ def _linear_latency(n: int, tokens: list[int]) -> LatencyModel:
 
 
 def test_budget_seeds_fit_the_budget_with_the_largest_uniform_keep_then_spend_what_is_left():
-    from calibrate.search import KEEPS, budget_seed_params, least_damaging_selection
+    from calibrate.search import KEEPS
+    from calibrate.seeds import budget_seed_params, least_damaging_selection
     rec = hand_record(n=7, depth=2, refinement_start=4)                 # search range 3..6
     rec.sensitivity = [{"scale": 5, "keep": 0.5, "selection": "deviation", "damage": 0.01},
                        {"scale": 5, "keep": 0.5, "selection": "random_projection", "damage": 0.20},
@@ -408,7 +410,8 @@ def test_trials_bound_the_enqueued_seeds_and_the_local_search_runs_only_its_own(
     consumes the whole queue; a queue left by a run with a higher ``--trials`` is dropped before
     the local search, which would otherwise run those seeds as its own trials."""
     from calibrate.candidates import local_search, measured_trials
-    from calibrate.search import budget_seed_params, drop_queued_seeds, is_local
+    from calibrate.search import drop_queued_seeds, is_local
+    from calibrate.seeds import budget_seed_params
     rec = hand_record(n=7, depth=2, refinement_start=4)
     tokens = [1, 4, 16, 36, 64, 100, 169]
     lm = _linear_latency(7, tokens)
@@ -417,7 +420,7 @@ def test_trials_bound_the_enqueued_seeds_and_the_local_search_runs_only_its_own(
     obj = _ToyObjective(rec)
     for trials in (2, 4, 3 + len(fitted)):
         study = open_study(f"cap{trials}", optuna.storages.InMemoryStorage(), direction_multi=False, seed=0)
-        with caplog.at_level("WARNING", logger="calibrate.search"):
+        with caplog.at_level("WARNING", logger="calibrate.seeds"):
             enqueue_seeds(study, rec, fitted=fitted, limit=trials)
         names = ["identity", "paper-like", "fastvar-like", *fitted]
         assert [t.user_attrs["seed_policy"] for t in study.trials] == names[:trials]
@@ -609,7 +612,8 @@ def _record_with_cond_rows(first_cond: int = 2):
 
 
 def test_guidance_may_be_dropped_before_the_token_range_down_to_the_measured_floor():
-    from calibrate.search import guidance_floor, params_for_point, search_bounds
+    from calibrate.search import guidance_floor, search_bounds
+    from calibrate.seeds import params_for_point
     assert guidance_floor(hand_record(n=7, depth=2, refinement_start=4)) == 3      # nothing measured: the range
     rec = _record_with_cond_rows(2)
     assert search_bounds(rec) == (3, 7) and guidance_floor(rec) == 2
@@ -639,7 +643,8 @@ def test_guidance_may_be_dropped_before_the_token_range_down_to_the_measured_flo
 
 
 def test_budget_seeds_also_drop_guidance_from_the_floor_and_follow_the_spectra():
-    from calibrate.search import KEEPS, SPECTRAL_FACTORS, budget_seed_params, spectral_fractions
+    from calibrate.search import KEEPS
+    from calibrate.seeds import SPECTRAL_FACTORS, budget_seed_params, spectral_fractions
     rec = _record_with_cond_rows(2)
     tokens = [1, 4, 16, 36, 64, 100, 169]
     lm = _linear_latency(7, tokens)
