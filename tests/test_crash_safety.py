@@ -187,11 +187,18 @@ def test_calibrate_survives_sigkill_at_every_stage(tmp_path):
     # the trial killed in step 2 stays RUNNING in the journal (no heartbeat in a journal study); it
     # is not counted as done, so another trial replaced it
     assert sum(t.state == TrialState.RUNNING for t in study.trials) <= 1
-    # at 1.05x plans computing every scale meet the budget: the FastVAR-like seed (it skips scales) is
-    # left out; budget-fitted seeds follow only where this machine's latency table says the
+    # the FastVAR-like seed (it skips scales) is enqueued only where this machine's latency table says
+    # no plan computing every scale meets the target (on the tiny model the cheapest such plan is
+    # close to 1.05x, so either may happen); budget-fitted seeds follow only where it says the
     # paper-like one misses the target
+    from calibrate.measure.latency import LatencyModel
+    from calibrate.search import LATENCY_MARGIN, skipping_allowed
+    lm = LatencyModel.of_record(rec, rec.inputs["num_layers"])
+    tokens = [a * b * c for a, b, c in rec.inputs["model"]["scale_schedule"]]
+    skips = skipping_allowed(rec, lm, tokens, lm.baseline(tokens) / 1.05 * (1 - LATENCY_MARGIN))
+    fixed = ["identity", "paper-like"] + (["fastvar-like"] if skips else [])
     seeds = list(dict.fromkeys(t.user_attrs.get("seed_policy") for t in study.trials if t.user_attrs.get("seed_policy")))
-    assert seeds[:2] == ["identity", "paper-like"] and all(s.startswith("fitted:") for s in seeds[2:]), seeds
+    assert seeds[:len(fixed)] == fixed and all(s.startswith("fitted:") for s in seeds[len(fixed):]), (seeds, skips)
 
 
 def test_torn_journal_line_is_repaired(tmp_path):
