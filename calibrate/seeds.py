@@ -77,7 +77,7 @@ def budget_seed_params(record: CalibrationRecord, latency: LatencyModel, tokens:
     plan usually leaves some). When the guidance range reaches below the token range
     (:func:`guidance_floor`), each of these comes again with guidance dropped from the floor
     (named ``fitted:gG:s@keep``): the time saved there is spent on tokens. Last, the spectral seed
-    (:func:`spectral_seed_params`). A start that cannot meet the budget even at the smallest keep
+    (``fitted:spectral@factor``, :func:`spectral_seed_params`). A start that cannot meet the budget even at the smallest keep
     gives no seed. None are made when one of the fixed seeds (:func:`seed_params`) or of
     ``enqueued`` (e.g. a warm start's points) skips no scale and is predicted to meet the budget.
     Callers pass the budget less the latency margin (:data:`LATENCY_MARGIN`), the target the local
@@ -173,7 +173,7 @@ def spectral_seed_params(record: CalibrationRecord, fits) -> tuple[str, dict[str
             params[f"keep_{k}"] = keep
             params[f"selection_{k}"] = least_damaging_selection(record, k, keep)
         if fits(params):
-            return f"spectral@{factor:g}", params
+            return f"fitted:spectral@{factor:g}", params
     return None
 
 

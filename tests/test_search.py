@@ -662,7 +662,7 @@ def test_budget_seeds_also_drop_guidance_from_the_floor_and_follow_the_spectra()
     # the spectral seed: keeps follow the largest fraction per scale (0.8, 0.5, 0.3, 0.2) scaled
     # by the largest factor that fits; the next larger factor does not fit
     assert spectral_fractions(rec) == {3: 0.8, 4: 0.5, 5: 0.3, 6: 0.2}
-    name = next(n for n in seeds if n.startswith("spectral@"))
+    name = next(n for n in seeds if n.startswith("fitted:spectral@"))
     params, factor = seeds[name], float(name.split("@")[1])
     keeps = [params[f"keep_{k}"] for k in range(3, 7)]
     assert keeps == sorted(keeps, reverse=True) and keeps[0] > keeps[-1]
@@ -675,7 +675,7 @@ def test_budget_seeds_also_drop_guidance_from_the_floor_and_follow_the_spectra()
                                  for k, f in zip(range(3, 7), (0.8, 0.5, 0.3, 0.2))})
         assert lm.predict(point_from_params(rec, looser), tokens) > budget
     assert spectral_fractions(hand_record(n=7, depth=2, refinement_start=4)) == {}   # no spectra: no spectral seed
-    assert not any(n.startswith("spectral@") for n in budget_seed_params(hand_record(), lm, tokens, budget))
+    assert not any(n.startswith("fitted:spectral@") for n in budget_seed_params(hand_record(), lm, tokens, budget))
 
 
 def name_keep(seeds: dict, prefix: str) -> str:
