@@ -60,11 +60,12 @@ def verification_candidates(record: CalibrationRecord, trials: list[optuna.trial
     strict = distinct_candidates(record, ranked_within(trials, budget_s), k)
     if cushion_s is not None and strict and \
             not any(t.user_attrs.get("predicted_latency_s", math.inf) <= cushion_s for t, _ in strict):
-        keys = {_plan_key(pt) for _, pt in strict[:k - 1]} if k > 1 else set()
+        kept = strict[:k - 1] if len(strict) >= k else strict      # the last place is given up only when full
+        keys = {_plan_key(pt) for _, pt in kept}
         safe = [(t, pt) for t, pt in distinct_candidates(record, ranked_within(trials, cushion_s), k)
                 if _plan_key(pt) not in keys][:1]
         if safe:
-            strict = (strict[:k - 1] if len(strict) >= k else strict) + safe
+            strict = kept + safe
     if k_near <= 0:
         return strict
     seen = {_plan_key(point) for _, point in strict}

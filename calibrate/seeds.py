@@ -167,7 +167,7 @@ def spectral_seed_params(record: CalibrationRecord, fits) -> tuple[str, dict[str
         return None
     lo, n = search_bounds(record)
     for factor in SPECTRAL_FACTORS:
-        params = dict(seed_params(record)["identity"], first_accelerated=lo, cond_only_from=guidance_floor(record))
+        params = dict(identity_params(record), first_accelerated=lo, cond_only_from=guidance_floor(record))
         for k, frac in fractions.items():
             keep = min(KEEPS, key=lambda r: (abs(r - min(1.0, frac * factor)), r))
             params[f"keep_{k}"] = keep

@@ -223,7 +223,7 @@ def _study_name(args, model, rec, budget, sets: int) -> str:
 def _run_worker(args, budget, storage) -> int:
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
-    from calibrate.search import LATENCY_MARGIN, Objective, objective_sets, skipping_allowed
+    from calibrate.search import LATENCY_MARGIN, Objective, objective_sets
     from calibrate.seeds import budget_seed_params
 
     model, rec, scorer = _load_record_for(args)
@@ -236,13 +236,13 @@ def _run_worker(args, budget, storage) -> int:
     sets = objective_sets(subject, scorer, args.search_images)
     name = _study_name(args, model, rec, budget, len(sets))
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    inner = Objective(rec, subject, lat_model, budget_s, scorer, sets[0].reference, sets[0].reference_semantic,
+                      more=sets[1:])
     with storage_guard(args.storage):
         study = join_study(name, storage, rec, budget, budget_s, args.trials, sampler_seed(args.seed, args.worker_index),
                            fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
-                           allow_skip=skipping_allowed(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
-                           images=args.search_images)
-    objective = TaggedObjective(Objective(rec, subject, lat_model, budget_s, scorer, sets[0].reference,
-                                          sets[0].reference_semantic, more=sets[1:]), worker_id)
+                           allow_skip=inner.allow_skip, images=args.search_images)
+    objective = TaggedObjective(inner, worker_id)
     log.info("worker %s joined study %s (record %s, budget %s = %.3fs predicted)", worker_id, name, rec.key, budget.name, budget_s)
 
     def on_trial(st):
