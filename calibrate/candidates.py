@@ -11,7 +11,7 @@ import optuna
 
 from calibrate.record import CalibrationRecord
 from calibrate.search import (INFEASIBLE_MARGIN, KEEPS, LOCAL_ATTR, RESTORES, SELECTIONS, Objective, guidance_floor,
-                              is_local, point_from_params, search_bounds)
+                              is_local, point_from_params, quality_of, search_bounds)
 from stagevar.policy import OperatingPoint
 
 
@@ -23,13 +23,14 @@ def feasible_ranked(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def _best_first(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
     """Best quality first; among equals, the lowest predicted latency."""
-    return sorted(trials, key=lambda t: (-t.value, t.user_attrs.get("predicted_latency_s", math.inf)))
+    return sorted(trials, key=lambda t: (-quality_of(t), t.user_attrs.get("predicted_latency_s", math.inf)))
 
 
 def measured_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Complete trials whose quality was measured (not estimated from the sensitivities)."""
+    """Complete trials whose quality was measured (not estimated from the sensitivities) on every
+    image set (in a study of several budgets, not ``stopped_early``: a pruned trial's equal)."""
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if not t.user_attrs.get("quality_estimated", False)]
+            if not t.user_attrs.get("quality_estimated", False) and not t.user_attrs.get("stopped_early", False)]
 
 
 def ranked_within(trials: list[optuna.trial.FrozenTrial], budget_s: float, low: float = 0.0,
@@ -123,7 +124,7 @@ def neighbours(record: CalibrationRecord, params: dict[str, Any], allow_skip: bo
 
 def local_search(study: optuna.Study, objective: "Objective", record: CalibrationRecord,
                  pooled: list[optuna.trial.FrozenTrial], target_s: float, max_trials: int,
-                 progress: bool = False) -> list[optuna.trial.FrozenTrial]:
+                 progress: bool = False, allow_skip: bool | None = None) -> list[optuna.trial.FrozenTrial]:
     """Local search after the sampler: hill-climb from the best measured trial predicted within
     ``target_s`` (and, in the first round, from the best one predicted up to
     :data:`INFEASIBLE_MARGIN` over it), measuring every neighbour (:func:`neighbours`) predicted
@@ -133,6 +134,11 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
     (user attribute :data:`LOCAL_ATTR`), so the local search is stored and resumes like the rest.
     Returns the trials this call measured; ``max_trials`` bounds the study's local-search trials
     across resumes (an interrupted search resumes: measured policies are not measured again).
+    ``allow_skip``: whether the moves may skip scales (default: the objective's rule; a study of
+    several budgets passes each budget's).
+
+    In a study of several budgets, each budget's climb runs in the one study: ``max_trials`` then
+    bounds the local-search trials that climb toward ``target_s`` (user attribute ``local_target_s``).
 
     The sampler explores a large space with few trials; near the budget, good policies differ by
     one notch of one scale, and the best trial it found is often just over the budget."""
@@ -142,8 +148,9 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
     added = _run_queued_neighbours(study, objective, progress)
     found = list(pooled) + added
     seen = {_plan_key(point_from_params(record, t.params)) for t in found}
+    allow_skip = getattr(objective, "allow_skip", True) if allow_skip is None else allow_skip
     left = max_trials - sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                            if is_local(t))
+                            if is_local(t) and math.isclose(t.user_attrs.get("local_target_s", target_s), target_s))
     first_round = True
     while left > 0:
         best = ranked_within(found, target_s)[:1]
@@ -151,7 +158,7 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
         first_round = False
         queue = []
         for start in starts:
-            for params in neighbours(record, start.params, getattr(objective, "allow_skip", True)):
+            for params in neighbours(record, start.params, allow_skip):
                 point = point_from_params(record, params)
                 key = _plan_key(point)
                 if key in seen or objective.latency.predict(point, tokens) > target_s:
@@ -162,12 +169,12 @@ def local_search(study: optuna.Study, objective: "Objective", record: Calibratio
         if not queue:
             break
         for params, origin in queue:
-            study.enqueue_trial(params, user_attrs={LOCAL_ATTR: origin})
+            study.enqueue_trial(params, user_attrs={LOCAL_ATTR: origin, "local_target_s": target_s})
         new = _run_queued_neighbours(study, objective, progress)
         left -= len(queue)
         found += new
         added += new
-        if not new or max(t.value for t in new) <= (best[0].value if best else -math.inf):
+        if not new or max(quality_of(t) for t in new) <= (quality_of(best[0]) if best else -math.inf):
             break                                # no better neighbour: a local optimum (or nothing ran)
     return added
 

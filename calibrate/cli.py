@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="speedup (3x) or latency per batch (700ms); comma-separated for several")
     p.add_argument("--trials", type=int, default=60,
                    help="sampler trials per budget, the enqueued seed policies included, in total across resumes and "
-                        "workers (default 60); the local search's trials (--local-trials) come on top")
+                        "workers (default 60; several budgets share one study of --trials x budgets trials); the local "
+                        "search's trials (--local-trials) come on top")
     p.add_argument("--storage", help="Optuna storage URL (default: a journal file in --out)")
     p.add_argument("--study", help="study name (default: derived from model, budget and calibration record)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")

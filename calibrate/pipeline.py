@@ -9,7 +9,7 @@
 
 :func:`calibrate` runs the whole pass (``stagevar-calibrate`` is this call with arguments parsed
 and results printed); its steps are :func:`calibrate.calibration.measure` (the record),
-:func:`search` (one Optuna study per budget, then the local search) and :func:`verify` (the
+:func:`search` (one Optuna study for all budgets, then each budget's local search) and :func:`verify` (the
 candidates re-measured end to end on held-out prompts, the chosen one measured again on a report
 set). Everything it writes lives in ``out``: the record, the report and, unless another Optuna
 storage is given, the study journal; killing a run and calling it again resumes.
@@ -56,13 +56,18 @@ class SearchSettings:
 
 @dataclasses.dataclass
 class Searched:
-    """One budget's study after the search: its target (the budget less the margin) and objective."""
+    """One budget after the search: its target (the budget less the margin), latency (``budget_s``),
+    whether its plans may skip scales, and the study and objective that searched it (several
+    budgets share one study: ``label`` names its budgets)."""
 
     budget: Any
     target_s: float
     name: str
     study: Any
     objective: Any
+    budget_s: float
+    allow_skip: bool
+    label: str
 
 
 @dataclasses.dataclass
@@ -129,16 +134,19 @@ def requeue_stale(study) -> None:
 
 def search(model, record, subject, budgets, scorer, storage, *, settings: SearchSettings = SearchSettings(),
            warm_start=None, single_writer: bool = True, progress: bool = True) -> tuple[list[Searched], list, dict]:
-    """One Optuna study per budget (resumed where it stopped), then the local search from the
-    best trials. Every trial measured in this run (same record, so comparable quality; absolute
-    predicted latency) competes for every budget, whichever budget's study found it. Returns
-    (the studies, the pooled measured trials, id(trial) -> (study name, its budget))."""
-    import optuna
+    """The Optuna search (resumed where it stopped), then the local search from the best trials.
 
+    One budget: one study, quality maximised under the latency constraint. Several budgets: one
+    study for all of them (a plan's quality does not depend on the budget), quality and predicted
+    latency as its two objectives over the budgets' latency range, ``--trials`` x budgets trials,
+    the seeds of every budget; then each budget's local search climbs toward its own target in
+    that study. Every measured trial (same record, so comparable quality; absolute predicted
+    latency) competes for every budget. Returns (one :class:`Searched` per budget, the pooled
+    measured trials, id(trial) -> (study name, the budgets it searched))."""
     from calibrate.measure.latency import LatencyModel
     from calibrate.candidates import local_search, measured_trials
-    from calibrate.search import Objective, drop_queued_seeds, is_local, objective_sets
-    from calibrate.seeds import budget_seed_params, enqueue_seeds, params_for_point
+    from calibrate.search import Objective, objective_sets, skipping_allowed
+    from calibrate.seeds import params_for_point
 
     lat_model = LatencyModel.of_record(record, model.num_layers)
     tokens = model.tokens_per_scale()
@@ -146,45 +154,70 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
     sets = objective_sets(subject, scorer, settings.search_images)
     warm_points = dict(warm_start.operating_points) if warm_start is not None else {}
     warm_params = [p for p in (params_for_point(record, pt) for pt in warm_points.values()) if p is not None]
-    searched: list[Searched] = []
-    for budget in budgets:
-        budget_s = budget.target_seconds(baseline_pred)
-        name = default_study_name(model, budget, record, settings.study, len(budgets) > 1, len(sets))
-        study = open_owned_study(name, storage, record, budget, budget_s, model.name, settings.trials, settings.seed,
-                                 settings.search_images)
-        if single_writer:
-            requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
-        objective = Objective(record, subject, lat_model, budget_s, scorer, sets[0].reference, sets[0].reference_semantic,
-                              more=sets[1:], margin=settings.latency_margin)
-        left_out = enqueue_seeds(study, record, warm_points,
-                                 fitted=budget_seed_params(record, lat_model, tokens, budget_s * (1 - settings.latency_margin),
-                                                           warm_params), limit=settings.trials,
-                                 allow_skip=objective.allow_skip)
-        if left_out:
-            log.warning("warm start: operating point(s) %s lie outside this search space and were left out",
-                        ", ".join(left_out))
-        # failed trials do not count: an interrupted one was queued again and its retry takes its place
-        done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                    and not is_local(t)])
-        remaining = max(0, settings.trials - done)
-        if remaining:
-            log.info("budget %s: %d trials (%d already in study %s)", budget.name, remaining, done, name)
-            study.optimize(objective, n_trials=remaining, show_progress_bar=progress, gc_after_trial=False)
-        drop_queued_seeds(study)
-        searched.append(Searched(budget, budget_s * (1 - settings.latency_margin), name, study, objective))
-    pooled, found_by = [], {}
-    for sd in searched:
-        for t in measured_trials(sd.study):
-            pooled.append(t)
-            found_by[id(t)] = (sd.name, sd.budget.name)
+    budgets_s = [b.target_seconds(baseline_pred) for b in budgets]
+    label = "-".join(b.name for b in budgets)
+    several = len(budgets) > 1
+    name = default_study_name(model, _Label(label), record, settings.study, False, len(sets))
+    study = open_owned_study(name, storage, record, _Label(label), max(budgets_s), model.name, settings.trials, settings.seed,
+                             settings.search_images, objectives=2 if several else 1)
+    if single_writer:
+        requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
+    objective = Objective(record, subject, lat_model, None if several else budgets_s[0], scorer, sets[0].reference,
+                          sets[0].reference_semantic, more=sets[1:], margin=settings.latency_margin,
+                          band=(min(budgets_s), max(budgets_s)) if several else None)
+    _run_sampler(study, objective, record, lat_model, tokens, budgets, budgets_s, warm_points, warm_params, settings,
+                 progress)
+    margin = settings.latency_margin
+    searched = [Searched(b, b_s * (1 - margin), name, study, objective, b_s,
+                         skipping_allowed(record, lat_model, tokens, b_s * (1 - margin)) if several else objective.allow_skip,
+                         label)
+                for b, b_s in zip(budgets, budgets_s)]
+    pooled = list(measured_trials(study))
+    found_by = {id(t): (name, label) for t in pooled}
     if settings.local_trials:
         for sd in searched:
             log.info("budget %s: local search (up to %d trials)", sd.budget.name, settings.local_trials)
-            for t in local_search(sd.study, sd.objective, record, pooled, sd.target_s, settings.local_trials,
-                                  progress=progress):
+            for t in local_search(study, objective, record, pooled, sd.target_s, settings.local_trials, progress=progress,
+                                  allow_skip=sd.allow_skip):
                 pooled.append(t)
-                found_by[id(t)] = (sd.name, sd.budget.name)
+                found_by[id(t)] = (name, label)
     return searched, pooled, found_by
+
+
+@dataclasses.dataclass(frozen=True)
+class _Label:
+    """The budgets a study searches, by name (``3x``, ``2x-3x-4x``)."""
+
+    name: str
+
+
+def _run_sampler(study, objective, record, lat_model, tokens, budgets, budgets_s, warm_points, warm_params,
+                 settings: SearchSettings, progress: bool) -> None:
+    """Seed the study (the baselines, each budget's fitted seeds, a warm start's points) and run the
+    sampler up to ``--trials`` x budgets finished trials."""
+    import optuna
+
+    from calibrate.search import drop_queued_seeds, is_local
+    from calibrate.seeds import budget_seed_params, enqueue_seeds
+
+    fitted: dict[str, dict[str, Any]] = {}
+    for b, b_s in zip(budgets, budgets_s):
+        seeds = budget_seed_params(record, lat_model, tokens, b_s * (1 - settings.latency_margin), warm_params)
+        fitted.update(seeds if len(budgets) == 1 else {f"{n}@{b.name}": params for n, params in seeds.items()})
+    total = settings.trials * len(budgets)
+    left_out = enqueue_seeds(study, record, warm_points, fitted=fitted, limit=total, allow_skip=objective.allow_skip)
+    if left_out:
+        log.warning("warm start: operating point(s) %s lie outside this search space and were left out",
+                    ", ".join(left_out))
+    # failed trials do not count: an interrupted one was queued again and its retry takes its place
+    done = len([t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                and not is_local(t)])
+    remaining = max(0, total - done)
+    if remaining:
+        log.info("budget%s %s: %d trials (%d already in study %s)", "s" if len(budgets) > 1 else "",
+                 ", ".join(b.name for b in budgets), remaining, done, study.study_name)
+        study.optimize(objective, n_trials=remaining, show_progress_bar=progress, gc_after_trial=False)
+    drop_queued_seeds(study)
 
 
 def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer, held_subject, report_subject=None, *,
@@ -194,17 +227,17 @@ def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer
     import optuna
 
     from calibrate.candidates import verification_candidates
-    from calibrate.search import INFEASIBLE_MARGIN, point_from_params, summarize_trial
+    from calibrate.search import INFEASIBLE_MARGIN, point_from_params, quality_of, summarize_trial
     from calibrate.verify import verify_candidates
     from stagevar.policy import OperatingPoint
 
     points, chosen, trials, infeasible = {}, {}, [], []
     cache: dict[str, Any] = {}
+    listed: set[int] = set()
     for sd in searched:
         budget = sd.budget
         cand_points = verification_candidates(record, pooled, sd.target_s, settings.verify_candidates, settings.verify_near,
-                                              allow_skip=sd.objective.allow_skip,
-                                              near_s=sd.objective.budget_s * INFEASIBLE_MARGIN,
+                                              allow_skip=sd.allow_skip, near_s=sd.budget_s * INFEASIBLE_MARGIN,
                                               cushion_s=sd.target_s * (1 - settings.latency_margin))
         if not cand_points:
             # best effort: the measured trial with the lowest predicted latency
@@ -214,15 +247,17 @@ def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer
         trial, point, measured = verify_candidates(model, held_subject, cand_points, budget, scorer, cache,
                                                    repeats=settings.verify_repeats, progress=progress,
                                                    report_subject=report_subject)
-        study_name, study_budget = found_by.get(id(trial), (sd.name, budget.name))
+        study_name, study_budget = found_by.get(id(trial), (sd.name, sd.label))
         measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),
-                         "calibration_quality": trial.value, "trial": trial.number, "study": study_name})
+                         "calibration_quality": quality_of(trial), "trial": trial.number, "study": study_name})
         if not measured["feasible"]:
             infeasible.append((budget.name, measured["speedup"]))
         points[budget.name] = OperatingPoint(point.stages, point.plans, measured)
         chosen[budget.name] = {"study_budget": study_budget, "number": trial.number}
-        trials += [dict(summarize_trial(t), budget=budget.name) for t in sd.study.get_trials(deepcopy=False)
-                   if t.values is not None]
+        if id(sd.study) not in listed:             # a study of several budgets is listed once
+            listed.add(id(sd.study))
+            trials += [dict(summarize_trial(t), budget=sd.label) for t in sd.study.get_trials(deepcopy=False)
+                       if t.values is not None]
     return points, chosen, trials, infeasible
 
 

@@ -17,6 +17,11 @@
   :mod:`calibrate.seeds`.
 * After the sampler, :func:`local_search` hill-climbs from the best trial through one-move
   neighbours (:func:`neighbours`) predicted within the target (the budget less a margin).
+* Several budgets share one study (``band``): its objectives are quality (maximised) and predicted
+  latency (minimised), the sampler searches their front over the budgets' latency range, and each
+  budget's plan is chosen from that front. A trial goes on to more image sets while it ranks in the
+  top quarter of the trials predicted within 10% of its latency (the pruner compares a budget's
+  trials, which all lie near the budget; on a front, only neighbours are comparable).
 * Storage is resumable: a journal file in the output directory by default, or any Optuna storage
   URL (``sqlite:///...``, ``postgresql://...``) for several workers.
 """
@@ -42,6 +47,13 @@ KEEPS = (1.0, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 SELECTIONS = ("random_projection", "deviation", "uniform")
 RESTORES = ("cached_update", "cached_output")
 INFEASIBLE_MARGIN = 1.10
+#: a study of several budgets measures trials predicted from this share of the fastest budget's
+#: latency up to :data:`INFEASIBLE_MARGIN` over the slowest's; the others are estimated
+FRONT_LOW = 0.8
+#: on a front, a trial is compared with the trials predicted within this factor of its latency
+FRONT_BAND = 1.10
+#: ... once this many of them were measured on as many images (before: it goes on)
+FRONT_STARTUP = 4
 #: default share of the budget that the local search, the choice of candidates and the fitted
 #: seeds aim under (``--latency-margin``): a policy predicted just inside the budget often misses it
 LATENCY_MARGIN = 0.05
@@ -250,34 +262,53 @@ class Objective:
     while the trial ranks in the top quarter (:func:`search_pruner`), on the ``more`` image sets
     (:func:`objective_sets`): most trials cost one set and the plans that compete for the budget
     are compared on all of them. Latency is predicted from the record (the constraint); clearly
-    infeasible trials are estimated from the sensitivities instead of measured."""
+    infeasible trials are estimated from the sensitivities instead of measured.
+
+    With ``band`` (the fastest and the slowest budget's latency, seconds; ``budget_s`` is then
+    None) the objective serves one study of several budgets: it returns (quality, predicted
+    latency), a trial is feasible when predicted from :data:`FRONT_LOW` x the fastest latency to
+    :data:`INFEASIBLE_MARGIN` x the slowest (outside, estimated), and a trial that falls behind
+    the trials predicted near its latency (:meth:`keeps_up`) stops after the set it ranked on: it
+    completes, marked ``stopped_early``, and is never a verification candidate, as a pruned trial."""
 
     def __init__(self, record: CalibrationRecord, subject: Subject, latency: LatencyModel, budget_s: float | None,
-                 scorer, reference, reference_semantic=None, more: Sequence[ImageSet] = (), margin: float = LATENCY_MARGIN):
+                 scorer, reference, reference_semantic=None, more: Sequence[ImageSet] = (), margin: float = LATENCY_MARGIN,
+                 band: tuple[float, float] | None = None):
         self.record, self.subject, self.latency = record, subject, latency
-        self.budget_s, self.scorer = budget_s, scorer
+        self.budget_s, self.scorer, self.band = budget_s, scorer, band
         self.sets = [ImageSet(subject, reference, reference_semantic), *more]
         self.tokens = subject.adapter.tokens_per_scale()
-        # skipping is judged against the target the search aims at (the budget less the margin)
-        self.allow_skip = skipping_allowed(record, latency, self.tokens, None if budget_s is None else budget_s * (1 - margin))
+        # skipping is judged against the target the search aims at (the budget less the margin);
+        # on a front, the fastest budget's
+        tight = band[0] if band is not None else budget_s
+        self.allow_skip = skipping_allowed(record, latency, self.tokens, None if tight is None else tight * (1 - margin))
 
     def __call__(self, trial: optuna.trial.Trial) -> float | tuple[float, float]:
         point = suggest_policy(trial, self.record, self.allow_skip)
         predicted = self.latency.predict(point, self.tokens)
         trial.set_user_attr("predicted_latency_s", predicted)
         trial.set_user_attr("predicted_speedup", self.latency.baseline(self.tokens) / predicted)
-        if self.budget_s is not None:
-            trial.set_constraint("latency", predicted - self.budget_s)
-            if predicted > self.budget_s * INFEASIBLE_MARGIN:
+        over = self._over(predicted)
+        if over is not None:
+            trial.set_constraint("latency", over)
+            if over > 0 and (self.band is not None or predicted > self.budget_s * INFEASIBLE_MARGIN):
                 trial.set_user_attr("quality_estimated", True)
-                return estimated_quality(self.record, point)
+                estimate = estimated_quality(self.record, point)
+                return (estimate, predicted) if self.band is not None else estimate
         parts: list[dict[str, Any]] = []
         m: dict[str, Any] = {}
-        for extra in self.sets if self.budget_s is not None else self.sets[:1]:
+        steps: dict[str, float] = {}
+        sets = self.sets if over is not None else self.sets[:1]
+        for extra in sets:
             if parts:                                    # after a set: go on only while the trial ranks well
-                trial.report(m["quality"], step=m["images"])
-                if trial.should_prune():
-                    raise optuna.TrialPruned()
+                if self.band is not None:
+                    if not self.keeps_up(trial, m["quality"], m["images"], predicted):
+                        trial.set_user_attr("stopped_early", True)
+                        break
+                else:
+                    trial.report(m["quality"], step=m["images"])
+                    if trial.should_prune():
+                        raise optuna.TrialPruned()
             out = extra.subject.run(point)
             if not parts:
                 trial.set_user_attr("measured_latency_s", out.seconds)
@@ -285,9 +316,32 @@ class Objective:
             parts.append(per_image(out, extra.reference, extra.subject.item_prompts, self.scorer,
                                    extra.reference_semantic))
             m = self._attrs(trial, parts)
+            steps[str(m["images"])] = m["quality"]
+            trial.set_user_attr("quality_steps", steps)
         if self.budget_s is None:
             return m["quality"], predicted
         return m["quality"]
+
+    def _over(self, predicted: float) -> float | None:
+        """The latency constraint's value (<= 0: feasible; None: no budget). On a front, how far
+        ``predicted`` lies outside the measured range, in seconds."""
+        if self.band is not None:
+            return max(predicted - self.band[1] * INFEASIBLE_MARGIN, self.band[0] * FRONT_LOW - predicted)
+        return None if self.budget_s is None else predicted - self.budget_s
+
+    @staticmethod
+    def keeps_up(trial: optuna.trial.Trial, quality: float, images: int, predicted: float) -> bool:
+        """Whether a trial of a front study goes on to the next image set: its ``quality`` on
+        ``images`` images ranks in the top quarter of the other trials predicted within
+        :data:`FRONT_BAND` of its latency, on as many images (the pruner's rule, among the trials
+        it is comparable with); with fewer than :data:`FRONT_STARTUP` such trials, it goes on."""
+        others = []
+        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            q = (t.user_attrs.get("quality_steps") or {}).get(str(images))
+            p = t.user_attrs.get("predicted_latency_s")
+            if t.number != trial.number and q is not None and p and predicted / FRONT_BAND <= p <= predicted * FRONT_BAND:
+                others.append(q)
+        return len(others) < FRONT_STARTUP or quality >= float(np.percentile(others, 75.0))
 
     @staticmethod
     def _attrs(trial, parts) -> dict[str, Any]:
@@ -334,8 +388,14 @@ def point_from_params(record: CalibrationRecord, params: dict[str, Any]) -> Oper
     return suggest_policy(optuna.trial.FixedTrial(params), record)
 
 
+def quality_of(t: optuna.trial.FrozenTrial) -> float:
+    """A finished trial's quality, in a study of one budget (one objective) or of several (quality
+    and latency)."""
+    return t.values[0]
+
+
 def summarize_trial(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    return {"number": t.number, "quality": t.value if t.values is None or len(t.values) == 1 else t.values[0],
+    return {"number": t.number, "quality": None if t.values is None else quality_of(t),
             **{k: v for k, v in t.user_attrs.items() if isinstance(v, (int, float, str, bool))}}
 
 

@@ -58,11 +58,16 @@ def check_study_record(name: str, theirs: dict | None, record, hint: str, images
 
 
 def open_owned_study(name: str, storage, record, budget, budget_s: float, model_name: str, trials: int, seed: int,
-                     images: int | None = None):
+                     images: int | None = None, objectives: int = 1):
     """Open (or create) the study of a single-process search and check that it was searched with
-    this calibration record."""
+    this calibration record and has ``objectives`` objectives (one budget: quality; several:
+    quality and latency)."""
     from calibrate.search import open_study
-    study = open_study(name, storage, direction_multi=False, seed=seed)
+    study = open_study(name, storage, direction_multi=objectives > 1, seed=seed)
+    if len(study.directions) != objectives:
+        kinds = {1: "one objective (quality under one budget)", 2: "two objectives (quality and latency, several budgets)"}
+        raise StageVarError(f"study {name!r} has {kinds.get(len(study.directions), len(study.directions))}, but this "
+                            f"search needs {kinds[objectives]}: pass another --study name.")
     theirs = study.user_attrs.get(STUDY_ATTR)
     check_study_record(name, theirs, record, "Run on the machine and with the options that measured the record (same "
                        "--out, prompts, seeds, device), or pass another --study name (or remove the study) to search "

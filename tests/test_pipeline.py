@@ -47,7 +47,12 @@ def test_calibrate_returns_an_unsaved_policy_and_resumes(tiny, measured, tmp_pat
     assert res.record_dir == out / f"calibration-{res.record.key}" and res.report.is_file()
     assert not list(tmp_path.rglob("*.yaml"))                           # the caller saves the policy
     assert res.record.key == measured[1].key
-    sampler_trials = {b: sum(1 for t in res.trials if t["budget"] == b and LOCAL_ATTR not in t) for b in ("2x", "50x")}
+    # the two budgets share one study (quality and latency), of --trials x budgets sampler trials
+    assert {t["budget"] for t in res.trials} == {"2x-50x"} and len({t["number"] for t in res.trials}) == len(res.trials)
+    assert all(m.measured["study"].startswith(f"infinity-tiny.{tiny.resolution}.2x-50x.{res.record.key}.s")
+               for m in res.policy.operating_points.values())
+    sampler_trials = sum(1 for t in res.trials if LOCAL_ATTR not in t)
+    assert sampler_trials == 2 * 3
 
     def no_measure(*a, **k):
         raise AssertionError("the record should have been reused")
@@ -55,7 +60,7 @@ def test_calibrate_returns_an_unsaved_policy_and_resumes(tiny, measured, tmp_pat
     again = calibrate(tiny, "2x,50x", PROMPTS, [0], heldout=HELDOUT, report_prompts=HELDOUT[:1], out=out, batch_size=2,
                       settings=FAST, progress=False)
     assert again.record.key == res.record.key
-    assert {b: sum(1 for t in again.trials if t["budget"] == b and LOCAL_ATTR not in t) for b in ("2x", "50x")} == sampler_trials
+    assert sum(1 for t in again.trials if LOCAL_ATTR not in t) == sampler_trials
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -89,3 +94,9 @@ def test_a_study_of_the_same_record_key_with_other_content_is_refused_with_the_r
         open_owned_study("s", storage, record("k1", "bbb"), budget, 1.0, "m", 3, 0)
     with pytest.raises(StageVarError, match="searched with calibration record k1 .*, but this run's record is k2"):
         open_owned_study("s", storage, record("k2", "ccc"), budget, 1.0, "m", 3, 0)
+    # a study of one budget is not resumed as the study of several (two objectives), nor the reverse
+    with pytest.raises(StageVarError, match="'s' has one objective .* needs two objectives .* another --study"):
+        open_owned_study("s", storage, record("k1", "aaa"), budget, 1.0, "m", 3, 0, objectives=2)
+    open_owned_study("f", storage, record("k1", "aaa"), budget, 1.0, "m", 3, 0, objectives=2)
+    with pytest.raises(StageVarError, match="'f' has two objectives"):
+        open_owned_study("f", storage, record("k1", "aaa"), budget, 1.0, "m", 3, 0)

@@ -205,7 +205,7 @@ def test_scales_are_skipped_only_when_no_plan_computing_every_scale_meets_the_bu
     skipping = dict(cheapest, skip_from=5)
     assert any(nb["skip_from"] < 7 for nb in neighbours(rec, cheapest))
     assert all(nb["skip_from"] == 7 for nb in neighbours(rec, cheapest, allow_skip=False))
-    trials = [SimpleNamespace(number=i, params=params, value=value, user_attrs={"predicted_latency_s": 0.5})
+    trials = [SimpleNamespace(number=i, params=params, value=value, values=[value], user_attrs={"predicted_latency_s": 0.5})
               for i, (params, value) in enumerate(((skipping, 0.9), (cheapest, 0.8)))]
     assert [t.value for t, _ in verification_candidates(rec, trials, 1.0, k=3, k_near=0)] == [0.9, 0.8]
     assert [t.value for t, _ in verification_candidates(rec, trials, 1.0, k=3, k_near=0, allow_skip=False)] == [0.8]
@@ -454,9 +454,12 @@ def test_local_search_respects_its_trial_budget_across_calls():
     study.enqueue_trial(dict(seed_params(rec)["identity"], first_accelerated=5, keep_5=0.5, keep_6=0.5))
     study.optimize(obj, n_trials=1)
     target = obj.cost(point_from_params(rec, seed_params(rec)["identity"]))
-    assert len(local_search(study, obj, rec, measured_trials(study), target, max_trials=3)) == 3
+    first = local_search(study, obj, rec, measured_trials(study), target, max_trials=3)
+    assert len(first) == 3 and {t.user_attrs["local_target_s"] for t in first} == {target}
     assert local_search(study, obj, rec, measured_trials(study), target, max_trials=3) == []
     assert len(local_search(study, obj, rec, measured_trials(study), target, max_trials=5)) <= 2
+    # several budgets share a study: another target's climb has its own trials
+    assert len(local_search(study, obj, rec, measured_trials(study), 0.9 * target, max_trials=3)) == 3
 
 
 def test_fastvar_seed_uses_middle_layers_on_deep_models():
@@ -597,6 +600,74 @@ def test_objective_measures_promising_trials_on_more_images(model, record, subje
     assert pruned.intermediate_values[n] < 1.0
     assert 5 not in [t.number for t in measured_trials(study)]
     assert isinstance(sets[1], ImageSet)
+
+
+# ------------------------------------------------------------------ one study for several budgets
+def _front_trial(study, quality_by_images: dict, predicted: float, **attrs):
+    study.add_trial(optuna.trial.create_trial(
+        values=[quality_by_images[max(quality_by_images)], predicted],
+        user_attrs={"predicted_latency_s": predicted, "quality_steps": {str(k): v for k, v in quality_by_images.items()},
+                    **attrs}))
+
+
+def test_on_a_front_a_trial_goes_on_only_while_it_keeps_up_with_its_latency_neighbours():
+    """The pruner's rule (top quarter at the same number of images) among the trials predicted
+    within 10% of the trial's latency: trials elsewhere on the front, or measured on other image
+    counts, are not compared; with fewer than four neighbours a trial goes on."""
+    from types import SimpleNamespace
+
+    from calibrate.search import FRONT_STARTUP
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    me = SimpleNamespace(study=study, number=10_000)
+    for q in (0.6, 0.7, 0.8):
+        _front_trial(study, {8: q}, 1.0)
+    assert FRONT_STARTUP == 4 and Objective.keeps_up(me, 0.1, 8, 1.0)          # three neighbours: start-up
+    _front_trial(study, {8: 0.9}, 1.05)
+    _front_trial(study, {8: 0.2}, 2.0)                     # far on the front: not a neighbour
+    _front_trial(study, {16: 0.1}, 1.0)                    # measured on other images only: not compared
+    assert not Objective.keeps_up(me, 0.8, 8, 1.0)         # 0.8 < the 75th percentile of 0.6..0.9 (0.825)
+    assert Objective.keeps_up(me, 0.85, 8, 1.0)
+    assert Objective.keeps_up(me, 0.1, 8, 2.0)             # its neighbourhood holds one trial
+    assert not Objective.keeps_up(me, 0.8, 8, 1.0 * 1.09) and Objective.keeps_up(me, 0.8, 8, 1.0 * 1.2)
+
+
+def test_front_objective_returns_quality_and_latency_and_measures_only_the_budgets_range(model, record, subject,
+                                                                                        reference, monkeypatch):
+    """Several budgets, one study: each trial's values are (quality, predicted latency); a trial
+    predicted outside [0.8 x the fastest budget, 1.1 x the slowest] is estimated, not generated,
+    and infeasible; inside, it is measured on the image sets while it keeps up, and one stopped
+    early is never a verification candidate."""
+    from calibrate.candidates import measured_trials
+    from calibrate.search import objective_sets
+    lm = LatencyModel(record.latency, record_variants(), model.num_layers)
+    full = lm.baseline(model.tokens_per_scale())
+    scorer = scorer_for(model.name)
+    sets = objective_sets(subject, scorer, 2 * len(subject.items))
+    study = open_study("front", None, direction_multi=True, seed=0)
+    calls = []
+    run = common.Subject.run
+    monkeypatch.setattr(common.Subject, "run", lambda self, point: calls.append(point) or run(self, point))
+    far = Objective(record, subject, lm, None, scorer, sets[0].reference, sets[0].reference_semantic, more=sets[1:],
+                    band=(2 * full, 3 * full))                 # the identity (full latency) is faster than the range
+    study.enqueue_trial(seed_params(record)["identity"])
+    study.optimize(far, n_trials=1)
+    t = study.trials[0]
+    assert calls == [] and t.user_attrs["quality_estimated"] is True
+    assert t.values == [1.0, t.user_attrs["predicted_latency_s"]] and all(c > 0 for c in t.constraints.values())
+    near = Objective(record, subject, lm, None, scorer, sets[0].reference, sets[0].reference_semantic, more=sets[1:],
+                     band=(full / 2, full))
+    for _ in range(2):
+        study.enqueue_trial(seed_params(record)["identity"])
+    study.optimize(near, n_trials=2)
+    n = len(subject.items)
+    for t in study.trials[1:]:
+        assert t.values[0] == 1.0 and t.values[1] == pytest.approx(full)
+        assert t.user_attrs["quality_steps"] == {str(n): 1.0, str(2 * n): 1.0} and t.user_attrs["images"] == 2 * n
+        assert all(c <= 0 for c in t.constraints.values())
+    assert len(calls) == 4                                    # two trials x two image sets
+    assert [x.number for x in measured_trials(study)] == [1, 2]
+    _front_trial(study, {n: 0.5}, full, stopped_early=True, quality_estimated=False)
+    assert [x.number for x in measured_trials(study)] == [1, 2]
 
 
 # ------------------------------------------------------------------ guidance before the token range
