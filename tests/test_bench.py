@@ -212,6 +212,18 @@ def test_bench_with_quality(tmp_path, capsys):
     assert "SSIM mean" in md and f'"{prompt}"' in md
 
 
+@pytest.mark.parametrize("no_quality", [False, True])
+def test_the_plot_draws_every_kind_of_method(no_quality, tmp_path):
+    """``--fit-budget`` adds a method of kind ``fitted``: the plot has a colour for every kind the
+    bench lists (it stopped with a KeyError on that one, after the table was written)."""
+    from calibrate.bench.report import plot
+    kinds = ["full", "policy", "baseline", "fitted"]
+    rows = [{"name": k, "kind": k, "speedup": 1.0 + i, "quality": {"ssim_mean": 1.0 - 0.1 * i, "evaluator": {"overall": 0.5}}}
+            for i, k in enumerate(kinds)]
+    cfg = {"no_quality": no_quality, "model": "m", "device": "cpu", "dtype": "float32", "batch_size": 1}
+    assert plot({"methods": rows, "config": cfg}, tmp_path).stat().st_size > 1000
+
+
 def test_verification_and_bench_score_different_draws_of_the_heldout_split(tmp_path, capsys):
     """Calibration picks its operating points on held-out images; the bench and 'stagevar
     evaluate' must not score the same images, or the searched policies gain a selection bias

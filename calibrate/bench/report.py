@@ -119,6 +119,10 @@ def json_safe(o):
     return o
 
 
+#: the plot's colour of each kind of method (``Method.kind``)
+KIND_COLOURS = {"full": "black", "policy": "tab:blue", "baseline": "tab:orange", "fitted": "tab:green"}
+
+
 def plot(res: dict[str, Any], out_dir: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -126,7 +130,7 @@ def plot(res: dict[str, Any], out_dir: Path) -> Path:
 
     rows = res["methods"]
     cfg = res["config"]
-    colours = {"full": "black", "policy": "tab:blue", "baseline": "tab:orange"}
+    colours = KIND_COLOURS
     if cfg["no_quality"]:
         fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
         ys = list(range(len(rows)))[::-1]
@@ -155,7 +159,7 @@ def plot(res: dict[str, Any], out_dir: Path) -> Path:
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         fig.suptitle(f"{cfg['model']}: quality vs speedup ({cfg['device']} {cfg['dtype']}, batch {cfg['batch_size']})\n"
-                     "black: full, blue: policy files, orange: baselines", fontsize=10)
+                     "black: full, blue: policy files, orange: baselines, green: fitted by measurement", fontsize=10)
         path = out_dir / "quality_vs_speedup.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
