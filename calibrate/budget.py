@@ -61,3 +61,18 @@ def parse_budgets(text: str) -> list[Budget]:
     if len({(b.speedup, b.seconds) for b in out}) != len(out):
         raise BudgetError(f"budget list {text!r} repeats a budget.")
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSet:
+    """The budgets one study searches, named as the policy file names them.
+
+    >>> BudgetSet.of(parse_budgets("2x,3x,4x")).name, BudgetSet.of([parse_budget("700ms")]).name
+    ('2x-3x-4x', '700ms')
+    """
+
+    name: str
+
+    @classmethod
+    def of(cls, budgets: list[Budget]) -> "BudgetSet":
+        return cls("-".join(b.name for b in budgets))

@@ -143,6 +143,7 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
     that study. Every measured trial (same record, so comparable quality; absolute predicted
     latency) competes for every budget. Returns (one :class:`Searched` per budget, the pooled
     measured trials, id(trial) -> (study name, the budgets it searched))."""
+    from calibrate.budget import BudgetSet
     from calibrate.measure.latency import LatencyModel
     from calibrate.candidates import local_search, measured_trials
     from calibrate.search import Objective, objective_sets, skipping_allowed
@@ -155,10 +156,10 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
     warm_points = dict(warm_start.operating_points) if warm_start is not None else {}
     warm_params = [p for p in (params_for_point(record, pt) for pt in warm_points.values()) if p is not None]
     budgets_s = [b.target_seconds(baseline_pred) for b in budgets]
-    label = "-".join(b.name for b in budgets)
+    label = BudgetSet.of(budgets)
     several = len(budgets) > 1
-    name = default_study_name(model, _Label(label), record, settings.study, False, len(sets))
-    study = open_owned_study(name, storage, record, _Label(label), max(budgets_s), model.name, settings.trials, settings.seed,
+    name = default_study_name(model, label, record, settings.study, False, len(sets))
+    study = open_owned_study(name, storage, record, label, max(budgets_s), model.name, settings.trials, settings.seed,
                              settings.search_images, objectives=2 if several else 1)
     if single_writer:
         requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
@@ -170,25 +171,18 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
     margin = settings.latency_margin
     searched = [Searched(b, b_s * (1 - margin), name, study, objective, b_s,
                          skipping_allowed(record, lat_model, tokens, b_s * (1 - margin)) if several else objective.allow_skip,
-                         label)
+                         label.name)
                 for b, b_s in zip(budgets, budgets_s)]
     pooled = list(measured_trials(study))
-    found_by = {id(t): (name, label) for t in pooled}
+    found_by = {id(t): (name, label.name) for t in pooled}
     if settings.local_trials:
         for sd in searched:
             log.info("budget %s: local search (up to %d trials)", sd.budget.name, settings.local_trials)
             for t in local_search(study, objective, record, pooled, sd.target_s, settings.local_trials, progress=progress,
                                   allow_skip=sd.allow_skip):
                 pooled.append(t)
-                found_by[id(t)] = (name, label)
+                found_by[id(t)] = (name, label.name)
     return searched, pooled, found_by
-
-
-@dataclasses.dataclass(frozen=True)
-class _Label:
-    """The budgets a study searches, by name (``3x``, ``2x-3x-4x``)."""
-
-    name: str
 
 
 def _run_sampler(study, objective, record, lat_model, tokens, budgets, budgets_s, warm_points, warm_params,
@@ -198,12 +192,9 @@ def _run_sampler(study, objective, record, lat_model, tokens, budgets, budgets_s
     import optuna
 
     from calibrate.search import drop_queued_seeds, is_local
-    from calibrate.seeds import budget_seed_params, enqueue_seeds
+    from calibrate.seeds import enqueue_seeds, fitted_seeds
 
-    fitted: dict[str, dict[str, Any]] = {}
-    for b, b_s in zip(budgets, budgets_s):
-        seeds = budget_seed_params(record, lat_model, tokens, b_s * (1 - settings.latency_margin), warm_params)
-        fitted.update(seeds if len(budgets) == 1 else {f"{n}@{b.name}": params for n, params in seeds.items()})
+    fitted = fitted_seeds(record, lat_model, tokens, budgets, budgets_s, settings.latency_margin, warm_params)
     total = settings.trials * len(budgets)
     left_out = enqueue_seeds(study, record, warm_points, fitted=fitted, limit=total, allow_skip=objective.allow_skip)
     if left_out:

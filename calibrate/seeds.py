@@ -119,6 +119,18 @@ def budget_seed_params(record: CalibrationRecord, latency: LatencyModel, tokens:
     return out
 
 
+def fitted_seeds(record: CalibrationRecord, latency: LatencyModel, tokens: list[int], budgets, budgets_s: list[float],
+                 margin: float, enqueued: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The budget-fitted seeds (:func:`budget_seed_params`) of every budget a study searches, each
+    fitted to its budget less ``margin``; with several budgets (one study for all), each seed's
+    name ends in ``@`` and its budget (``fitted:g3:6@0.3@3x``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for budget, budget_s in zip(budgets, budgets_s):
+        seeds = budget_seed_params(record, latency, tokens, budget_s * (1 - margin), enqueued)
+        out.update(seeds if len(budgets) == 1 else {f"{name}@{budget.name}": params for name, params in seeds.items()})
+    return out
+
+
 def _spend_left_over(record: CalibrationRecord, params: dict[str, Any], s: int, n: int, fits,
                      name: str) -> dict[str, dict[str, Any]]:
     """For each scale ``f`` from ``s``: ``params`` with that one scale raised as many notches of

@@ -64,10 +64,7 @@ def open_owned_study(name: str, storage, record, budget, budget_s: float, model_
     quality and latency)."""
     from calibrate.search import open_study
     study = open_study(name, storage, direction_multi=objectives > 1, seed=seed)
-    if len(study.directions) != objectives:
-        kinds = {1: "one objective (quality under one budget)", 2: "two objectives (quality and latency, several budgets)"}
-        raise StageVarError(f"study {name!r} has {kinds.get(len(study.directions), len(study.directions))}, but this "
-                            f"search needs {kinds[objectives]}: pass another --study name.")
+    check_objectives(name, study, objectives)
     theirs = study.user_attrs.get(STUDY_ATTR)
     check_study_record(name, theirs, record, "Run on the machine and with the options that measured the record (same "
                        "--out, prompts, seeds, device), or pass another --study name (or remove the study) to search "
@@ -77,29 +74,43 @@ def open_owned_study(name: str, storage, record, budget, budget_s: float, model_
     return study
 
 
+#: what a study of one budget (one objective) and of several (two) optimise, for messages
+OBJECTIVES = {1: "one objective (quality under one budget)", 2: "two objectives (quality and latency, several budgets)"}
+
+
+def check_objectives(name: str, study, objectives: int) -> None:
+    """Refuse a study with another number of objectives than this search's (one budget: 1;
+    several: 2): one paragraph naming both."""
+    have = len(study.directions)
+    if have != objectives:
+        raise StageVarError(f"study {name!r} has {OBJECTIVES.get(have, have)}, but this search needs "
+                            f"{OBJECTIVES[objectives]}: pass another --study name.")
+
+
 def join_study(name: str, storage, rec, budget, budget_s: float, trials: int, sampler_seed: int, wait_s: float = 120.0,
-               fitted: dict | None = None, allow_skip: bool = True, images: int | None = None):
+               fitted: dict | None = None, allow_skip: bool = True, images: int | None = None, objectives: int = 1):
     """Create the study (exactly one process succeeds) or load it; check that it was made for the
-    same record and budget; enqueue the seed policies once (with the budget-fitted seeds ``fitted``,
-    as :func:`calibrate.seeds.budget_seed_params` makes them; those that skip scales only with
-    ``allow_skip``)."""
+    same record and budget (``budget``: one budget, or the :class:`calibrate.budget.BudgetSet` of
+    several, whose study has ``objectives=2``); enqueue the seed policies once (with the
+    budget-fitted seeds ``fitted``, as :func:`calibrate.seeds.fitted_seeds` makes them; those that
+    skip scales only with ``allow_skip``)."""
     import optuna
     from calibrate.search import search_pruner
     from calibrate.seeds import enqueue_seeds
 
     info = study_info(rec, budget, budget_s, rec.inputs["model"].get("model"), trials, images)
+    directions = ["maximize", "minimize"][:objectives]
     try:
-        optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=False)
+        optuna.create_study(study_name=name, storage=storage, directions=directions, load_if_exists=False)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         created = False
     sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=10, multivariate=True, constant_liar=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=search_pruner())
-    if len(study.directions) > 1:
-        raise StageVarError(f"study {name!r} has several objectives; a worker searches one budget (quality, maximised). "
-                            "Use another --study name.")
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler,
+                                  pruner=search_pruner() if objectives == 1 else None)
+    check_objectives(name, study, objectives)
     if created:
         study.set_user_attr(STUDY_ATTR, info)
         enqueue_seeds(study, rec, fitted=fitted, limit=trials, allow_skip=allow_skip)

@@ -42,8 +42,12 @@ candidates end to end on held-out prompts and writes the policy. Run it with the
   past the grace period finds its trial failed and re-queued by another: it logs a warning,
   discards its result and goes on. Every worker keeps polling until no trial is running and no
   retry is waiting, so a trial lost near the end is still retried.
+* **Several budgets** (``--budget 2x,3x,4x``) share one study of two objectives (quality and
+  latency), as in the calibrate command (:func:`calibrate.pipeline.search`); ``--trials`` counts
+  per budget, so the study runs ``--trials`` x budgets trials, and step 3 with the same
+  ``--budget`` chooses every operating point from it.
 * **Trial cap.** A worker starts a trial only while finished + running trials are below
-  ``--trials`` (or to run a retry), and stops when the finished trials reach it. Two workers
+  ``--trials`` (x budgets; or to run a retry), and stops when the finished trials reach it. Two workers
   checking at the same instant may overshoot the cap by a trial or two; never undershoot.
 * **Sampler.** TPE with the constant liar (running trials are taken into account); each process
   seeds its sampler from ``--seed``, the host name and its PID, so workers explore different
@@ -111,9 +115,12 @@ def build_worker_parser() -> argparse.ArgumentParser:
                         "(mysql://... and, on one machine, sqlite:///FILE also work)")
     p.add_argument("--study", help="study name shared by all workers (default: derived from model, resolution, budget and "
                                    "record key, as the calibrate command does)")
-    p.add_argument("--budget", required=True, help="one budget: a speedup (3x) or a latency per batch (700ms)")
+    p.add_argument("--budget", required=True,
+                   help="a speedup (3x) or a latency per batch (700ms); comma-separated for several, which share one "
+                        "study (quality and latency), as in the calibrate command")
     p.add_argument("--trials", type=int, default=60,
-                   help="finished trials (COMPLETE or PRUNED) wanted in the study, in total across all workers (default 60)")
+                   help="finished trials (COMPLETE or PRUNED) wanted in the study per budget, in total across all workers "
+                        "(default 60; several budgets: --trials x budgets)")
     add_search_images_argument(p)
     p.add_argument("--n-workers", type=int, default=1, help="worker processes started on this machine (default 1)")
     p.add_argument("--record", type=Path,
@@ -132,15 +139,12 @@ def build_worker_parser() -> argparse.ArgumentParser:
 
 def cmd_worker(args) -> int:
     import optuna
-    from calibrate.budget import parse_budget
+    from calibrate.budget import parse_budgets
 
     # ERROR: a failed or interrupted trial is reported by this command in one paragraph, not by
     # Optuna's warning with a traceback (--debug keeps Optuna's warnings)
     optuna.logging.set_verbosity(optuna.logging.WARNING if args.debug else optuna.logging.ERROR)
-    if "," in str(args.budget):
-        from calibrate.budget import BudgetError
-        raise BudgetError(f"a worker searches one budget, got {args.budget!r}: start one set of workers (and one study) per budget.")
-    budget = parse_budget(args.budget)
+    budgets = parse_budgets(args.budget)
     for name, value, low in (("--trials", args.trials, 1), ("--n-workers", args.n_workers, 1), ("--heartbeat", args.heartbeat, 1),
                              ("--max-retry", args.max_retry, 0), ("--connect-timeout", args.connect_timeout, 1),
                              ("--batch-size", args.batch_size, 1)):
@@ -156,8 +160,8 @@ def cmd_worker(args) -> int:
     storage = open_storage(args.storage, heartbeat_interval=args.heartbeat, grace_period=args.grace_period,
                            max_retry=args.max_retry, connect_timeout=args.connect_timeout)
     if args.n_workers > 1:
-        return _run_local_workers(args, budget)
-    return _run_worker(args, budget, storage)
+        return _run_local_workers(args, budgets)
+    return _run_worker(args, budgets, storage)
 
 
 # ============================================================================== record and study
@@ -215,35 +219,42 @@ def _metric_names(m) -> str:
     return "+".join(m["semantic"] + m["structure"]) if m else "the model's own scorer and ssim"
 
 
-def _study_name(args, model, rec, budget, sets: int) -> str:
+def _study_name(args, model, rec, budgets, sets: int) -> str:
+    from calibrate.budget import BudgetSet
     from calibrate.pipeline import default_study_name
-    return default_study_name(model, budget, rec, args.study, False, sets)
+    return default_study_name(model, BudgetSet.of(budgets), rec, args.study, False, sets)
 
 
-def _run_worker(args, budget, storage) -> int:
+def _run_worker(args, budgets, storage) -> int:
+    from calibrate.budget import BudgetSet
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import LatencyModel
     from calibrate.search import LATENCY_MARGIN, Objective, objective_sets
-    from calibrate.seeds import budget_seed_params
+    from calibrate.seeds import fitted_seeds
 
     model, rec, scorer = _load_record_for(args)
     prompts, seeds = list(rec.inputs["prompts"]), list(rec.inputs["seeds"])
     batch_size, guidance = rec.inputs["batch_size"], rec.inputs["guidance"]
     lat_model = LatencyModel.of_record(rec, model.num_layers)
     tokens = model.tokens_per_scale()
-    budget_s = budget.target_seconds(lat_model.baseline(tokens))
+    budgets_s = [b.target_seconds(lat_model.baseline(tokens)) for b in budgets]
+    several = len(budgets) > 1
+    total = args.trials * len(budgets)                 # as the calibrate command: --trials per budget
     subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
     sets = objective_sets(subject, scorer, args.search_images)
-    name = _study_name(args, model, rec, budget, len(sets))
+    name = _study_name(args, model, rec, budgets, len(sets))
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    inner = Objective(rec, subject, lat_model, budget_s, scorer, sets[0].reference, sets[0].reference_semantic,
-                      more=sets[1:])
+    inner = Objective(rec, subject, lat_model, None if several else budgets_s[0], scorer, sets[0].reference,
+                      sets[0].reference_semantic, more=sets[1:],
+                      band=(min(budgets_s), max(budgets_s)) if several else None)
+    label = BudgetSet.of(budgets)
     with storage_guard(args.storage):
-        study = join_study(name, storage, rec, budget, budget_s, args.trials, sampler_seed(args.seed, args.worker_index),
-                           fitted=budget_seed_params(rec, lat_model, tokens, budget_s * (1 - LATENCY_MARGIN)),
-                           allow_skip=inner.allow_skip, images=args.search_images)
+        study = join_study(name, storage, rec, label, max(budgets_s), args.trials, sampler_seed(args.seed, args.worker_index),
+                           fitted=fitted_seeds(rec, lat_model, tokens, budgets, budgets_s, LATENCY_MARGIN),
+                           allow_skip=inner.allow_skip, images=args.search_images, objectives=2 if several else 1)
     objective = TaggedObjective(inner, worker_id)
-    log.info("worker %s joined study %s (record %s, budget %s = %.3fs predicted)", worker_id, name, rec.key, budget.name, budget_s)
+    log.info("worker %s joined study %s (record %s, budget %s = %s predicted)", worker_id, name, rec.key, label.name,
+             ", ".join(f"{s:.3f}s" for s in budgets_s))
 
     def on_trial(st):
         t = next((t for t in st.get_trials(deepcopy=False) if t.number == objective.last_trial), None)
@@ -256,7 +267,7 @@ def _run_worker(args, budget, storage) -> int:
     previous = sigterm_as_interrupt()
     try:
         with storage_guard(args.storage):
-            ran = run_trials(study, objective, args.trials, poll_s=max(0.5, min(float(args.heartbeat), 5.0)), on_trial=on_trial)
+            ran = run_trials(study, objective, total, poll_s=max(0.5, min(float(args.heartbeat), 5.0)), on_trial=on_trial)
             c = study_counts(study)
     except KeyboardInterrupt:
         requeue_interrupted(study, objective.last_trial)
@@ -272,16 +283,16 @@ def _run_worker(args, budget, storage) -> int:
                             "(run with --debug for the traceback).") from exc
     finally:
         restore_sigterm(previous)
-    print(f"worker {worker_id}: ran {ran} trial(s) in {time.time() - t0:.0f}s; study {name}: {c['finished']}/{args.trials} "
+    print(f"worker {worker_id}: ran {ran} trial(s) in {time.time() - t0:.0f}s; study {name}: {c['finished']}/{total} "
           f"finished, {c['fail']} failed")
     if not os.environ.get(_CHILD_ENV):
-        _print_next(args, budget, name)
+        _print_next(args, name)
     return 0
 
 
-def _print_next(args, budget, name: str) -> None:
+def _print_next(args, name: str) -> None:
     print(f"when every worker is done, verify and write the policy with: stagevar-calibrate --model {args.model} "
-          f"--budget {budget.name} --storage {redact(args.storage)} --study {name} --trials {args.trials} --out {args.out} "
+          f"--budget {args.budget} --storage {redact(args.storage)} --study {name} --trials {args.trials} --out {args.out} "
           "(plus the --prompts/--num-prompts/--seeds/--batch-size/--weights options the record was measured with)")
 
 
@@ -313,14 +324,14 @@ def _exit_status(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
 
 
-def _run_local_workers(args, budget) -> int:
+def _run_local_workers(args, budgets) -> int:
     """Load or measure the record once, then start ``--n-workers`` worker processes and wait."""
     from calibrate.calibration import record_dir
     if args.record is None:
         model, rec, _ = _load_record_for(args)
         record = record_dir(args.out, rec.key)
         from calibrate.search import set_count
-        name = _study_name(args, model, rec, budget, set_count(len(rec.inputs["prompts"]) * len(rec.inputs["seeds"]),
+        name = _study_name(args, model, rec, budgets, set_count(len(rec.inputs["prompts"]) * len(rec.inputs["seeds"]),
                                                                args.search_images))
         del model
     else:
@@ -359,7 +370,7 @@ def _run_local_workers(args, budget) -> int:
             how = f"killed by signal {-c}" if c < 0 else f"exit code {c}"
             print(f"worker process {p.pid}: {how}", file=sys.stderr)
     if name is not None:
-        _print_next(args, budget, name)
+        _print_next(args, name)
     return worst
 
 

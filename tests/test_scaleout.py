@@ -273,6 +273,51 @@ def test_join_refuses_another_record_or_budget(tiny_record, tmp_path):
     assert len(join_study("f", storage, rec, parse_budget("3x"), 0.05, 8, sampler_seed=1, fitted=fitted).trials) == 4
 
 
+def test_workers_search_several_budgets_in_one_study_that_calibrate_then_verifies(tmp_path, tiny_record, one_thread,
+                                                                                  tiny_defaults, capsys):
+    """``--budget 2x,50x``: the worker joins one study of two objectives (quality, latency) and runs
+    --trials x budgets trials; the calibrate command with the same options runs no sampler trial
+    and writes both points from that study. A study of one budget is not joined as one of several."""
+    import shutil
+
+    from calibrate.budget import BudgetSet, parse_budget
+    from calibrate.calibration import record_dir
+    from calibrate.cli import main
+    from calibrate.storage import open_storage
+    from calibrate.study import join_study, study_counts
+    from stagevar.errors import StageVarError
+    from stagevar.policy import load_policy
+
+    out = tmp_path / "cal"
+    shutil.copytree(tiny_record[0], out)
+    rec = tiny_record[1]
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ["--model", "infinity-tiny", "--budget", "2x,50x", "--storage", url, "--study", "front", "--trials", "3",
+              "--search-images", "2", "--threads", "1", "--quiet"]
+    assert main(["worker", *common, "--record", str(record_dir(out, rec.key))]) == 0
+    study = _study(url, "front")
+    assert len(study.directions) == 2 and study.user_attrs["stagevar"]["budget"] == "2x-50x"
+    assert study_counts(study)["finished"] == 2 * 3
+    assert all(len(t.values) == 2 for t in study.trials if t.values is not None)
+    capsys.readouterr()
+    policy_path = tmp_path / "policy.yaml"
+    rc = main([*common, "--num-prompts", "2", "--batch-size", "1", "--seeds", "0", "--out", str(out), "--num-heldout", "2",
+               "--num-report", "0", "--verify-candidates", "1", "--verify-near", "0", "--verify-repeats", "1",
+               "--local-trials", "0", "--policy-out", str(policy_path)])
+    o, e = capsys.readouterr()
+    assert rc in (0, 3) and "Traceback" not in e, (rc, o, e)
+    assert len(_study(url, "front").trials) == len(study.trials)           # no new trial
+    policy = load_policy(policy_path)
+    assert list(policy.operating_points) == ["2x", "50x"]
+    assert {p.measured["study"] for p in policy.operating_points.values()} == {"front"}
+    storage = open_storage(url, heartbeat_interval=1, grace_period=3)
+    with pytest.raises(StageVarError, match="'front' has two objectives .* needs one objective"):
+        join_study("front", storage, rec, parse_budget("2x"), 0.1, 3, sampler_seed=0)
+    join_study("one", storage, rec, parse_budget("2x"), 0.1, 3, sampler_seed=0)
+    with pytest.raises(StageVarError, match="'one' has one objective .* needs two objectives"):
+        join_study("one", storage, rec, BudgetSet("2x-3x"), 0.1, 3, sampler_seed=0, objectives=2)
+
+
 def test_a_live_trial_taken_for_lost_does_not_stop_the_worker(tmp_path):
     """A worker whose trial another worker failed as stale (a heartbeat starved for longer than the
     grace period) logs it and goes on; the retry runs; the cap is reached."""
