@@ -154,7 +154,7 @@ def plot_front(trials: list[dict[str, Any]], chosen: dict[str, Any], out: Path) 
     front = pareto_front([(t["quality"], 1 / t["predicted_speedup"], t) for t in pts])
     ax.plot([1 / f[1] for f in front], [f[0] for f in front], "r-", lw=1, label="Pareto front")
     for name, which in chosen.items():
-        # trial numbers are per study (a worker's study holds one budget); a budget may choose another study's trial
+        # trial numbers are per study; a budget may choose a trial of another study of the run
         num, study_budget = (which["number"], which["study_budget"]) if isinstance(which, dict) else (which, name)
         t = next((t for t in pts if t["number"] == num and t.get("budget", study_budget) == study_budget), None)
         if t:

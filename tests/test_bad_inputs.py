@@ -172,7 +172,8 @@ CASES = [
     case("budget-3", C, [*TINY, *CAL, "--budget", "3", "--out", "{work}/cal"], 2, "budget"),
     case("budget-fastest", C, [*TINY, *CAL, "--budget", "fastest", "--out", "{work}/cal"], 2, "budget"),
     case("budget-missing", C, [*TINY, "--out", "{work}/cal"], 2, "--budget"),
-    case("worker-budget-list", C, ["worker", *TINY, "--budget", "2x,3x", "--storage", "sqlite:///{work}/s.db"], 2, "one budget"),
+    case("worker-budget-list-repeats", C, ["worker", *TINY, "--budget", "2x,3x,2x", "--storage", "sqlite:///{work}/s.db"], 2,
+         "repeats a budget"),
     case("worker-budget-fastest", C, ["worker", *TINY, "--budget", "fastest", "--storage", "sqlite:///{work}/s.db"], 2, "budget"),
     # --- calibrate arguments
     case("calibrate-unknown-command", C, ["frobnicate"], 2, "frobnicate"),
