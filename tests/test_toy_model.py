@@ -50,10 +50,11 @@ def test_missing_weights_error_says_how_to_train(tmp_path):
         mini.load_mini(tmp_path)
 
 
-def test_the_256_model_is_registered_with_its_architecture_and_no_weights_yet():
+def test_the_256_model_is_registered_with_its_architecture_and_its_weights(tmp_path):
     """infinity-mini-256: infinity-mini's architecture on a 13-scale schedule to 32x32 (the last
-    three scales 75% of the tokens); its random weights generate 256x256 images; without trained
-    weights it says how to train them; calibration draws it the scene prompts."""
+    three scales 75% of the tokens); its random weights generate 256x256 images; its shipped
+    weights are small and load by name (without them it says how to train them); calibration
+    draws it the scene prompts."""
     from calibrate.prompts import bundled
     from stagevar.models.registry import list_models, load_model
     assert "infinity-mini-256" in list_models()
@@ -67,9 +68,12 @@ def test_the_256_model_is_registered_with_its_architecture_and_no_weights_yet():
     img = m.reference_generate(m.encode_prompts(["a red circle"]), guidance=m.default_guidance, seed=0)
     assert img.shape == (1, 3, 256, 256)
     v = mini.VARIANTS[256]
-    if not (v.weights_dir / "transformer.safetensors").is_file():
-        with pytest.raises(mini.MiniWeightsError, match="mini256.yaml"):
-            load_model("infinity-mini-256")
+    sizes = {f: (v.weights_dir / f).stat().st_size for f in mini.WEIGHT_FILES}
+    assert sum(sizes.values()) <= 25 * 2**20, sizes
+    trained = load_model("infinity-mini-256")
+    assert trained.image_size == (256, 256) and [h for _, h, _ in trained.scale_schedule] == sides
+    with pytest.raises(mini.MiniWeightsError, match="mini256.yaml"):
+        mini.load_mini(tmp_path, variant=v)
     with pytest.raises(ConditionError, match="circel"):
         m.encode_prompts(["a red circel"])
     assert bundled("infinity-mini-256", "calibration", 4) == bundled("infinity-mini", "calibration", 4)

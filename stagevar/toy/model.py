@@ -60,7 +60,8 @@ VARIANTS = {
                      "runs/mini256 (or benchmarks/train256-gpu.sh on a GPU), then copy runs/mini256/final/* into "
                      "stagevar/toy/weights-256/",
                      "infinity-mini's architecture at 256px (13 scales to 32x32, the last three 75% of the tokens, "
-                     "as Infinity-2B's at 1024px); not trained yet: --random-weights for speed"),
+                     "as Infinity-2B's at 1024px); interim weights, 370 CPU steps from infinity-mini's, shipped in "
+                     "stagevar/toy/weights-256 (see its MODEL_CARD.md)"),
 }
 
 
