@@ -157,21 +157,17 @@ def search(model, record, subject, budgets, scorer, storage, *, settings: Search
     warm_params = [p for p in (params_for_point(record, pt) for pt in warm_points.values()) if p is not None]
     budgets_s = [b.target_seconds(baseline_pred) for b in budgets]
     label = BudgetSet.of(budgets)
-    several = len(budgets) > 1
     name = default_study_name(model, label, record, settings.study, False, len(sets))
     study = open_owned_study(name, storage, record, label, max(budgets_s), model.name, settings.trials, settings.seed,
-                             settings.search_images, objectives=2 if several else 1)
+                             settings.search_images, objectives=2 if len(budgets) > 1 else 1)
     if single_writer:
         requeue_stale(study)            # a journal study has one writer: RUNNING trials were killed
-    objective = Objective(record, subject, lat_model, None if several else budgets_s[0], scorer, sets[0].reference,
-                          sets[0].reference_semantic, more=sets[1:], margin=settings.latency_margin,
-                          band=(min(budgets_s), max(budgets_s)) if several else None)
+    objective = Objective.for_budgets(record, subject, lat_model, budgets_s, scorer, sets, settings.latency_margin)
     _run_sampler(study, objective, record, lat_model, tokens, budgets, budgets_s, warm_points, warm_params, settings,
                  progress)
     margin = settings.latency_margin
     searched = [Searched(b, b_s * (1 - margin), name, study, objective, b_s,
-                         skipping_allowed(record, lat_model, tokens, b_s * (1 - margin)) if several else objective.allow_skip,
-                         label.name)
+                         skipping_allowed(record, lat_model, tokens, b_s * (1 - margin)), label.name)
                 for b, b_s in zip(budgets, budgets_s)]
     pooled = list(measured_trials(study))
     found_by = {id(t): (name, label.name) for t in pooled}

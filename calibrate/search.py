@@ -283,6 +283,16 @@ class Objective:
         tight = band[0] if band is not None else budget_s
         self.allow_skip = skipping_allowed(record, latency, self.tokens, None if tight is None else tight * (1 - margin))
 
+    @classmethod
+    def for_budgets(cls, record: CalibrationRecord, subject: Subject, latency: LatencyModel, budgets_s: Sequence[float],
+                    scorer, sets: Sequence[ImageSet], margin: float = LATENCY_MARGIN) -> "Objective":
+        """The objective of a study of these budgets (seconds): one budget, the constraint; several,
+        the ``band`` from the fastest to the slowest."""
+        several = len(budgets_s) > 1
+        return cls(record, subject, latency, None if several else budgets_s[0], scorer, sets[0].reference,
+                   sets[0].reference_semantic, more=sets[1:], margin=margin,
+                   band=(min(budgets_s), max(budgets_s)) if several else None)
+
     def __call__(self, trial: optuna.trial.Trial) -> float | tuple[float, float]:
         point = suggest_policy(trial, self.record, self.allow_skip)
         predicted = self.latency.predict(point, self.tokens)

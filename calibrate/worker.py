@@ -238,20 +238,17 @@ def _run_worker(args, budgets, storage) -> int:
     lat_model = LatencyModel.of_record(rec, model.num_layers)
     tokens = model.tokens_per_scale()
     budgets_s = [b.target_seconds(lat_model.baseline(tokens)) for b in budgets]
-    several = len(budgets) > 1
     total = args.trials * len(budgets)                 # as the calibrate command: --trials per budget
     subject = Subject(model, prompts, seeds, batch_size, guidance, engine=rec.inputs.get("engine"))
     sets = objective_sets(subject, scorer, args.search_images)
     name = _study_name(args, model, rec, budgets, len(sets))
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    inner = Objective(rec, subject, lat_model, None if several else budgets_s[0], scorer, sets[0].reference,
-                      sets[0].reference_semantic, more=sets[1:],
-                      band=(min(budgets_s), max(budgets_s)) if several else None)
+    inner = Objective.for_budgets(rec, subject, lat_model, budgets_s, scorer, sets)
     label = BudgetSet.of(budgets)
     with storage_guard(args.storage):
         study = join_study(name, storage, rec, label, max(budgets_s), args.trials, sampler_seed(args.seed, args.worker_index),
                            fitted=fitted_seeds(rec, lat_model, tokens, budgets, budgets_s, LATENCY_MARGIN),
-                           allow_skip=inner.allow_skip, images=args.search_images, objectives=2 if several else 1)
+                           allow_skip=inner.allow_skip, images=args.search_images, objectives=2 if len(budgets) > 1 else 1)
     objective = TaggedObjective(inner, worker_id)
     log.info("worker %s joined study %s (record %s, budget %s = %s predicted)", worker_id, name, rec.key, label.name,
              ", ".join(f"{s:.3f}s" for s in budgets_s))
