@@ -43,6 +43,18 @@ class MeasureSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def for_model(cls, name: str) -> "MeasureSettings":
+        """The settings model ``name``'s registry entry asks for (``calibration["measure"]``: a model
+        that is slow to generate measures fewer keeps or latency rounds), else the defaults."""
+        from stagevar.errors import StageVarError
+        from stagevar.models.registry import model_entry
+        try:
+            asked = model_entry(name).calibration.get("measure", {})
+        except StageVarError:
+            asked = {}
+        return cls(**asked)
+
 
 def _progress(total: int, desc: str, enabled: bool):
     try:
@@ -98,13 +110,14 @@ def record_dir(out: str | Path, key: str) -> Path:
 
 
 def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, batch_size: int = 8,
-            guidance: float | list[float] | None = None, settings: MeasureSettings = MeasureSettings(),
+            guidance: float | list[float] | None = None, settings: MeasureSettings | None = None,
             progress: bool = True, interrupt_after: int | None = None, engine: str | None = None,
             scorer: SemanticScorer | None = None) -> CalibrationRecord:
     """Run (or resume, or reuse) the calibration pass; latencies are those of ``engine`` (None: the
     device's default); images are compared with ``scorer`` (None: the model's own, without
-    learned metrics). ``interrupt_after`` stops after that many new units (tests use it to
-    simulate an interruption)."""
+    learned metrics). ``settings`` None: the model's own (:meth:`MeasureSettings.for_model`).
+    ``interrupt_after`` stops after that many new units (tests use it to simulate an interruption)."""
+    settings = settings or MeasureSettings.for_model(adapter.name)
     scorer = scorer if scorer is not None else scorer_for(adapter.name)
     inputs = record_inputs(adapter, prompts, seeds, batch_size,
                            adapter.default_guidance if guidance is None else guidance, settings, engine, scorer)

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from calibrate.options import Parser, add_common_arguments, add_search_images_argument, scorer_from_args, setup
+from calibrate.options import Parser, add_common_arguments, apply_model_defaults, add_search_images_argument, scorer_from_args, setup
 from stagevar.errors import StageVarError, run_command
 
 log = logging.getLogger("stagevar.calibrate")
@@ -36,7 +36,8 @@ examples:
 A budget is a speedup over the full model (3x) or a latency per batch of --batch-size images
 (700ms, 1.5s); several budgets (2x,3x,4x) give one policy file with one operating point each,
 the first being the default. Killing the command and re-running it resumes: the calibration
-record and the Optuna study live in --out.
+record and the Optuna study live in --out. A model that is slow to generate sets smaller
+defaults for the search (--trials, --num-heldout, ...): `--model NAME --help` shows its own.
 """
 
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="speedup (3x) or latency per batch (700ms); comma-separated for several")
     p.add_argument("--trials", type=int, default=60,
                    help="sampler trials per budget, the enqueued seed policies included, in total across resumes and "
-                        "workers (default 60; several budgets share one study of --trials x budgets trials); the local "
+                        "workers (default %(default)s; several budgets share one study of --trials x budgets trials); the local "
                         "search's trials (--local-trials) come on top")
     p.add_argument("--storage", help="Optuna storage URL (default: a journal file in --out)")
     p.add_argument("--study", help="study name (default: derived from model, budget and calibration record)")
@@ -55,22 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-prompts", type=Path, help="verification prompts (default: a bundled held-out set)")
     p.add_argument("--num-heldout", type=int, default=64,
                    help="bundled held-out prompts for verification, from a draw of the held-out split that "
-                        "'stagevar-calibrate bench' and 'stagevar evaluate' do not score (default 64: one image of 64 is "
+                        "'stagevar-calibrate bench' and 'stagevar evaluate' do not score (default %(default)s; with 64, one image is "
                         "0.016 of a score)")
     p.add_argument("--report-prompts", type=Path, help="prompts the chosen point's numbers are measured on (default: a bundled "
                    "draw of the held-out split that neither the search nor the choice sees)")
     p.add_argument("--num-report", type=int, default=64,
-                   help="bundled report prompts (default 64; generated with the seeds + 1000; 0: write the numbers of the "
+                   help="bundled report prompts (default %(default)s; generated with the seeds + 1000; 0: write the numbers of the "
                         "selection set, which overstate the chosen point a little)")
-    p.add_argument("--verify-candidates", type=int, default=5, help="best feasible trials re-measured end to end (default 5)")
+    p.add_argument("--verify-candidates", type=int, default=5, help="best feasible trials re-measured end to end (default %(default)s)")
     p.add_argument("--verify-near", type=int, default=2,
                    help="also re-measure this many best trials predicted over the target but up to 10%% over the budget (the latency "
-                        "model's error band); they are chosen only if their measured speedup meets the budget (default 2)")
+                        "model's error band); they are chosen only if their measured speedup meets the budget (default %(default)s)")
     p.add_argument("--verify-repeats", type=int, default=5,
-                   help="timed rounds of the verification latency (full model and candidates interleaved; median; default 5)")
+                   help="timed rounds of the verification latency (full model and candidates interleaved; median; default %(default)s)")
     p.add_argument("--local-trials", type=int, default=30,
                    help="trials per budget of the local search after the sampler: neighbours (one keep notch, one "
-                        "selection, one boundary moved) of the best trial, while they improve (default 30; 0: none)")
+                        "selection, one boundary moved) of the best trial, while they improve (default %(default)s; 0: none)")
     add_search_images_argument(p)
     p.add_argument("--latency-margin", type=float, default=0.05,            # = calibrate.search.LATENCY_MARGIN
                    help="the local search and the choice of candidates aim this fraction under the budget's latency, "
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"unknown command {sub!r} (commands: measure, worker, bench; or no command for the full calibration)")
     else:
         parser, fn, rest = build_parser(), cmd_calibrate, argv
-    args = parser.parse_args(rest)
+    args = apply_model_defaults(parser, rest).parse_args(rest)
     verbose = getattr(args, "verbose", not getattr(args, "quiet", False))      # bench: -v; the others: --quiet
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -47,6 +47,25 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def apply_model_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """Give ``parser`` the defaults the model named in ``argv`` (``--model``, else the default
+    model) registers for its options (``ModelEntry.calibration``), so that ``--help`` shows them and
+    an option given on the command line still wins. An unknown or missing model name changes
+    nothing: the command's own parse and load report it."""
+    from stagevar.models.catalog import DEFAULT_MODEL
+    from stagevar.models.registry import model_entry
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default=DEFAULT_MODEL)
+    try:
+        known, _ = pre.parse_known_args(argv)
+        entry = model_entry(known.model)
+    except (SystemExit, argparse.ArgumentError, StageVarError):
+        return parser
+    dests = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in entry.calibration.items() if k in dests})
+    return parser
+
+
 def setup(args):
     import torch
     from stagevar.models.registry import load_model_from_args
@@ -76,7 +95,7 @@ def add_search_images_argument(p) -> None:
     all be measured alike)."""
     p.add_argument("--search-images", type=int, default=32, metavar="N",
                    help="images a trial is measured on while it ranks in the top quarter of the trials so far: the "
-                        "record's images first, then the same prompts with other seeds, a set at a time (default 32; "
+                        "record's images first, then the same prompts with other seeds, a set at a time (default %(default)s; "
                         "the record's count: every trial on the record's images only)")
 
 

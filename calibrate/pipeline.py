@@ -248,6 +248,15 @@ def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer
     return points, chosen, trials, infeasible
 
 
+def measured_stages(rec) -> dict[str, list[int] | None]:
+    """The stages the calibration pass found (the record's), for a policy's provenance: an
+    operating point's own ``stages`` name the scales its plan leaves untouched and may start
+    earlier (a plan may drop guidance inside the measured semantic stage where the sensitivity
+    pass found it harmless)."""
+    return {k: (list(v) if v is not None and v[1] >= v[0] else None)
+            for k, v in rec.stages.items() if k in ("semantic", "structure", "refinement")}
+
+
 def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,), *, heldout: Sequence[str],
               report_prompts: Sequence[str] = (), out: str | Path = "runs/calibration", batch_size: int = 8,
               guidance=None, scorer=None, engine: str | None = None, storage=None, storage_label: str | None = None,
@@ -299,7 +308,8 @@ def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,
         model=model.name, device=rec.inputs["device"], device_type=rec.inputs["device_type"], dtype=rec.inputs["dtype"],
         batch_size=batch_size, guidance=rec.inputs["guidance"], engine=engine,
         weights_sha256=weights_hash(model), calibrated=True,
-        calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], calibration_prompts=len(prompts),
+        calibration_record=rec.key, calibration_record_sha256=rec.sha256()[:16], measured_stages=measured_stages(rec),
+        calibration_prompts=len(prompts),
         verification_prompts=len(heldout), report_prompts=len(report_prompts), seeds=seeds, metrics=scorer.describe(),
         optuna_storage=storage_label or ("journal file in --out" if single_writer else "given storage"),
         optuna_sampler_seed=settings.seed, trials_per_budget=settings.trials))

@@ -108,7 +108,7 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     from calibrate.record import UnitStore, content_key
     from stagevar.io import atomic_write
 
-    settings = settings or MeasureSettings()
+    settings = settings or MeasureSettings.for_model(adapter.name)
     scorer = scorer if scorer is not None else scorer_for(adapter.name)
     inputs = record_inputs(adapter, prompts, seeds, batch_size,
                            adapter.default_guidance if guidance is None else guidance, settings, engine, scorer)

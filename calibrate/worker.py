@@ -120,7 +120,7 @@ def build_worker_parser() -> argparse.ArgumentParser:
                         "study (quality and latency), as in the calibrate command")
     p.add_argument("--trials", type=int, default=60,
                    help="finished trials (COMPLETE or PRUNED) wanted in the study per budget, in total across all workers "
-                        "(default 60; several budgets: --trials x budgets)")
+                        "(default %(default)s; several budgets: --trials x budgets)")
     add_search_images_argument(p)
     p.add_argument("--n-workers", type=int, default=1, help="worker processes started on this machine (default 1)")
     p.add_argument("--record", type=Path,
@@ -373,6 +373,7 @@ def _run_local_workers(args, budgets) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     from stagevar.errors import run_command
-    _args = build_worker_parser().parse_args(sys.argv[1:])
+    from calibrate.options import apply_model_defaults
+    _args = apply_model_defaults(build_worker_parser(), sys.argv[1:]).parse_args(sys.argv[1:])
     logging.basicConfig(level=logging.WARNING if _args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(run_command(cmd_worker, _args, interrupted_hint="re-run the same command to resume"))

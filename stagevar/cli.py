@@ -169,6 +169,7 @@ def _slug(text: str) -> str:
 
 def cmd_generate(args) -> int:
     import torch
+    from stagevar.guidance import guidance_per_scale
     from stagevar.io import save_png
     from stagevar.policy import load_policy
     from stagevar.runtime import Runtime
@@ -183,8 +184,16 @@ def cmd_generate(args) -> int:
     if policy is not None:
         policy.check_compatible(model)
         policy.operating_point(args.operating_point)
-    runtime = Runtime(model, policy, args.operating_point, engine=args.engine)
     single = len(prompts) == 1 and args.out.suffix.lower() == ".png"
+    if not single and args.out.suffix.lower() == ".png":
+        raise StageVarError(f"--out {args.out} names one .png file but {len(prompts)} prompts were given: give a "
+                            "directory for several images.")
+    if not single and args.out.exists() and not args.out.is_dir():
+        raise StageVarError(f"--out {args.out} exists and is not a directory: give a directory for the images.")
+    model.encode_prompts(prompts)      # every prompt checked before an image is written (the error names the bad one)
+    if args.guidance is not None:
+        guidance_per_scale(args.guidance, len(model.scale_schedule))          # a list of the wrong length: named here
+    runtime = Runtime(model, policy, args.operating_point, engine=args.engine)
     if not single:
         args.out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -227,6 +236,10 @@ def cmd_inspect(args) -> int:
         print(f"operating point {name}{'  (default)' if name == policy.default else ''}")
         st = pt.stages
         print("  stages: " + ", ".join(f"{k} {a}-{b}" if b >= a else f"{k} (none)" for k, (a, b) in st.items()))
+        found = (policy.provenance or {}).get("measured_stages")
+        if isinstance(found, dict) and found != {k: [a, b] if b >= a else None for k, (a, b) in st.items()}:
+            print("  (the plan's stages; the calibration measured " + ", ".join(
+                f"{k} {v[0]}-{v[1]}" if v else f"{k} (none)" for k, v in found.items()) + ")")
         skipped = predicted_work_skipped(pt, m.scale_schedule, m.num_layers)
         print(f"  predicted share of transformer token-layer work skipped: {skipped:.1%}")
         print(f"  {'scale':>5} {'h x w':>9} {'tokens':>7} {'stage':<11} {'guidance':<9} {'computed':>9} {'selection':<18} {'restore':<14} layers")

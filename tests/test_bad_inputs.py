@@ -27,6 +27,7 @@ from pg import free_port, postgres  # noqa: F401 - fixture
 
 NO_CUDA = not torch.cuda.is_available()
 TINY = ["--model", "infinity-tiny"]
+M256 = ["--model", "infinity-mini-256"]
 CAL = ["--budget", "2x", "--num-prompts", "2", "--batch-size", "2", "--num-heldout", "2", "--num-report", "2", "--trials", "2", "--quiet"]
 SECRET = "pw-not-shown-42"
 
@@ -76,6 +77,8 @@ def inp(tmp_path_factory):
     (d / "list.yaml").write_text("- just\n- a list\n")
     f["policy_not_mapping"] = d / "list.yaml"
     # prompt files
+    (d / "p_typo.txt").write_text("a red circle\na red circel\n")
+    f["prompts_typo"] = d / "p_typo.txt"
     (d / "p_empty.txt").write_text("")
     (d / "p_binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)
     (d / "p_nul.txt").write_text("a red circle\x00two blue squares\n")
@@ -102,6 +105,9 @@ def inp(tmp_path_factory):
     for name in ("truncated", "wrong_model", "malicious", "malicious_zip"):
         f[f"weights_{name}"] = d / name
     f["weights_missing"] = d / "no-such-dir"
+    repo = Path(__file__).resolve().parents[1]
+    f["mini_weights"] = repo / "stagevar" / "toy" / "weights"               # infinity-mini's (128px)
+    f["mini_policy"] = repo / "policies" / "infinity-mini.128.2x-3x-4x.yaml"
     return f
 
 
@@ -155,6 +161,18 @@ CASES = [
     case("stagevar-op-without-policy", S, ["generate", *TINY, "--prompt", "x", "--operating-point", "2x",
                                            "--out", "{work}/x.png"], 1, "--policy"),
     case("stagevar-unknown-model", S, ["generate", "--model", "nope", "--prompt", "x", "--out", "{work}/x.png"], 1, "nope"),
+    case("stagevar-png-for-several-prompts", S, ["generate", *TINY, "--prompt", "x", "--prompt", "y", "--out", "{work}/x.png"],
+         1, ".png", "2 prompts"),
+    # --- the 256px embedded model: the same errors as infinity-mini's
+    case("mini256-unknown-word", S, ["generate", *M256, "--prompt", "a red circle", "--prompt", "a red circel",
+                                     "--out", "{work}/o"], 1, "circel"),
+    case("mini256-guidance-of-128", S, ["generate", *M256, "--prompt", "a red circle", "--guidance", "1,1,3,3,3,3,3,3,3,3",
+                                        "--out", "{work}/x.png"], 1, "13 scales"),
+    case("mini256-policy-of-128", S, ["generate", *M256, "--prompt", "a red circle", "--policy", "{mini_policy}",
+                                      "--out", "{work}/x.png"], 1, "infinity-mini-256"),
+    case("mini256-weights-of-128", S, ["generate", *M256, "--weights", "{mini_weights}", "--prompt", "a red circle",
+                                       "--out", "{work}/x.png"], 1, "image_size 128"),
+    case("mini256-calibrate-unknown-word", C, [*M256, *CAL, "--prompts", "{prompts_typo}", "--out", "{work}/cal"], 1, "circel"),
     # --- prompt files
     case("stagevar-prompts-empty", S, ["generate", *TINY, "--prompts", "{prompts_empty}", "--out", "{work}/o"], 1, "prompt"),
     case("stagevar-prompts-binary", S, ["generate", *TINY, "--prompts", "{prompts_binary}", "--out", "{work}/o"], 1, "UTF-8"),

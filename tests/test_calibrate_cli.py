@@ -74,6 +74,8 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     assert {"selection_quality", "selection_quality_se", "quality_se"} <= set(point.measured)
     assert point.measured["selection_images"] == 2 and policy.provenance["report_prompts"] == 2
     assert policy.provenance["calibration_record"] == rec.key
+    found = policy.provenance["measured_stages"]                         # the record's stages, beside the plan's
+    assert set(found) == {"semantic", "structure", "refinement"} and found["semantic"] == list(rec.stages["semantic"])
     assert policy.provenance["guidance"] == rec.inputs["guidance"] == load_model("infinity-tiny").default_guidance
     assert policy.provenance["engine"] == rec.inputs["engine"] == "eager"          # the engine the latencies are of
     policy.save(tmp_path / "copy.yaml")
@@ -105,6 +107,11 @@ def test_cli_calibrate_end_to_end_and_resume(measured, tmp_path, small_cli, monk
     assert len(used) == 1 and used[0] == policy
     monkeypatch.setattr(runtime_mod, "Runtime", real_rt)
     capsys.readouterr()
+    assert stagevar_main(["inspect", str(policy_path)]) == 0
+    shown = capsys.readouterr().out
+    st = point.stages
+    differs = found != {k: [a, b] if b >= a else None for k, (a, b) in st.items()}
+    assert ("the calibration measured semantic " in shown) == differs and "measured_stages" in shown
 
     # re-running resumes: the trials are kept and no new one runs
     def no_trial(self, trial):
@@ -281,3 +288,41 @@ def test_the_scorer_is_the_one_the_model_entry_names(monkeypatch):
     monkeypatch.setitem(catalog._REGISTRY, "infinity-tiny", dataclasses.replace(model_entry("infinity-tiny"), scorer="clip"))
     with pytest.raises(ValueError, match="scorer 'clip'.*codes, evaluator"):
         metrics.scorer_for("infinity-tiny")
+
+
+def test_a_model_sets_its_own_calibration_defaults(monkeypatch, capsys):
+    """infinity-mini-256 costs about 4x infinity-mini an image, so its registry entry asks for a
+    smaller search (fewer trials and verification images) and a smaller calibration pass; the
+    calibrate command and its workers (whose trials must be measured alike) both take them,
+    ``--help`` shows them, and an option on the command line still wins."""
+    import calibrate.cli as cli
+    import calibrate.worker as worker
+    from calibrate.calibration import MeasureSettings, sensitivity_units
+    from stagevar.models.registry import model_entry
+    seen = {}
+    monkeypatch.setattr(cli, "cmd_calibrate", lambda args: seen.setdefault("calibrate", []).append(args) or 0)
+    monkeypatch.setattr(worker, "cmd_worker", lambda args: seen.setdefault("worker", []).append(args) or 0)
+    asked = model_entry("infinity-mini-256").calibration
+    assert cli.main(["--budget", "3x", "--model", "infinity-mini-256"]) == 0
+    big = seen["calibrate"][-1]
+    assert (big.trials, big.local_trials, big.search_images, big.num_heldout) == \
+        (asked["trials"], asked["local_trials"], asked["search_images"], asked["num_heldout"])
+    assert big.trials < 60 and big.num_heldout < 64
+    assert cli.main(["--budget", "3x", "--model=infinity-mini-256", "--trials", "40"]) == 0
+    assert seen["calibrate"][-1].trials == 40 and seen["calibrate"][-1].num_heldout == asked["num_heldout"]
+    assert cli.main(["--budget", "3x"]) == 0                       # the default model: the command's defaults
+    assert (seen["calibrate"][-1].trials, seen["calibrate"][-1].num_heldout) == (60, 64)
+    assert cli.main(["worker", "--storage", "sqlite:///x.db", "--budget", "3x", "--model", "infinity-mini-256"]) == 0
+    w = seen["worker"][-1]
+    assert (w.trials, w.search_images) == (big.trials, big.search_images)
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "infinity-mini-256", "--help"])
+    assert f"(default {asked['trials']};" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        cli.main(["--budget", "3x", "--model"])                     # a missing name: argparse's usage error
+    assert "--model" in capsys.readouterr().err
+    # its calibration pass: fewer keeps and latency rounds; infinity-mini's (and its records' keys) unchanged
+    small, default = MeasureSettings.for_model("infinity-mini-256"), MeasureSettings.for_model("infinity-mini")
+    assert default == MeasureSettings() and MeasureSettings.for_model("no-such-model") == MeasureSettings()
+    assert small.latency_repeats < default.latency_repeats
+    assert len(sensitivity_units(small, 13)) < len(sensitivity_units(default, 13))

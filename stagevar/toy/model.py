@@ -45,6 +45,8 @@ class MiniVariant:
     weights_dir: Path
     train_command: str
     description: str
+    #: its defaults for ``stagevar-calibrate`` (``register_model(calibration=...)``)
+    calibration: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 #: the embedded models, by image side (a weights directory's ``config.json`` names its side)
@@ -61,7 +63,13 @@ VARIANTS = {
                      "stagevar/toy/weights-256/",
                      "infinity-mini's architecture at 256px (13 scales to 32x32, the last three 75% of the tokens, "
                      "as Infinity-2B's at 1024px); interim weights, 370 CPU steps from infinity-mini's, shipped in "
-                     "stagevar/toy/weights-256 (see its MODEL_CARD.md)"),
+                     "stagevar/toy/weights-256 (see its MODEL_CARD.md)",
+                     # an image costs about 4x infinity-mini's (2,680 tokens against 670): fewer keeps
+                     # and latency rounds in the calibration pass, fewer trials and verification images,
+                     # so that `stagevar-calibrate --budget 2x,3x,4x` fits in 30 minutes on 2 CPU cores
+                     calibration={"measure": {"keeps": (0.5, 0.25, 0.1), "latency_repeats": 2},
+                                  "trials": 16, "local_trials": 6, "search_images": 8, "num_heldout": 24,
+                                  "num_report": 32, "verify_candidates": 3, "verify_near": 1, "verify_repeats": 3}),
 }
 
 
@@ -115,7 +123,8 @@ class MiniTextEncoder(nn.Module):
             try:
                 row = tokenize(p)
             except ValueError as e:
-                raise ConditionError(f"infinity-mini cannot encode prompt {p!r}: {e}") from None
+                raise ConditionError(f"the embedded models' scene grammar (stagevar/toy/GRAMMAR.md) cannot encode "
+                                     f"prompt {p!r}: {e}") from None
             n = sum(1 for t in row if t != PAD_ID)
             if n == 0:
                 raise ConditionError(f"empty prompt {p!r}: every prompt must contain words")
@@ -207,6 +216,12 @@ def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float
             "with random weights, for speed only).")
     try:
         arch = json.loads((wdir / "config.json").read_text())
+        found = variant_of(arch)
+        if found.name != name:
+            raise MiniWeightsError(
+                f"{wdir} holds {found.name}'s weights (config.json: image_size {arch.get('image_size')}), not {name}'s "
+                f"({variant.image_size}px). Load them as --model {found.name}, or pass the weights of {name} "
+                f"(default: {variant.weights_dir}).")
         _, adapter = build_parts(arch)
         for part, fname in (("transformer", "transformer.safetensors"), ("vae", "vae.safetensors"),
                             ("text_encoder", "text.safetensors")):
@@ -266,7 +281,7 @@ def _register() -> None:
             return load_mini(_weights_dir(weights, _v.name), device=device, dtype=dtype, variant=_v)
 
         register_model(variant.name, family="infinity", needs_weights=False, scorer="evaluator",
-                       description=variant.description)(build)
+                       description=variant.description, calibration=variant.calibration)(build)
 
 
 _register()
