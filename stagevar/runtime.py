@@ -98,6 +98,24 @@ def identity_plans(n: int) -> list[ScalePlan]:
     return [ScalePlan(k) for k in range(n)]
 
 
+@dataclasses.dataclass
+class Prefix:
+    """An eager generation stopped before scale ``scale``, to be continued by
+    :meth:`Runtime.generate` (``resume=``) with any plans that agree with ``plans`` on the scales
+    before it; each continuation works on its own copy, so one prefix serves many. It holds the
+    full-grid hidden states of the last scale at every layer boundary, so a continuation can
+    restore tokens from any of them."""
+
+    scale: int
+    plans: tuple[ScalePlan, ...]            # the plans of scales 0 .. scale - 1
+    condition: Any
+    guidance: Any
+    seed: int
+    sampling: dict
+    state: Any
+    carry: _Carry
+
+
 class Runtime:
     """Applies one operating point of a policy to an adapter.
 
@@ -161,8 +179,14 @@ class Runtime:
     @torch.no_grad()
     def generate(self, prompts: Sequence[str] | None = None, *, condition: Any = None,
                  guidance: float | Sequence[float] | None = None,
-                 seed: int = 0, observer: Observer | None = None, **sampling) -> GenerationResult:
+                 seed: int = 0, observer: Observer | None = None, resume: Prefix | None = None,
+                 **sampling) -> GenerationResult:
         """Generate one image per prompt (or per item of a pre-encoded ``condition``).
+
+        ``resume``: continue a :meth:`prefix` of this generation (the same condition object, seed
+        and guidance; plans equal on its scales) from its scale instead of starting at scale 0,
+        on the eager engine; the images are the same, and the records and seconds cover the
+        scales run here.
 
         ``guidance`` None: the guidance an accelerating calibrated policy was measured with
         (``provenance.guidance``), else the model's default. Other guidance than the policy's
@@ -176,12 +200,15 @@ class Runtime:
         else:
             self._check_guidance(guidance)
         engine = "static" if self.engine == "graphs" and observer is not None else self.engine
+        if resume is not None:
+            state, start = self._resume(resume, condition, guidance, seed, sampling)
         timer = ScaleTimer(ad.device, self.synchronize)
         t0 = time.perf_counter()
         if engine == "eager":
-            state = ad.prepare(condition, guidance=guidance, seed=seed, **sampling)
+            if resume is None:
+                state, start = ad.prepare(condition, guidance=guidance, seed=seed, **sampling), None
             try:
-                carry, scales = self._loop(state, seed, None, observer, timer)
+                carry, scales = self._loop(state, seed, None, observer, timer, start)
                 images = ad.decode(state)
             finally:
                 ad.finish(state)
@@ -201,6 +228,43 @@ class Runtime:
         records = [ScaleRecord(k, rows, m, computed, dt, wall) for (k, rows, m, computed), dt, wall
                    in zip(scales, timer.intervals(), timer.wall_intervals())]
         return GenerationResult(images, records, seconds, codes, engine)
+
+    @torch.no_grad()
+    def prefix(self, condition: Any, scale: int, *, guidance: float | Sequence[float] | None = None, seed: int = 0,
+               **sampling) -> Prefix:
+        """Run this runtime's plans on scales ``0 .. scale - 1`` (eager) and keep the state, to
+        continue it with :meth:`generate` ``(resume=...)``."""
+        ad = self.adapter
+        if not 0 < scale < len(ad.scale_schedule):
+            raise ValueError(f"a prefix stops before a scale in 1..{len(ad.scale_schedule) - 1}, got {scale}")
+        if any(p.skip for p in self.plans[:scale]):
+            raise ValueError(f"the plans skip a scale before {scale}: there is nothing to continue")
+        guidance = ad.default_guidance if guidance is None else guidance
+        state = ad.prepare(condition, guidance=guidance, seed=seed, **sampling)
+        every = range(ad.num_layers + 1)
+        keep = self.boundaries
+        self.boundaries = sorted(every)                     # record the hidden states at every boundary
+        try:
+            carry = self._start_carry()
+            for k in range(scale):
+                carry = self._step(state, k, carry, seed, None)
+        finally:
+            self.boundaries = keep
+        return Prefix(scale, tuple(self.plans[:scale]), condition, guidance, seed, dict(sampling), state, carry)
+
+    def _resume(self, prefix: Prefix, condition, guidance, seed: int, sampling: dict):
+        """A copy of ``prefix``'s state and carry for this runtime, after checking that it is the
+        beginning of this generation."""
+        if self.engine != "eager":
+            raise ValueError(f"resuming a prefix runs on the eager engine, not {self.engine!r}")
+        if tuple(self.plans[:prefix.scale]) != prefix.plans:
+            raise ValueError(f"the prefix ran other plans on scales 0..{prefix.scale - 1} than this runtime's")
+        if condition is not prefix.condition or seed != prefix.seed or sampling != prefix.sampling or not same_guidance(
+                guidance, prefix.guidance, len(self.adapter.scale_schedule)):
+            raise ValueError("resume a prefix with the condition, seed, guidance and sampling it was run with")
+        hidden = prefix.carry.hidden
+        carry = dataclasses.replace(prefix.carry, hidden={b: hidden[b] for b in self.boundaries})
+        return self.adapter.copy_state(prefix.state), (carry, prefix.scale)
 
     def _generate_static(self, compiled: CompiledPlan, condition, guidance, seed: int, sampling: dict,
                          observer: Observer | None, timer: ScaleTimer):
@@ -258,9 +322,14 @@ class Runtime:
         return _Carry({})
 
     def _loop(self, state, seed: int, inputs: ScaleInputs | None, observer: Observer | None,
-              timer: ScaleTimer) -> tuple[_Carry, list[tuple[int, int, int, int]]]:
-        carry, scales = self._start_carry(), []
+              timer: ScaleTimer, start: tuple[_Carry, int] | None = None) -> tuple[_Carry, list[tuple[int, int, int, int]]]:
+        """The scales from the first (or from ``start``'s scale, with its carry: a resumed
+        prefix) to the last or the first skipped."""
+        carry, first = start if start is not None else (self._start_carry(), 0)
+        scales = []
         for k, (t, h, w) in enumerate(self.adapter.scale_schedule):
+            if k < first:
+                continue
             plan = self.plans[k]
             if plan.skip:
                 break

@@ -279,6 +279,35 @@ def test_identity_run_has_zero_damage(model, subject, reference):
     assert m2["damage"] == 0.0 and m2["quality"] == 1.0
 
 
+def test_sensitivity_runs_the_unchanged_scales_once_and_measures_what_whole_runs_measure(model, subject, reference,
+                                                                                         monkeypatch):
+    """A sensitivity unit changes one scale; the scales before it are generated once per batch
+    for every unit of that scale (the runtime's prefix) and each unit continues from there. The
+    images, and so every number of the record, are those of generating each unit whole."""
+    from calibrate.measure.common import Variant
+    from calibrate.measure.sensitivity import measure_variant, variant_point
+    from stagevar.runtime import Runtime
+    made = []
+    real = Runtime.prefix
+    monkeypatch.setattr(Runtime, "prefix", lambda self, cond, scale, **k: made.append(scale) or real(self, cond, scale, **k))
+    n = subject.num_scales
+    scorer = scorer_for(model.name)
+    batches = len(list(subject.batches()))
+    for k in (n - 2, n - 1):
+        for v in (Variant("cond_only"), Variant("cfg", 0.5, "random_projection"), Variant("cfg", 0.25, "deviation")):
+            whole = subject.run(variant_point(subject, k, v))
+            cont = subject.run(variant_point(subject, k, v), reuse_prefix=True)
+            assert np.array_equal(whole.images, cont.images) and np.array_equal(whole.final_codes, cont.final_codes)
+            row = measure_variant(subject, reference, k, v, scorer)
+            monkeypatch.setattr(subject, "_first_changed", lambda point: None)        # whole runs
+            assert measure_variant(subject, reference, k, v, scorer) == row
+            monkeypatch.undo()
+            monkeypatch.setattr(Runtime, "prefix", lambda self, cond, scale, **kw: made.append(scale) or real(self, cond, scale, **kw))
+    assert made == [n - 2] * batches + [n - 1] * batches             # one prefix per batch and scale
+    assert len(subject._prefixes) == batches                           # only the last scale's are kept
+    assert subject._first_changed(point_from_plans(n, {})) is None    # the identity: nothing to continue
+
+
 # -------------------------------------------------------------------------------- 5. spectra
 def test_effective_rank_known_values():
     assert effective_rank(np.array([3.0, 4.0, 0.0]), 0.99) == 2

@@ -39,6 +39,45 @@ def test_identity_policy_reproduces_reference_sampler_exactly(model):
         assert torch.equal(ref, out.images)
 
 
+def test_a_prefix_continued_gives_the_images_of_the_whole_generation(model):
+    """Calibration runs the scales before a variant's first change once and continues from them
+    for every variant of that scale: each continuation (guidance dropped there, a token subset
+    restored from any layer boundary, a later scale skipped) gives exactly the images and codes
+    of generating from scale 0, and continuing twice from one prefix gives the same twice (the
+    latent, caches and generator are copied, not shared). A prefix of other plans, another seed
+    or another engine is refused."""
+    cond = _cond(model)
+    n, depth = len(model.scale_schedule), model.num_layers
+    k = n - 3
+    sub = dict(keep=0.5, selection="random_projection")
+    tails = [
+        [ScalePlan(k, guidance="cond_only"), ScalePlan(k + 1, guidance="cond_only"), ScalePlan(k + 2, guidance="cond_only")],
+        [ScalePlan(k, layers=(1, depth), **sub), ScalePlan(k + 1), ScalePlan(k + 2)],
+        [ScalePlan(k, selection="deviation", keep=0.25, restore="cached_output", layers=(0, depth - 1)),
+         ScalePlan(k + 1, guidance="cond_only", **sub), ScalePlan(k + 2, skip=True)],
+    ]
+    pre = Runtime(model, engine="eager").prefix(cond, k, guidance=model.default_guidance, seed=3)
+    for tail in tails:
+        rt = Runtime(model, _point(model, tail), engine="eager")
+        whole = rt.generate(condition=cond, seed=3)
+        for _ in range(2):
+            cont = rt.generate(condition=cond, seed=3, resume=pre)
+            assert torch.equal(cont.images, whole.images) and torch.equal(cont.codes, whole.codes)
+            assert [r.scale for r in cont.records] == [r.scale for r in whole.records if r.scale >= k]
+    later = Runtime(model, _point(model, [ScalePlan(n - 2, guidance="cond_only"), ScalePlan(n - 1, guidance="cond_only")]),
+                    engine="eager")
+    with pytest.raises(ValueError, match="other plans"):       # its plans change scale k - 1 < the prefix's
+        Runtime(model, _point(model, [ScalePlan(k - 1, guidance="cond_only")] + [
+            ScalePlan(j, guidance="cond_only") for j in range(k, n)]), engine="eager").generate(condition=cond, seed=3, resume=pre)
+    assert torch.equal(later.generate(condition=cond, seed=3, resume=pre).images, later.generate(condition=cond, seed=3).images)
+    with pytest.raises(ValueError, match="seed"):
+        later.generate(condition=cond, seed=4, resume=pre)
+    with pytest.raises(ValueError, match="eager"):
+        Runtime(model, engine="static").generate(condition=cond, seed=3, resume=pre)
+    with pytest.raises(NotImplementedError, match="static"):
+        model.copy_state(model.prepare(cond, guidance=model.default_guidance, seed=3, kv_capacity=[64] * depth))
+
+
 def test_cond_only_halves_the_batch_the_adapter_receives(model, monkeypatch):
     cond = _cond(model)
     B = 2

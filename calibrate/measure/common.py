@@ -89,6 +89,7 @@ class Subject:
         self.items = [(p, s) for s in self.seeds for p in self.prompts]
         self._cond_cache: dict[tuple, Any] = {}
         self._captured: collections.OrderedDict[tuple, Runtime] = collections.OrderedDict()
+        self._prefixes: dict[tuple, Any] = {}         # (scale, prompts, seed) -> runtime Prefix, one scale at a time
 
     @property
     def num_scales(self) -> int:
@@ -135,14 +136,20 @@ class Subject:
         return rt
 
     def run(self, point: OperatingPoint | None, observer: Callable[[ScaleObservation, int], None] | None = None,
-            observe_layers=(), synchronize: bool = True, timed: bool = False) -> RunOutput:
-        """Every batch through the runtime; ``timed``: a latency measurement (see the class)."""
+            observe_layers=(), synchronize: bool = True, timed: bool = False, reuse_prefix: bool = False) -> RunOutput:
+        """Every batch through the runtime; ``timed``: a latency measurement (see the class).
+        ``reuse_prefix`` (untimed, eager): the scales before the point's first changed one are
+        run once per batch and kept, and every point that first changes the same scale continues
+        from them (the same images; the seconds are the continuation's)."""
         rt = self._runtime(point, observe_layers, synchronize, timed)
+        first = self._first_changed(point) if reuse_prefix and not timed and observer is None else None
         imgs, codes, secs, per_scale = [], [], 0.0, np.zeros(self.num_scales)
         offset = 0
         for prompts, seed in self.batches():
             obs = None if observer is None else (lambda o, _offset=offset: observer(o, _offset))
-            res = rt.generate(condition=self.condition(prompts), guidance=self.guidance, seed=seed, observer=obs)
+            resume = None if first is None else self._prefix(first, prompts, seed)
+            res = rt.generate(condition=self.condition(prompts), guidance=self.guidance, seed=seed, observer=obs,
+                              resume=resume)
             imgs.append(res.images.float().cpu().numpy())
             codes.append(res.codes.reshape(len(prompts), -1).float().cpu().numpy())
             secs += res.seconds
@@ -152,6 +159,26 @@ class Subject:
         width = max(c.shape[1] for c in codes)
         codes = [np.pad(c, ((0, 0), (0, width - c.shape[1])), constant_values=-1) for c in codes]
         return RunOutput(np.concatenate(imgs), np.concatenate(codes), secs, per_scale.tolist())
+
+    def _first_changed(self, point: OperatingPoint | None) -> int | None:
+        """The scale a prefix of ``point`` would stop before (its first plan that is not the
+        identity), or None where no prefix helps (engines other than eager, which write their
+        caches in place; the identity; a change at scale 0)."""
+        if point is None or self.engine != "eager":
+            return None
+        first = next((p.scale for p in point.plans if not p.is_identity), None)
+        return first if first is not None and first >= 1 else None
+
+    def _prefix(self, scale: int, prompts, seed: int):
+        """The unaccelerated generation of one batch stopped before ``scale`` (kept until a
+        prefix of another scale is asked for: one scale's prefixes at a time)."""
+        key = (scale, tuple(prompts), seed)
+        if key not in self._prefixes:
+            if any(k[0] != scale for k in self._prefixes):
+                self._prefixes.clear()
+            rt = Runtime(self.adapter, None, engine="eager")
+            self._prefixes[key] = rt.prefix(self.condition(prompts), scale, guidance=self.guidance, seed=seed)
+        return self._prefixes[key]
 
     @property
     def item_prompts(self) -> list[str]:

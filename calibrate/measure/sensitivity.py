@@ -155,7 +155,7 @@ def variant_header(scale: int, variant: Variant) -> dict[str, Any]:
 
 
 def measure_variant(subject, ref: RunOutput, scale: int, variant: Variant, scorer, ref_semantic=None) -> dict:
-    out = subject.run(variant_point(subject, scale, variant))
+    out = subject.run(variant_point(subject, scale, variant), reuse_prefix=True)      # scales < scale: run once
     row = variant_header(scale, variant)
     row.update(summarize(per_image(out, ref, subject.item_prompts, scorer, ref_semantic)))
     return row

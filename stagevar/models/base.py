@@ -256,6 +256,32 @@ class Adapter(nn.Module, abc.ABC):
     def finish(self, state: GenerationState) -> None:
         """Release the KV caches (called by the runtime even when generation fails)."""
 
+    def copy_state(self, state: GenerationState) -> GenerationState:
+        """An independent copy of an eager generation's state, to continue it more than once from
+        the same scale (calibration reruns only the scales a variant changes). Growing KV caches
+        are copied by reference (their appends replace tensors, never write into them); every
+        other tensor is cloned (a latent may be accumulated in place), lists are copied and the
+        generator resumes from the same position. A state with static caches (the ``static`` and
+        ``graphs`` engines write them in place) cannot be copied: NotImplementedError."""
+        from stagevar.models.kv_cache import KVCache
+        if getattr(state, "static", False):
+            raise NotImplementedError("a state with static KV caches cannot be copied")
+        fields = {}
+        for f in dataclasses.fields(state):
+            v = getattr(state, f.name)
+            if isinstance(v, torch.Generator):
+                g = torch.Generator(device=v.device)
+                g.set_state(v.get_state())
+                v = g
+            elif isinstance(v, torch.Tensor):
+                v = v.clone()
+            elif isinstance(v, list):
+                if any(hasattr(c, "k_buf") for c in v):
+                    raise NotImplementedError("a state with static KV caches cannot be copied")
+                v = [c.copy() if isinstance(c, KVCache) else c for c in v]
+            fields[f.name] = v
+        return type(state)(**fields)
+
     # ----------------------------------------------------------------------------- reference
     @abc.abstractmethod
     def reference_generate(self, condition: Any, *, guidance: float, seed: int) -> torch.Tensor:

@@ -74,6 +74,13 @@ class KVCache:
         if self.k is not None:
             self.k, self.v = self.k[:n], self.v[:n]
 
+    def copy(self) -> "KVCache":
+        """Another cache holding the same tensors: appends and row selections replace them and
+        never write into them, so the two go on independently."""
+        c = KVCache()
+        c.k, c.v = self.k, self.v
+        return c
+
 
 class StaticKVCache:
     """Keys and values of one attention layer in buffers allocated once, written in place.
