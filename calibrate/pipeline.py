@@ -53,6 +53,18 @@ class SearchSettings:
             raise StageVarError(f"--latency-margin must be in [0, 0.5), got {self.latency_margin} (0.03 aims 3% under "
                                 "the budget).")
 
+    @classmethod
+    def for_model(cls, name: str, **given) -> "SearchSettings":
+        """The settings model ``name``'s registry entry asks for (``calibration``: a model that
+        is slow to generate asks for fewer trials), with ``given`` on top, else the defaults."""
+        from stagevar.models.registry import model_entry
+        try:
+            asked = model_entry(name).calibration
+        except StageVarError:
+            asked = {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in asked.items() if k in fields}, **given})
+
 
 @dataclasses.dataclass
 class Searched:
@@ -260,7 +272,7 @@ def measured_stages(rec) -> dict[str, list[int] | None]:
 def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,), *, heldout: Sequence[str],
               report_prompts: Sequence[str] = (), out: str | Path = "runs/calibration", batch_size: int = 8,
               guidance=None, scorer=None, engine: str | None = None, storage=None, storage_label: str | None = None,
-              warm_start=None, settings: SearchSettings = SearchSettings(), progress: bool = True) -> CalibrationResult:
+              warm_start=None, settings: SearchSettings | None = None, progress: bool = True) -> CalibrationResult:
     """Measure ``model`` on ``prompts`` x ``seeds``, search a plan per budget (``"3x"``,
     ``"2x,3x,4x"``, ``"700ms"`` or :class:`calibrate.budget.Budget` objects), verify on
     ``heldout`` (and measure the winner on ``report_prompts`` with the seeds + 1000) and return
@@ -270,7 +282,8 @@ def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,
     ``storage``: an Optuna storage (default: a journal file in ``out``, whose interrupted trials
     are queued again); ``storage_label`` names it in the policy's provenance (credentials
     redacted by the caller). ``warm_start``: an earlier :class:`stagevar.policy.Policy` whose
-    operating points are tried first."""
+    operating points are tried first. ``settings`` None: the model's own
+    (:meth:`SearchSettings.for_model`)."""
     import optuna
 
     from calibrate.calibration import measure, record_dir, weights_hash
@@ -282,6 +295,7 @@ def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,
     from stagevar.policy import Policy, base_provenance, binding_for
 
     budgets = parse_budgets(budgets) if isinstance(budgets, str) else list(budgets)
+    settings = settings or SearchSettings.for_model(model.name)
     settings.check()
     prompts, seeds, heldout, report_prompts = list(prompts), list(seeds), list(heldout), list(report_prompts)
     if warm_start is not None:

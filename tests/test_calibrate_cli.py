@@ -326,3 +326,14 @@ def test_a_model_sets_its_own_calibration_defaults(monkeypatch, capsys):
     assert default == MeasureSettings() and MeasureSettings.for_model("no-such-model") == MeasureSettings()
     assert small.latency_repeats < default.latency_repeats
     assert len(sensitivity_units(small, 13)) < len(sensitivity_units(default, 13))
+
+
+def test_the_python_api_takes_the_model_defaults_too():
+    """``calibrate(...)`` without settings searches as the command does for that model."""
+    from calibrate.pipeline import SearchSettings
+    from stagevar.models.registry import model_entry
+    asked = model_entry("infinity-mini-256").calibration
+    s = SearchSettings.for_model("infinity-mini-256")
+    assert (s.trials, s.local_trials, s.verify_repeats) == (asked["trials"], asked["local_trials"], asked["verify_repeats"])
+    assert SearchSettings.for_model("infinity-mini-256", trials=5).trials == 5
+    assert SearchSettings.for_model("infinity-mini") == SearchSettings() == SearchSettings.for_model("no-such-model")
