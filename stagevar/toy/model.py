@@ -62,7 +62,7 @@ VARIANTS = {
                      "runs/mini256 (or benchmarks/train256-gpu.sh on a GPU), then copy runs/mini256/final/* into "
                      "stagevar/toy/weights-256/",
                      "infinity-mini's architecture at 256px (13 scales to 32x32, the last three 75% of the tokens, "
-                     "as Infinity-2B's at 1024px); interim weights, 370 CPU steps from infinity-mini's, shipped in "
+                     "as Infinity-2B's at 1024px); interim weights, 763 CPU steps from infinity-mini's, shipped in "
                      "stagevar/toy/weights-256 (see its MODEL_CARD.md)",
                      # an image costs about 4x infinity-mini's (2,680 tokens against 670): fewer keeps
                      # and latency rounds in the calibration pass, fewer trials and verification images,
@@ -202,9 +202,11 @@ def init_transformer_(tr: nn.Module, seed: int = 0) -> None:
 def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float32,
               variant: MiniVariant | None = None) -> InfinityAdapter:
     """Build an embedded model from a weights directory (default: ``variant``'s, infinity-mini's
-    shipped ``stagevar/toy/weights`` when none is given)."""
+    shipped ``stagevar/toy/weights`` when none is given). With a ``variant``, weights of the other
+    embedded model are refused; without one, the weights' ``config.json`` says which it is."""
     from safetensors.torch import load_file
 
+    asked = variant                         # None: whichever embedded model the weights' config.json names
     variant = variant or VARIANTS[128]
     wdir = Path(weights) if weights is not None else variant.weights_dir
     name = variant.name
@@ -217,7 +219,9 @@ def load_mini(weights: str | Path | None = None, device="cpu", dtype=torch.float
     try:
         arch = json.loads((wdir / "config.json").read_text())
         found = variant_of(arch)
-        if found.name != name:
+        if asked is None:
+            variant, name = found, found.name
+        elif found.name != name:
             raise MiniWeightsError(
                 f"{wdir} holds {found.name}'s weights (config.json: image_size {arch.get('image_size')}), not {name}'s "
                 f"({variant.image_size}px). Load them as --model {found.name}, or pass the weights of {name} "
