@@ -47,13 +47,8 @@ class MeasureSettings:
     def for_model(cls, name: str) -> "MeasureSettings":
         """The settings model ``name``'s registry entry asks for (``calibration["measure"]``: a model
         that is slow to generate measures fewer keeps or latency rounds), else the defaults."""
-        from stagevar.errors import StageVarError
-        from stagevar.models.registry import model_entry
-        try:
-            asked = model_entry(name).calibration.get("measure", {})
-        except StageVarError:
-            asked = {}
-        return cls(**asked)
+        from stagevar.models.registry import calibration_defaults
+        return cls(**calibration_defaults(name).get("measure", {}))
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -53,16 +53,15 @@ def apply_model_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> ar
     an option given on the command line still wins. An unknown or missing model name changes
     nothing: the command's own parse and load report it."""
     from stagevar.models.catalog import DEFAULT_MODEL
-    from stagevar.models.registry import model_entry
+    from stagevar.models.registry import calibration_defaults
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default=DEFAULT_MODEL)
     try:
         known, _ = pre.parse_known_args(argv)
-        entry = model_entry(known.model)
-    except (SystemExit, argparse.ArgumentError, StageVarError):
+    except (SystemExit, argparse.ArgumentError):
         return parser
     dests = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in entry.calibration.items() if k in dests})
+    parser.set_defaults(**{k: v for k, v in calibration_defaults(known.model).items() if k in dests})
     return parser
 
 

@@ -57,11 +57,8 @@ class SearchSettings:
     def for_model(cls, name: str, **given) -> "SearchSettings":
         """The settings model ``name``'s registry entry asks for (``calibration``: a model that
         is slow to generate asks for fewer trials), with ``given`` on top, else the defaults."""
-        from stagevar.models.registry import model_entry
-        try:
-            asked = model_entry(name).calibration
-        except StageVarError:
-            asked = {}
+        from stagevar.models.registry import calibration_defaults
+        asked = calibration_defaults(name)
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{**{k: v for k, v in asked.items() if k in fields}, **given})
 
@@ -265,8 +262,8 @@ def measured_stages(rec) -> dict[str, list[int] | None]:
     operating point's own ``stages`` name the scales its plan leaves untouched and may start
     earlier (a plan may drop guidance inside the measured semantic stage where the sensitivity
     pass found it harmless)."""
-    return {k: (list(v) if v is not None and v[1] >= v[0] else None)
-            for k, v in rec.stages.items() if k in ("semantic", "structure", "refinement")}
+    from stagevar.policy import stage_ranges
+    return stage_ranges(rec.stages)
 
 
 def calibrate(model, budgets, prompts: Sequence[str], seeds: Sequence[int] = (0,), *, heldout: Sequence[str],

@@ -224,7 +224,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from stagevar.policy import load_policy, predicted_work_skipped
+    from stagevar.policy import load_policy, predicted_work_skipped, stage_ranges
     policy = load_policy(args.policy)
     m = policy.model
     print(f"policy   {args.policy}")
@@ -237,7 +237,7 @@ def cmd_inspect(args) -> int:
         st = pt.stages
         print("  stages: " + ", ".join(f"{k} {a}-{b}" if b >= a else f"{k} (none)" for k, (a, b) in st.items()))
         found = (policy.provenance or {}).get("measured_stages")
-        if isinstance(found, dict) and found != {k: [a, b] if b >= a else None for k, (a, b) in st.items()}:
+        if isinstance(found, dict) and found != stage_ranges(st):
             print("  (the plan's stages; the calibration measured " + ", ".join(
                 f"{k} {v[0]}-{v[1]}" if v else f"{k} (none)" for k, v in found.items()) + ")")
         skipped = predicted_work_skipped(pt, m.scale_schedule, m.num_layers)

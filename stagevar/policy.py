@@ -209,7 +209,7 @@ class OperatingPoint:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "stages": {k: list(v) if v[1] >= v[0] else None for k, v in self.stages.items()},   # empty: null
+            "stages": stage_ranges(self.stages),
             "plans": [p.to_dict() for p in self.plans],
         }
         if self.measured:
@@ -389,6 +389,17 @@ def _point_from_dict(d: Any, n: int, depth: int, src: str, path: str) -> Operati
     if not isinstance(measured, Mapping):
         raise _fail(src, f"{path}.measured", f"must be a mapping, got {measured!r:.80}")
     return OperatingPoint(stages, tuple(plans), dict(measured))
+
+
+def stage_ranges(stages: Mapping[str, Any]) -> dict[str, list[int] | None]:
+    """Stage ranges as a file writes them: ``[first, last]``, and null for an empty stage (or one
+    given as None); other keys (a calibration record's ``rule``, ``evidence``) are left out.
+
+    >>> stage_ranges({"semantic": (0, 5), "structure": (6, 5), "refinement": [6, 9], "rule": "..."})
+    {'semantic': [0, 5], 'structure': None, 'refinement': [6, 9]}
+    """
+    return {k: (list(v) if v is not None and v[1] >= v[0] else None)
+            for k, v in stages.items() if k in ("semantic", "structure", "refinement")}
 
 
 def _stage_of(stages: dict[str, tuple[int, int]], k: int) -> str:

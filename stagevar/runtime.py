@@ -200,13 +200,13 @@ class Runtime:
         else:
             self._check_guidance(guidance)
         engine = "static" if self.engine == "graphs" and observer is not None else self.engine
-        if resume is not None:
-            state, start = self._resume(resume, condition, guidance, seed, sampling)
+        if resume is not None and engine != "eager":
+            raise ValueError(f"resuming a prefix runs on the eager engine, not {engine!r}")
         timer = ScaleTimer(ad.device, self.synchronize)
         t0 = time.perf_counter()
         if engine == "eager":
-            if resume is None:
-                state, start = ad.prepare(condition, guidance=guidance, seed=seed, **sampling), None
+            state, start = (self._resume(resume, condition, guidance, seed, sampling) if resume is not None
+                            else (ad.prepare(condition, guidance=guidance, seed=seed, **sampling), None))
             try:
                 carry, scales = self._loop(state, seed, None, observer, timer, start)
                 images = ad.decode(state)
@@ -255,8 +255,6 @@ class Runtime:
     def _resume(self, prefix: Prefix, condition, guidance, seed: int, sampling: dict):
         """A copy of ``prefix``'s state and carry for this runtime, after checking that it is the
         beginning of this generation."""
-        if self.engine != "eager":
-            raise ValueError(f"resuming a prefix runs on the eager engine, not {self.engine!r}")
         if tuple(self.plans[:prefix.scale]) != prefix.plans:
             raise ValueError(f"the prefix ran other plans on scales 0..{prefix.scale - 1} than this runtime's")
         if condition is not prefix.condition or seed != prefix.seed or sampling != prefix.sampling or not same_guidance(
@@ -327,9 +325,7 @@ class Runtime:
         prefix) to the last or the first skipped."""
         carry, first = start if start is not None else (self._start_carry(), 0)
         scales = []
-        for k, (t, h, w) in enumerate(self.adapter.scale_schedule):
-            if k < first:
-                continue
+        for k, (t, h, w) in enumerate(self.adapter.scale_schedule[first:], start=first):
             plan = self.plans[k]
             if plan.skip:
                 break

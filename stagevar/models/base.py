@@ -263,9 +263,7 @@ class Adapter(nn.Module, abc.ABC):
         other tensor is cloned (a latent may be accumulated in place), lists are copied and the
         generator resumes from the same position. A state with static caches (the ``static`` and
         ``graphs`` engines write them in place) cannot be copied: NotImplementedError."""
-        from stagevar.models.kv_cache import KVCache
-        if getattr(state, "static", False):
-            raise NotImplementedError("a state with static KV caches cannot be copied")
+        from stagevar.models.kv_cache import KVCache, StaticKVCache
         fields = {}
         for f in dataclasses.fields(state):
             v = getattr(state, f.name)
@@ -276,7 +274,7 @@ class Adapter(nn.Module, abc.ABC):
             elif isinstance(v, torch.Tensor):
                 v = v.clone()
             elif isinstance(v, list):
-                if any(hasattr(c, "k_buf") for c in v):
+                if any(isinstance(c, StaticKVCache) for c in v):
                     raise NotImplementedError("a state with static KV caches cannot be copied")
                 v = [c.copy() if isinstance(c, KVCache) else c for c in v]
             fields[f.name] = v

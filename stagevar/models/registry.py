@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 from stagevar.errors import StageVarError
 from stagevar.models.catalog import _REGISTRY, ModelEntry, UnknownModelError, WeightsError, register_model
 
-__all__ = ["ModelEntry", "UnknownModelError", "WeightsError", "register_model", "list_models", "model_entry",
+__all__ = ["ModelEntry", "UnknownModelError", "WeightsError", "register_model", "list_models", "model_entry", "calibration_defaults",
            "load_model", "load_model_from_args", "add_model_arguments", "resolve_device", "weights_root"]
 
 
@@ -40,6 +41,15 @@ def _ensure_builtin() -> None:
 def list_models() -> list[str]:
     _ensure_builtin()
     return sorted(_REGISTRY)
+
+
+def calibration_defaults(name: str) -> Mapping[str, Any]:
+    """The calibration defaults model ``name`` registers (:attr:`ModelEntry.calibration`); empty for
+    an unknown name (whose command reports it when it loads the model)."""
+    try:
+        return model_entry(name).calibration
+    except UnknownModelError:
+        return {}
 
 
 def model_entry(name: str) -> ModelEntry:
