@@ -151,7 +151,7 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
     env, mark = _holding_env(tmp_path)
     cmd = [sys.executable, "-m", "calibrate.cli", "worker", "--storage", postgres.url, "--study", study_name,
            "--model", "infinity-tiny", "--budget", BUDGET, "--trials", str(TRIALS), "--record", str(rdir), "--n-workers", "4", "--search-images", "4",
-           "--threads", "1", "--heartbeat", "1", "--grace-period", "4", "--quiet"]
+           "--threads", "1", "--heartbeat", "1", "--grace-period", "8", "--quiet"]
     parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     killed = None
     try:
@@ -181,8 +181,12 @@ def test_workers_survive_a_killed_worker_then_calibrate_writes_policy(postgres, 
         assert any(t.system_attrs.get("retry_history", [])[-1:] == [f.number] and t.params == f.params for t in trials), f.number
     originals = {retried_trial_number(t) for t in trials if retried_trial_number(t) is not None}
     assert killed[0] in originals
-    for number in originals:                                           # ... and each retry chain ends COMPLETE
-        assert any(retried_trial_number(t) == number and t.state == TrialState.COMPLETE for t in trials), number
+    # ... and each retry chain ends finished. On a loaded machine a live worker's heartbeat can
+    # starve past the grace period, so a trial besides the killed one may be failed as lost and
+    # re-run; a re-run sampler trial may then be PRUNED (it ranks below the trials finished by then)
+    for number in originals:
+        assert any(retried_trial_number(t) == number and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                   for t in trials), (number, [(t.number, t.state) for t in trials if retried_trial_number(t) == number])
     workers = {t.user_attrs.get("worker") for t in trials}
     assert len(workers) >= 2, workers
     seeds = [t.user_attrs.get("seed_policy") for t in trials if t.user_attrs.get("seed_policy") and retried_trial_number(t) is None]
