@@ -13,8 +13,9 @@ candidate and compared with the full model's image of the same seed (SSIM, seman
 and for the embedded model the evaluator's score of both), each mean with its standard error
 (:func:`calibrate.measure.sensitivity.summarize`).
 
-Selection and reporting use different images: the candidate with the best quality on the
-*selection* set (``--num-heldout``) that meets the budget is chosen, and the quality numbers of a
+Selection and reporting use different images: a candidate that meets the budget is chosen on the
+*selection* set (``--num-heldout``) by the one-standard-error rule (:func:`choose`: of the plans
+whose quality cannot be told from the best one's, the one that accelerates least), and the quality numbers of a
 policy's ``measured`` block come from the *report* set (``--num-report``; another draw of the
 held-out split, generated with other seeds), so that they are not the maximum of several noisy
 estimates. The selection set's numbers are kept beside them (``selection_*``).
@@ -76,6 +77,42 @@ def close_calls(budget, base_s: float, latencies: list[float], qualities: list[f
     clear = [q for i, (lat, q) in enumerate(zip(latencies, qualities)) if lat <= target and i not in near]
     best_clear = max(clear, default=float("-inf"))
     return [i for i in near if qualities[i] > best_clear]
+
+
+#: a feasible candidate whose mean paired quality difference from the best feasible one is at most
+#: this many standard errors is tied with it
+TIE_SE = 1.0
+
+
+def choose(speedups: list[float], feasible: list[bool], per_image: list[list[float]], tie_se: float = TIE_SE):
+    """The index of the chosen candidate and the indices tied with the best (the best included).
+
+    The one-standard-error rule: the best is the feasible candidate of highest mean quality; a
+    feasible candidate is tied with it when their mean paired (same image) difference is at most
+    ``tie_se`` standard errors of that mean; of the tied, the one with the lowest speedup is chosen.
+    At a quality the selection set cannot tell apart, the plan that skips less work is the safer
+    bet on prompts the choice did not see, and an operating point stays near its budget (a 2x
+    point that runs at 3x duplicates the 3x point). With no feasible candidate: the fastest.
+
+    >>> choose([3.1, 3.5], [True, True], [[0.90, 0.80, 0.85], [0.91, 0.81, 0.86]])   # +0.01 on every image
+    (1, [1])
+    >>> choose([3.1, 3.5], [True, True], [[0.90, 0.80, 0.85], [0.95, 0.75, 0.86]])   # +0.003 +- 0.029
+    (0, [1, 0])
+    """
+    ok = [i for i, f in enumerate(feasible) if f]
+    if not ok:
+        return max(range(len(speedups)), key=lambda i: speedups[i]), []
+    mean = [statistics.fmean(q) for q in per_image]
+    best = max(ok, key=lambda i: (mean[i], speedups[i]))
+    tied = [best]
+    for i in ok:
+        if i == best:
+            continue
+        d = [b - c for b, c in zip(per_image[best], per_image[i], strict=True)]
+        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+        if statistics.fmean(d) <= tie_se * se:
+            tied.append(i)
+    return min(tied, key=lambda i: (speedups[i], -mean[i])), tied
 
 
 def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache: dict, repeats: int = 3, progress: bool = True,
@@ -143,9 +180,14 @@ def _verify(subject: Subject, candidates, budget, scorer, cache: dict, repeats: 
                  getattr(trial, "number", trial), getattr(trial, "user_attrs", {}).get("predicted_speedup", float("nan")),
                  m["speedup"], "" if m["feasible"] else " (misses the budget)", m["quality"],
                  "n/a" if m.get("score") is None else f"{m['score_full']:.3f} -> {m['score']:.3f}")
-    ok = [r for r in results if r[2]["feasible"]]
-    chosen = max(ok, key=lambda r: (r[2]["quality"], r[2]["speedup"])) if ok else max(results, key=lambda r: r[2]["speedup"])
+    pick, tied = choose([m["speedup"] for _, _, m in results], [m["feasible"] for _, _, m in results],
+                        [m["per_image_quality"] for m in quality])
+    chosen = results[pick]
     trial, point, measured = chosen
+    if len(tied) > 1:
+        measured["tied_with_best"] = len(tied) - 1
+        log.info("%s: %d candidate(s) within %.0f standard error of the best quality; the least accelerated of them "
+                 "is chosen (%.2fx)", budget.name, len(tied) - 1, TIE_SE, measured["speedup"])
     if report_subject is None:
         measured["quality_from"] = "selection set (the numbers the candidate was chosen on)"
         return chosen

@@ -31,9 +31,15 @@ class ScriptedSubject:
         return types.SimpleNamespace(seconds=s, images=point, final_codes=None)
 
 
+QUALITY = {"near": 0.9, "fast": 0.5, None: 1.0}
+#: per-image spread of the scripted qualities (the same on every candidate: paired differences are exact)
+SPREAD = (-0.02, 0.0, 0.02)
+
+
 def _quality(out, ref, prompts, scorer, ref_sem):
-    q = {"near": 0.9, "fast": 0.5, None: 1.0}[out.images]
-    return {"quality": q, "quality_se": 0.01, "quality_worst": q, "ssim": q, "semantic": q, "hf_ratio": 1.0, "score": None}
+    q = QUALITY[out.images]
+    return {"quality": q, "quality_se": 0.01, "quality_worst": q, "ssim": q, "semantic": q, "hf_ratio": 1.0, "score": None,
+            "per_image_quality": [q + d for d in SPREAD]}
 
 
 def test_a_close_call_is_timed_longer_before_it_decides_the_choice(monkeypatch):
@@ -56,3 +62,27 @@ def test_without_a_close_call_the_first_rounds_decide(monkeypatch):
     trial, _, measured = verify.verify_candidates(None, subject, [("a", "near"), ("b", "fast")], parse_budget("3x"),
                                                   scorer, {}, repeats=3, progress=False)
     assert trial == "b" and measured["latency_repeats"] == 3 and subject.timed == {"near": 1 + 3, "fast": 3}
+
+
+def test_of_candidates_the_selection_set_cannot_tell_apart_the_least_accelerated_is_chosen(monkeypatch):
+    per_image = {"slow": [0.90, 0.80, 0.85, 0.70], "fast": [0.92, 0.78, 0.87, 0.69], "worse": [0.60, 0.50, 0.55, 0.40],
+                 None: [1.0] * 4}
+
+    def quality(out, ref, prompts, scorer, ref_sem):
+        q = per_image[out.images]
+        m = sum(q) / len(q)
+        return {"quality": m, "quality_se": 0.05, "quality_worst": min(q), "ssim": m, "semantic": m, "hf_ratio": 1.0,
+                "score": None, "per_image_quality": q}
+
+    monkeypatch.setattr(verify, "compare", quality)
+    scorer = types.SimpleNamespace(reference_verdicts=lambda images, prompts: None)
+    # at 2x all three are feasible; "fast" is best by 0.0025 +- 0.0075, "worse" is clearly worse and slowest
+    subject = ScriptedSubject({"slow": [0.45] * 10, "fast": [0.3] * 10, "worse": [0.48] * 10})
+    trial, point, measured = verify.verify_candidates(None, subject, [("a", "fast"), ("b", "slow"), ("c", "worse")],
+                                                      parse_budget("2x"), scorer, {}, repeats=3, progress=False)
+    assert (trial, point) == ("b", "slow") and measured["tied_with_best"] == 1
+    # at a budget only "fast" meets, it is chosen whatever the others score
+    subject = ScriptedSubject({"slow": [0.45] * 10, "fast": [0.3] * 10, "worse": [0.48] * 10})
+    trial, _, measured = verify.verify_candidates(None, subject, [("a", "fast"), ("b", "slow"), ("c", "worse")],
+                                                  parse_budget("3x"), scorer, {}, repeats=3, progress=False)
+    assert trial == "a" and "tied_with_best" not in measured
