@@ -111,3 +111,30 @@ def test_heldout_subset_quality(adapter):
     assert res["overall"] >= FIXED_SUBSET_THRESHOLD, res
     # per-image outcomes agree with the per-category table (2 images per category here)
     assert len(res["passed"]) == 12 and res["passed"].count("1") / 12 == pytest.approx(res["overall"])
+
+
+def test_partial_images_are_judged_by_scale_without_changing_the_samples(adapter):
+    """``from_scale``: the partial image after each scale is judged too; the last scale's table is
+    the final images' and the samples are those of a run without it."""
+    pytest.importorskip("scipy")
+    from training.evaluation import evaluate_weights
+
+    last = len(adapter.scale_schedule) - 1
+    plain = evaluate_weights(adapter, "heldout", 6, (0,))
+    res = evaluate_weights(adapter, "heldout", 6, (0,), from_scale=0)
+    assert res["passed"] == plain["passed"]
+    assert sorted(res["by_scale"], key=int) == [str(k) for k in range(last + 1)]
+    assert res["by_scale"][str(last)]["overall"] == pytest.approx(plain["overall"], abs=1e-4)
+    assert res["by_scale"]["0"]["overall"] == 0.0          # one token: a flat colour, no object to find
+
+
+def test_from_scale_outside_the_schedule_or_without_evaluate_is_refused(adapter, capsys):
+    from stagevar.errors import StageVarError
+    from training.cli import main
+    from training.evaluation import evaluate_weights
+
+    with pytest.raises(StageVarError, match="--from-scale 10: the model has scales 0-9"):
+        evaluate_weights(adapter, "heldout", 6, (0,), from_scale=10)
+    with pytest.raises(SystemExit) as e:
+        main(["--sweep", "stagevar/toy/weights", "--from-scale", "3"])
+    assert e.value.code == 2 and "--from-scale goes with --evaluate" in capsys.readouterr().err

@@ -26,6 +26,7 @@ examples:
   stagevar-train --finetune-decoder runs/mini/final 10 --out runs/mini/final_dec
   stagevar-train --average stagevar/toy/weights runs/ft/final 0.5 --out runs/avg
   stagevar-train --evaluate stagevar/toy/weights --split heldout --n 60 --seeds 0 1 2 3
+  stagevar-train --evaluate stagevar/toy/weights-256 --n 60 --seeds 0 1 --from-scale 8
 Re-running with the same --out resumes from OUT/ckpt.pt; the final weights are in OUT/final/."""
 
 
@@ -66,6 +67,9 @@ def build_parser(prog: str = "stagevar-train") -> argparse.ArgumentParser:
     g.add_argument("--split-seed", type=int, default=0,
                    help="which draw of the split (default 0; another seed gives other prompts of the same split)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="sampling seeds per prompt")
+    g.add_argument("--from-scale", type=int, default=None, metavar="K",
+                   help="with --evaluate: also judge the partial image after each scale from K on ('by_scale' in "
+                        "the output; where it stops changing, the content the evaluator reads is settled)")
     g.add_argument("--cfg", type=guidance_argument, default=None, help=GUIDANCE_HELP)
     g.add_argument("--tau", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
@@ -107,7 +111,8 @@ def cmd_evaluate(a) -> int:
     else:
         grid = default_grid(len(adapter.scale_schedule))
     for sampling in grid:
-        res = evaluate_weights(adapter, a.split, a.n, tuple(a.seeds), a.split_seed, **sampling)
+        res = evaluate_weights(adapter, a.split, a.n, tuple(a.seeds), a.split_seed,
+                               from_scale=a.from_scale, **sampling)
         res["weights"] = str(a.evaluate or a.sweep)
         print(json.dumps({k: v for k, v in res.items() if k != "passed"}), flush=True)
         if a.json:
@@ -155,6 +160,8 @@ def main(argv: list[str] | None = None, prog: str = "stagevar-train") -> int:
         return run_command(lambda a: _print(finetune_decoder(Path(a.finetune_decoder[0]), Path(a.out),
                                                              float(a.finetune_decoder[1]), device=a.device,
                                                              quiet=a.quiet)), a)
+    if a.from_scale is not None and not a.evaluate:
+        p.error("--from-scale goes with --evaluate (it judges the partial images of one sampling setting)")
     if a.evaluate or a.sweep:
         return run_command(cmd_evaluate, a)
     if not a.config or not a.out:

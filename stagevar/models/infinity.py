@@ -718,12 +718,13 @@ class InfinityAdapter(Adapter):
     @torch.no_grad()
     @_reduced_precision
     def reference_generate(self, condition: TextCondition, *, guidance: float, seed: int, trace: dict | None = None,
-                           force_bits: list | None = None, **sampling) -> torch.Tensor:
+                           force_bits: list | None = None, on_scale=None, **sampling) -> torch.Tensor:
         """Upstream ``autoregressive_infer_cfg`` (cfg on logits, per-scale cfg, constant tau) as one loop.
 
         ``trace`` (optional dict) receives ``guided_logits`` (B, L, V), ``bits`` (per scale),
         ``summed_codes``; ``force_bits`` replaces the sampled bits of each scale (teacher-forced
-        inference for reference checks)."""
+        inference for reference checks); ``on_scale(k, state)`` is called once scale k's codes are
+        in the latent (``self.decode(state)`` then gives the partial image)."""
         tr = self.transformer
         st = self.prepare(condition, guidance=guidance, seed=seed, **sampling)
         B, rows = st.batch_size, st.rows
@@ -744,6 +745,8 @@ class InfinityAdapter(Adapter):
             if trace is not None:
                 trace.setdefault("bits", []).append(bits)
             self.update(st, si, bits)
+            if on_scale is not None:
+                on_scale(si, st)
             if st.next_input is not None:
                 x = tr.word_embed(st.next_input).repeat(rows // B, 1, 1)
         if trace is not None:
