@@ -62,7 +62,7 @@ VARIANTS = {
                      "runs/mini256 (or benchmarks/train256-gpu.sh on a GPU), then copy runs/mini256/final/* into "
                      "stagevar/toy/weights-256/",
                      "infinity-mini's architecture at 256px (13 scales to 32x32, the last three 75% of the tokens, "
-                     "as Infinity-2B's at 1024px); interim weights, 763 CPU steps from infinity-mini's, shipped in "
+                     "as Infinity-2B's at 1024px); weights trained here, 951 CPU steps from infinity-mini's, shipped in "
                      "stagevar/toy/weights-256 (see its MODEL_CARD.md)",
                      # an image costs about 4x infinity-mini's (2,680 tokens against 670): fewer keeps
                      # and latency rounds in the calibration pass, fewer trials and verification images,
