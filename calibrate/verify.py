@@ -27,7 +27,7 @@ import statistics
 from typing import Any
 
 from calibrate.measure.common import Subject
-from calibrate.measure.sensitivity import compare
+from calibrate.measure.sensitivity import compare, standard_error
 
 #: the report set's seeds are the calibration seeds plus this, so its images are never ones the
 #: selection saw, even where a prompt of the (finite) held-out split repeats
@@ -109,8 +109,8 @@ def choose(speedups: list[float], feasible: list[bool], per_image: list[list[flo
         if i == best:
             continue
         d = [b - c for b, c in zip(per_image[best], per_image[i], strict=True)]
-        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
-        if statistics.fmean(d) <= tie_se * se:
+        se = standard_error(d)
+        if se is None or statistics.fmean(d) <= tie_se * se:
             tied.append(i)
     return min(tied, key=lambda i: (speedups[i], -mean[i])), tied
 
