@@ -20,7 +20,7 @@ from calibrate.measure.convergence import measure_convergence
 from calibrate.measure.latency import LatencyModel, device_info, summarize, variant_point
 from calibrate.measure.sensitivity import measure_variant
 from calibrate.measure.spectra import spectra_rows
-from calibrate.measure.stages import detect_stages
+from calibrate.measure.stages import stages_of
 from calibrate.metrics import SemanticScorer, scorer_for
 from calibrate.record import CalibrationRecord, UnitStore, content_key
 from stagevar.engine import resolve_engine
@@ -39,6 +39,9 @@ class MeasureSettings:
     latency_repeats: int = 3
     latency_check_policies: int = 3
     spectra_layers: tuple[int, ...] | None = None
+    # images the convergence curves (the stage boundaries) are measured on at least: the prompts
+    # with further seeds (:func:`convergence_seeds`); an identity pass each, no sensitivity runs
+    stage_images: int = 32
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -49,6 +52,23 @@ class MeasureSettings:
         that is slow to generate measures fewer keeps or latency rounds), else the defaults."""
         from stagevar.models.registry import calibration_defaults
         return cls(**calibration_defaults(name).get("measure", {}))
+
+
+def convergence_seeds(seeds: list[int], num_prompts: int, images: int) -> list[int]:
+    """The seeds of the convergence pass: the record's, then the next integers not among them,
+    until the prompts x seeds hold at least ``images`` images (``MeasureSettings.stage_images``).
+    Its extra images cost an identity pass each and no sensitivity run; the stage boundaries are
+    counted over images, and eight images do not place them firmly (``benchmarks/results/stage-rule``).
+
+    >>> convergence_seeds([0], 8, 32), convergence_seeds([5, 0], 10, 32), convergence_seeds([0, 1], 40, 32)
+    ([0, 1, 2, 3], [5, 0, 6, 7], [0, 1])
+    """
+    out = list(seeds)
+    k = max(seeds) + 1
+    while len(out) * num_prompts < images:
+        out.append(k)
+        k += 1
+    return out
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -122,7 +142,7 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
     if (directory / "record.json").is_file():
         log.info("calibration record %s found: reusing it", directory)
         rec = CalibrationRecord.load(directory)
-        rec.stages = _stages(rec.convergence, rec.sensitivity, len(rec.inputs["model"]["scale_schedule"]))
+        rec.stages = stages_of(rec.convergence, rec.sensitivity, len(rec.inputs["model"]["scale_schedule"]))
         return rec
     directory.mkdir(parents=True, exist_ok=True)
     store = UnitStore(directory)
@@ -148,7 +168,9 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
     try:
         # 1. reference + convergence + spectra (one identity pass; re-run on resume: it is the reference)
         curves_unit = store.get("convergence")
-        curves, feats, ref = measure_convergence(subject, scorer, spectra_layers, keep_spectra=curves_unit is None)
+        extra = convergence_seeds(seeds, len(prompts), settings.stage_images)[len(seeds):]
+        more = Subject(adapter, prompts, extra, batch_size, guidance, engine=inputs["engine"]) if extra and curves_unit is None else None
+        curves, feats, ref = measure_convergence(subject, scorer, spectra_layers, keep_spectra=curves_unit is None, more=more)
         ref_sem = scorer.reference_verdicts(ref.images, subject.item_prompts)
         conv_new = curves_unit is None
         if conv_new:
@@ -162,7 +184,7 @@ def measure(adapter, prompts: list[str], seeds: list[int], *, out: str | Path, b
                                    lambda k, v: measure_variant(subject, ref, k, v, scorer, ref_sem))
         # 3. latency, 4. the latency model checked on held-out policies
         latency, check = measure_latency(store, subject, settings, unit_done)
-        stages = _stages(curves_unit["curves"], sens, n)
+        stages = stages_of(curves_unit["curves"], sens, n)
         record = CalibrationRecord(
             key=key, inputs=inputs, convergence=curves_unit["curves"], sensitivity=sens, spectra=curves_unit["spectra"],
             latency=latency, latency_check=check, stages=stages,
@@ -243,14 +265,6 @@ def measure_latency(store: UnitStore, subject: Subject, settings: MeasureSetting
         check = store.put("latency_check", _latency_check(subject, latency, lat_variants, settings))
     unit_done("latency check", new)
     return latency, check
-
-
-def _stages(curves, sens, n: int) -> dict:
-    """Stage boundaries are derived data: recomputed from the stored curves whenever a record is
-    used, so a cached record follows the current rule."""
-    stages = detect_stages(curves, n)
-    stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}
-    return stages
 
 
 def _latency_check(subject, latency, variants, settings: MeasureSettings) -> list[dict]:

@@ -107,7 +107,10 @@ def cmd_measure(args) -> int:
     st = rec.stages
     print(f"calibration record: {d / 'record.json'}")
     print(f"report:             {report}")
-    print(f"stages: semantic {st['semantic']}, structure {st['structure']}, refinement {st['refinement']}  ({time.time() - t0:.0f}s)")
+    b = st.get("evidence", {}).get("bootstrap")
+    support = f", the same in {b['support']:.0%} of {b['resamples']} resamples of its {b['images']} images" if b else ""
+    print(f"stages: semantic {st['semantic']}, structure {st['structure']}, refinement {st['refinement']}{support}  "
+          f"({time.time() - t0:.0f}s)")
     return 0
 
 

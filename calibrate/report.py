@@ -255,6 +255,29 @@ def measures_section(record: CalibrationRecord, metric_cost: dict[str, dict[str,
     return out
 
 
+def stage_support_lines(stages: dict) -> list[str]:
+    """How firmly the images decide the boundaries (:func:`calibrate.measure.stages.boundary_support`):
+    the share of bootstrap resamples giving each end of the semantic and structure stages, a
+    boundary fewer than :data:`~calibrate.measure.stages.RESOLVED_SUPPORT` of them agree on marked
+    unresolved. No lines for a record without per-image curve values."""
+    from calibrate.measure.stages import RESOLVED_SUPPORT
+    b = stages.get("evidence", {}).get("bootstrap")
+    if not b:
+        return []
+
+    def line(name: str, end: int, shares: dict[str, float]) -> str:
+        share = shares.get(str(end), 0.0)
+        others = ", ".join(f"{k} in {v:.0%}" for k, v in shares.items() if k != str(end))
+        verdict = "resolved" if share >= RESOLVED_SUPPORT else "**unresolved**: more images would settle it"
+        return f"- {name} ends at {end} in {share:.0%} of the resamples" + (f" ({others})" if others else "") + f": {verdict}."
+    drawn = (f"{b['prompts']} prompts (each with its {b['images'] // b['prompts']} seeds' images)"
+             if b.get("prompts", b["images"]) != b["images"] else f"{b['images']} images")
+    return [f"Curves on {b['images']} images. Bootstrap over the {drawn}, {b['resamples']} resamples: the rule gives "
+            f"these boundaries in {b['support']:.0%} of them.", "",
+            line("semantic", stages["semantic"][1], b["semantic_end"]),
+            line("structure", stages["structure"][1], b["structure_end"]), ""]
+
+
 def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | None = None,
                  metric_cost: dict[str, dict[str, float]] | None = None) -> Path:
     out = Path(out)
@@ -267,7 +290,7 @@ def write_report(record: CalibrationRecord, out: Path, search: dict[str, Any] | 
              "## Stages", "",
              f"semantic {st['semantic'][0]}-{st['semantic'][1]}, structure {st['structure'][0]}-{st['structure'][1]}, "
              f"refinement {st['refinement'][0]}-{st['refinement'][1]}.", "", f"Rule: {st['rule']}.", "",
-             f"![convergence]({files['convergence']})", ""]
+             *stage_support_lines(st), f"![convergence]({files['convergence']})", ""]
     lines += measures_section(record, metric_cost)
     if "sensitivity" in files:
         lines += ["## Sensitivity", "", "Damage (1 - quality vs the full model) when only that scale is accelerated "

@@ -53,15 +53,15 @@ def shard_dir(out: str | Path, key: str, shard_index: int, num_shards: int) -> P
     return Path(out) / f"calibration-{key}.shard{shard_index}of{num_shards}"
 
 
-def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool):
-    """:func:`calibrate.measure.convergence.measure_convergence` keeping per-image values."""
-    from calibrate.measure.convergence import collect_partials, convergence_values
+def _convergence_items(subject, scorer, spectra_layers, keep_spectra: bool, more=None):
+    """:func:`calibrate.measure.convergence.measure_convergence` keeping per-image values (the
+    shard's prompts with the record's seeds, then with ``more``'s)."""
+    from calibrate.measure.convergence import collect_partials, convergence_pass
     from calibrate.measure.spectra import ENERGIES, effective_rank
 
-    partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
     if not keep_spectra:
-        return None, out
-    vals = convergence_values(partial, out.images, subject.item_prompts, scorer)
+        return None, collect_partials(subject, spectra_layers, keep_spectra)[2]
+    vals, feats, out = convergence_pass(subject, scorer, spectra_layers, keep_spectra, more)
     items: dict[str, Any] = {"semantic_measure": "coarse_agreement", "spectra": [], "reference_seconds": out.seconds}
     for name, v in vals.items():
         items[name] = v.tolist() if isinstance(v, np.ndarray) else [a.tolist() for a in v]
@@ -100,8 +100,8 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     seeds. Shard 0 also times the latency grid and the latency-model check on the whole set.
     """
     import torch
-    from calibrate.calibration import (MeasureSettings, _progress, default_spectra_layers, measure_latency,
-                                       measure_sensitivity, record_inputs, sensitivity_units)
+    from calibrate.calibration import (MeasureSettings, _progress, convergence_seeds, default_spectra_layers,
+                                       measure_latency, measure_sensitivity, record_inputs, sensitivity_units)
     from calibrate.measure.common import Subject
     from calibrate.measure.latency import device_info
     from calibrate.metrics import scorer_for
@@ -134,7 +134,9 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
 
     try:
         conv = store.get("convergence")
-        items, ref = _convergence_items(subject, scorer, spectra_layers, keep_spectra=conv is None)
+        extra = convergence_seeds(seeds, len(prompts), settings.stage_images)[len(seeds):]
+        more = Subject(adapter, prompts[start:stop], extra, batch_size, guidance, engine=inputs["engine"]) if extra else None
+        items, ref = _convergence_items(subject, scorer, spectra_layers, keep_spectra=conv is None, more=more)
         if conv is None:
             conv = store.put("convergence", items)
         bar.update(1)
@@ -201,10 +203,10 @@ def merge_records(shards, out: str | Path | None = None):
     """Merge finished shards (directories or ``shard.json`` files, any order) into the calibration
     record a single process would have measured; saved in ``record_dir(out, key)`` when ``out`` is
     given. Latency, the latency check and the device fields come from shard 0."""
-    from calibrate.calibration import record_dir
+    from calibrate.calibration import convergence_seeds, record_dir
     from calibrate.measure.convergence import curve_names, summarize_curves
     from calibrate.measure.sensitivity import summarize as summarize_sensitivity, value_names
-    from calibrate.measure.stages import detect_stages
+    from calibrate.measure.stages import stages_of
     from calibrate.measure.spectra import ENERGIES
     from calibrate.record import CalibrationRecord, content_key
 
@@ -215,11 +217,13 @@ def merge_records(shards, out: str | Path | None = None):
     if "latency" not in base:
         raise StageVarError(f"shard 0 ({base['_path']}) holds no latency table.")
     n_seeds = len(inputs["seeds"])
+    # the convergence pass's seeds: the record's, then those it adds (MeasureSettings.stage_images)
+    conv_seeds = len(convergence_seeds(inputs["seeds"], len(inputs["prompts"]), inputs["settings"].get("stage_images", 0)))
 
-    def merged(get) -> np.ndarray | list:
+    def merged(get, seeds: int = n_seeds) -> np.ndarray | list:
         """Concatenate per-image lists of every shard in the single-process order (seed-major)."""
         out_vals = []
-        for si in range(n_seeds):
+        for si in range(seeds):
             for d in parts:
                 a, b = d["prompt_range"]
                 vals = get(d)
@@ -229,11 +233,11 @@ def merge_records(shards, out: str | Path | None = None):
     # convergence: the single-process reduction over the concatenated per-image values
     c0 = base["convergence"]
     n = len(c0["ssim"])
-    values = {name: [merged(lambda d, k=k, name=name: d["convergence"][name][k]) for k in range(n)]
+    values = {name: [merged(lambda d, k=k, name=name: d["convergence"][name][k], conv_seeds) for k in range(n)]
               for name in curve_names(c0)}
     if "final_semantic" in c0:
-        values["final_semantic"] = merged(lambda d: d["convergence"]["final_semantic"])
-    curves = summarize_curves(values)
+        values["final_semantic"] = merged(lambda d: d["convergence"]["final_semantic"], conv_seeds)
+    curves = summarize_curves(values, len(inputs["prompts"]))
     # spectra
     spectra_rows, arrays = [], {}
     for j, srow in enumerate(c0["spectra"]):
@@ -254,8 +258,7 @@ def merge_records(shards, out: str | Path | None = None):
         row.update(summarize_sensitivity({name: merged(lambda d, name=name: d["sensitivity"][j][name])
                                           for name in value_names(r0)}))
         sens.append(row)
-    stages = detect_stages(curves, n)
-    stages["evidence"]["sensitivity_damage"] = {f"{row['scale']}/{row['variant']}": row["damage"] for row in sens}
+    stages = stages_of(curves, sens, n)
     record = CalibrationRecord(key=key, inputs=inputs, convergence=curves, sensitivity=sens, spectra=spectra_rows,
                                latency=base["latency"], latency_check=base["latency_check"], stages=stages,
                                spectra_arrays=arrays)

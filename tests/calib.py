@@ -12,7 +12,7 @@ PROMPTS = ["a red circle", "two blue squares"]
 SEEDS = [0]
 BATCH = 2
 SETTINGS = MeasureSettings(keeps=(0.5,), selections=("random_projection",), sensitivity_from=5, guidance_from=4,
-                           latency_repeats=1, latency_check_policies=1)
+                           latency_repeats=1, latency_check_policies=1, stage_images=6)    # 2 prompts x seeds 0-2
 SENS_FIELDS = ("ssim", "semantic", "hf_ratio", "quality", "quality_worst", "damage")
 
 

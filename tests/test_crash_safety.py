@@ -25,7 +25,7 @@ CHILD = """
 import importlib, os, sys, time
 import calibrate.calibration as c
 c.measure.__kwdefaults__["settings"] = c.MeasureSettings(keeps=(0.5,), selections=("random_projection",),
-    sensitivity_from=5, guidance_from=5, latency_repeats=1, latency_check_policies=1)
+    sensitivity_from=5, guidance_from=5, latency_repeats=1, latency_check_policies=1, stage_images=4)
 if os.environ.get("HOLD_AT"):
     module, name = os.environ["HOLD_AT"].rsplit(".", 1)
     def hold(*args, **kwargs):

@@ -18,12 +18,12 @@ import torch
 
 import calibrate.calibration as calibration
 import calibrate.measure.common as common
-from calibrate.calibration import measure, record_dir, record_inputs
+from calibrate.calibration import convergence_seeds, measure, record_dir, record_inputs
 from calibrate.measure.common import RunOutput, point_from_plans, variant_grid
 from calibrate.measure.latency import LatencyModel
 from calibrate.measure.sensitivity import compare
 from calibrate.measure.spectra import effective_rank, spectra_rows
-from calibrate.measure.stages import detect_stages
+from calibrate.measure.stages import boundary_support, detect_stages, stages_of
 from calibrate.metrics import CodeAgreementScorer, scorer_for
 from calibrate.record import RECORD_VERSION, CalibrationRecord, RecordError, UnitStore, content_key
 from stagevar.policy import ScalePlan
@@ -50,6 +50,16 @@ def test_measured_record_is_complete(measured, model):
     assert set(rec.latency["variants"]) == {v.name for v in record_variants()}
     assert {k for k in ("semantic", "structure", "refinement")} <= set(rec.stages)
     assert rec.spectra and rec.spectra_arrays
+    # the convergence curves hold the prompts with seeds 0-2 (stage_images 6), the sensitivity pass the record's seed
+    images = rec.convergence["images"]
+    assert convergence_seeds(SEEDS, len(PROMPTS), SETTINGS.stage_images) == [0, 1, 2]
+    assert len(images["semantic"]) == len(images["structure"]) == 7
+    assert {len(v) for v in images["semantic"] + images["structure"]} == {len(PROMPTS) * 3}
+    assert {r["images"] for r in rec.sensitivity} == {len(PROMPTS) * len(SEEDS)}
+    assert rec.convergence["ssim"][3] == pytest.approx(np.mean(images["structure"][3]), abs=1e-5)
+    assert images["prompts"] == len(PROMPTS)               # image i shows prompt i mod 2: the bootstrap keeps its seeds
+    assert "of the images" in rec.stages["rule"]
+    assert (rec.stages["evidence"]["bootstrap"]["images"], rec.stages["evidence"]["bootstrap"]["prompts"]) == (6, 2)
 
 
 def test_record_round_trip(measured, tmp_path):
@@ -394,6 +404,68 @@ def test_the_default_rule_text_is_unchanged_so_earlier_records_keep_their_hash()
     assert "semantic agreement (clip+dino) >= 0.9" in rule and "normalised ssim+lpips >= 0.6" in rule
 
 
+def _images_curves(sem_imgs, ss_imgs):
+    """Curves (means and per-image values) from per-image values, scales x images."""
+    sem, ss = np.asarray(sem_imgs, dtype=float), np.asarray(ss_imgs, dtype=float)
+    return {"semantic": sem.mean(1).tolist(), "ssim": ss.mean(1).tolist(),
+            "images": {"semantic": sem.tolist(), "structure": ss.tolist()}}
+
+
+def test_stages_count_images_so_one_late_image_does_not_move_the_boundary():
+    """Seven images decide their content at scale 2, one only at scale 5: the mean curve reaches
+    0.9 at scale 5 (the late image holds it down), counting images gives scale 2 - where a draw
+    without such an image would put it."""
+    early = [0.0, 0.5, 0.95, 0.97, 0.98, 0.99, 1.0]
+    late = [0.0, 0.0, 0.0, 0.0, 0.2, 0.95, 1.0]
+    ss = [0.0, 0.2, 0.4, 0.7, 0.8, 0.9, 1.0]
+    sem_imgs = np.array([early] * 7 + [late]).T
+    ss_imgs = np.array([ss] * 8).T
+    curves = _images_curves(sem_imgs, ss_imgs)
+    by_image = detect_stages(curves, 7)
+    assert by_image["semantic"] == [0, 2] and by_image["structure"] == [3, 3] and by_image["refinement"] == [4, 6]
+    assert by_image["evidence"]["semantic_image_ends"] == [2] * 7 + [5]
+    assert "50% of the images" in by_image["rule"]
+    means = detect_stages({k: v for k, v in curves.items() if k != "images"}, 7)   # a record without per-image values
+    assert means["semantic"] == [0, 4] and "of the images" not in means["rule"]
+    without_late = detect_stages(_images_curves(sem_imgs[:, :7], ss_imgs[:, :7]), 7)
+    assert without_late["semantic"] == by_image["semantic"] and without_late["structure"] == by_image["structure"]
+
+
+def test_boundary_support_resamples_the_images_and_the_report_marks_an_unresolved_boundary():
+    from calibrate.report import stage_support_lines
+    ss = [0.0, 0.2, 0.4, 0.7, 0.8, 0.9, 1.0]
+    firm = _images_curves(np.array([[0.0, 0.5, 0.95, 0.97, 0.98, 0.99, 1.0]] * 8).T, np.array([ss] * 8).T)
+    b = boundary_support(firm, 7)
+    assert b["support"] == 1.0 and b["semantic_end"] == {"2": 1.0} and b["images"] == 8
+    st = stages_of(firm, [], 7)
+    assert st["evidence"]["bootstrap"] == b
+    lines = "\n".join(stage_support_lines(st))
+    assert "semantic ends at 2 in 100% of the resamples: resolved" in lines and "unresolved" not in lines
+    # half the images decide at scale 2, half at scale 3: the boundary is a coin toss
+    split = _images_curves(np.array([[0.0, 0.5, 0.95, 0.97, 0.98, 0.99, 1.0]] * 4
+                                    + [[0.0, 0.5, 0.6, 0.95, 0.98, 0.99, 1.0]] * 4).T, np.array([ss] * 8).T)
+    b = boundary_support(split, 7)
+    assert set(b["semantic_end"]) == {"2", "3"} and 0.3 < b["semantic_end"]["2"] < 0.9
+    assert b == boundary_support(split, 7)                      # seeded: the same record, the same answer
+    st = stages_of(split, [], 7)
+    lines = "\n".join(stage_support_lines(st))
+    assert f"semantic ends at {st['semantic'][1]} in" in lines and "**unresolved**" in lines
+    # five prompts with four seeds each (image i shows prompt i mod 5), three decided at scale 2, two at 3: drawn
+    # as prompts, the boundary holds when three of five draws are early (p 0.68); drawn image by image, when ten
+    # of twenty are (p 0.87) - seeds of one prompt are not independent images, and the support says so
+    early, late = [0.0, 0.5, 0.95, 0.97, 0.98, 0.99, 1.0], [0.0, 0.5, 0.6, 0.95, 0.98, 0.99, 1.0]
+    five = _images_curves(np.array([early, early, early, late, late] * 4).T, np.array([ss] * 20).T)
+    by_image = boundary_support(five, 7)
+    five["images"]["prompts"] = 5
+    by_prompt = boundary_support(five, 7)
+    assert detect_stages(five, 7)["semantic"] == [0, 2]
+    assert by_prompt["prompts"] == 5 and by_image["prompts"] == 20
+    assert 0.6 < by_prompt["support"] < 0.76 and 0.8 < by_image["support"] < 0.95
+    # no per-image values (an earlier record): no bootstrap, no evidence entry, the record's hash unchanged
+    assert boundary_support({"semantic": firm["semantic"], "ssim": firm["ssim"]}, 7) is None
+    assert "bootstrap" not in stages_of({"semantic": firm["semantic"], "ssim": firm["ssim"]}, [], 7)["evidence"]
+
+
 def test_stages_clamped():
     # never converges: semantic capped at n-3, refinement keeps the last scale
     st = detect_stages(_curves([0.0] * 6 + [1.0], [0.0] * 6 + [1.0]), 7)
@@ -409,7 +481,11 @@ def test_stages_partition_random_curves(n):
     for _ in range(200):
         sem = rng.random(n) if rng.random() < 0.5 else np.sort(rng.random(n))
         ss = rng.random(n) if rng.random() < 0.5 else np.sort(rng.random(n))
-        st = detect_stages(_curves(sem, ss), n)
+        curves = _curves(sem, ss)
+        if rng.random() < 0.5:                            # per-image values (the mean curves ignored then)
+            m = int(rng.integers(2, 9))
+            curves["images"] = {"semantic": rng.random((n, m)).tolist(), "structure": np.sort(rng.random((n, m)), 0).tolist()}
+        st = detect_stages(curves, n)
         (a, s), (b, t), (c, e) = st["semantic"], st["structure"], st["refinement"]
         assert a == 0 and b == s + 1 and c == t + 1 and e == n - 1          # contiguous partition of 0..n-1
         assert s <= n - 3                                                   # semantic never past n-3

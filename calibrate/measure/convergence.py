@@ -102,7 +102,7 @@ def curve_names(values: dict) -> list[str]:
     return [k for k in values if k in CURVE_DTYPES or k.startswith("band_") or ":" in k]
 
 
-def summarize_curves(values: dict) -> dict:
+def summarize_curves(values: dict, prompts: int | None = None) -> dict:
     """The one reduction of per-image curve values (:func:`convergence_values`, or their
     concatenation over shards) to the record's curves: per scale the mean and its standard error
     (``<name>_se``) over the images.
@@ -110,7 +110,10 @@ def summarize_curves(values: dict) -> dict:
     ``semantic`` and ``ssim`` are the curves the stage rule reads. When learned semantic metrics
     were measured, ``semantic`` is their per-image mean (the coarse colour-layout agreement is
     kept as ``coarse_agreement``); when structural ones were, ``structure`` is the per-image mean
-    of SSIM and them. ``semantic_measure`` / ``structure_measure`` name what each is."""
+    of SSIM and them. ``semantic_measure`` / ``structure_measure`` name what each is. ``images``
+    holds the per-image values of those two curves (per scale, one value an image) and, given,
+    the number of ``prompts`` the images are drawn from (in the passes' seed-major order, image i
+    shows prompt i mod ``prompts``), so that a resampling can keep a prompt's seeds together."""
     n = len(values["ssim"])
     curves: dict = {"scale": list(range(n)), "semantic_measure": "coarse_agreement"}
     arrays = {name: [np.asarray(v, dtype=CURVE_DTYPES.get(name, np.float64)) for v in values[name]]
@@ -133,11 +136,47 @@ def summarize_curves(values: dict) -> dict:
         curves["structure_measure"] = "+".join(["ssim"] + [k.split(":", 1)[1] for k in learned_str])
     if "final_semantic" in values:
         curves["final_semantic"] = float(np.asarray(values["final_semantic"], dtype=np.float64).mean())
+    # the per-image values of the two curves the stage rule reads, so that the boundaries can be
+    # resampled over the images (:func:`calibrate.measure.stages.boundary_support`)
+    semantic = [np.mean([arrays[k][i] for k in learned_sem], axis=0) for i in range(n)] if learned_sem else arrays["semantic"]
+    structure = ([np.mean([arrays["ssim"][i]] + [arrays[k][i] for k in learned_str], axis=0) for i in range(n)]
+                 if learned_str else arrays["ssim"])
+    curves["images"] = {"semantic": [[round(float(v), 6) for v in a] for a in semantic],
+                        "structure": [[round(float(v), 6) for v in a] for a in structure]}
+    if prompts is not None:
+        curves["images"]["prompts"] = prompts
     return curves
 
 
-def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep_spectra: bool = True):
-    """One identity pass. Returns (curves dict, hidden features per (scale, layer) for spectra).
+def join_values(values: dict, more: dict) -> dict:
+    """Per-image values of :func:`convergence_values` of two sets of images, as one set (``values``'
+    images first)."""
+    out = {}
+    for name, v in values.items():
+        if isinstance(v, np.ndarray):                       # one value an image (final_semantic)
+            out[name] = np.concatenate([v, more[name]])
+        else:                                               # per scale, one array of images
+            out[name] = [np.concatenate([a, b]) for a, b in zip(v, more[name])]
+    return out
+
+
+def convergence_pass(subject, scorer: SemanticScorer, spectra_layers=(), keep_spectra: bool = True, more=None):
+    """One identity pass over ``subject`` (the reference) and, when given, one over ``more`` (other
+    seeds of the same prompts, only for the curves). Returns (per-image values of
+    :func:`convergence_values`, hidden features of ``subject``'s images per (scale, layer) for the
+    spectra, ``subject``'s run output)."""
+    partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
+    values = convergence_values(partial, out.images, subject.item_prompts, scorer)
+    if more is not None:
+        more_partial, _, more_out = collect_partials(more, (), keep_spectra=False)
+        values = join_values(values, convergence_values(more_partial, more_out.images, more.item_prompts, scorer))
+    return values, feats, out
+
+
+def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep_spectra: bool = True, more=None):
+    """One identity pass (and one over ``more``, other seeds of the same prompts, whose images
+    join the curves only: :func:`convergence_pass`). Returns (curves dict, hidden features per
+    (scale, layer) for spectra, ``subject``'s run output: the reference of the sensitivity pass).
 
     ``semantic`` (the curve stages are detected on) is :func:`coarse_agreement` for every model:
     it asks whether the layout and colours of the content are already those of the final image,
@@ -145,6 +184,5 @@ def measure_convergence(subject, scorer: SemanticScorer, spectra_layers=(), keep
     also recorded: the share of partial images that pass their prompt (``final_semantic`` for the
     final image). It is reported, not used for the boundaries, because a coarse partial image
     fails a shape test for lack of resolution even when its content is decided."""
-    partial, feats, out = collect_partials(subject, spectra_layers, keep_spectra)
-    curves = summarize_curves(convergence_values(partial, out.images, subject.item_prompts, scorer))
-    return curves, {k: np.concatenate(v) for k, v in feats.items()}, out
+    values, feats, out = convergence_pass(subject, scorer, spectra_layers, keep_spectra, more)
+    return summarize_curves(values, len(subject.prompts)), {k: np.concatenate(v) for k, v in feats.items()}, out

@@ -852,8 +852,10 @@ def _official(name: str, cfg: InfinityConfig, vae_cfg_name: str, ckpt_names: dic
 def _register() -> None:
     from stagevar.models.catalog import register_model
 
+    # random weights: its stages mean nothing, so its convergence curves use the record's images only
     @register_model("infinity-tiny", family="infinity", needs_weights=False,
-                    description="Infinity at a tiny config (depth 2, width 128, 7 scales, 256px), seeded random weights; for tests")
+                    description="Infinity at a tiny config (depth 2, width 128, 7 scales, 256px), seeded random weights; for tests",
+                    calibration={"measure": {"stage_images": 0}})
     def infinity_tiny(weights=None, device="cpu", dtype=torch.float32, random_weights=True, seed: int = 0, **_):
         from stagevar.models.bsq_vae import BSQVAE, BSQVAEConfig
         adapter = InfinityAdapter("infinity-tiny", tiny_config(), BSQVAE(BSQVAEConfig.golden_tiny()))
