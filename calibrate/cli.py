@@ -108,7 +108,8 @@ def cmd_measure(args) -> int:
     print(f"calibration record: {d / 'record.json'}")
     print(f"report:             {report}")
     b = st.get("evidence", {}).get("bootstrap")
-    support = f", the same in {b['support']:.0%} of {b['resamples']} resamples of its {b['images']} images" if b else ""
+    support = (f", the same in {b['support']:.0%} of {b['resamples']} resamples of its {b.get('prompts', b['images'])} "
+               f"prompts ({b['images']} images)") if b else ""
     print(f"stages: semantic {st['semantic']}, structure {st['structure']}, refinement {st['refinement']}{support}  "
           f"({time.time() - t0:.0f}s)")
     return 0
