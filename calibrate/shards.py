@@ -135,7 +135,8 @@ def measure_shard(adapter, prompts: list[str], seeds: list[int], shard_index: in
     try:
         conv = store.get("convergence")
         extra = convergence_seeds(seeds, len(prompts), settings.stage_images)[len(seeds):]
-        more = Subject(adapter, prompts[start:stop], extra, batch_size, guidance, engine=inputs["engine"]) if extra else None
+        more = (Subject(adapter, prompts[start:stop], extra, batch_size, guidance, engine=inputs["engine"])
+                if extra and conv is None else None)
         items, ref = _convergence_items(subject, scorer, spectra_layers, keep_spectra=conv is None, more=more)
         if conv is None:
             conv = store.put("convergence", items)

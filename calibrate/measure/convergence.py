@@ -126,21 +126,21 @@ def summarize_curves(values: dict, prompts: int | None = None) -> dict:
     for name, per_scale in arrays.items():
         put(name, per_scale)
     learned_sem = sorted(k for k in arrays if k.startswith("semantic:"))
-    if learned_sem:
-        curves["coarse_agreement"], curves["coarse_agreement_se"] = curves["semantic"], curves["semantic_se"]
-        put("semantic", [np.mean([arrays[k][i] for k in learned_sem], axis=0) for i in range(n)])
-        curves["semantic_measure"] = "+".join(k.split(":", 1)[1] for k in learned_sem)
     learned_str = sorted(k for k in arrays if k.startswith("structure:"))
-    if learned_str:
-        put("structure", [np.mean([arrays["ssim"][i]] + [arrays[k][i] for k in learned_str], axis=0) for i in range(n)])
-        curves["structure_measure"] = "+".join(["ssim"] + [k.split(":", 1)[1] for k in learned_str])
-    if "final_semantic" in values:
-        curves["final_semantic"] = float(np.asarray(values["final_semantic"], dtype=np.float64).mean())
-    # the per-image values of the two curves the stage rule reads, so that the boundaries can be
-    # resampled over the images (:func:`calibrate.measure.stages.boundary_support`)
+    # the per-image values of the two curves the stage rule reads (kept in the record, so that the
+    # boundaries can be resampled: :func:`calibrate.measure.stages.boundary_support`)
     semantic = [np.mean([arrays[k][i] for k in learned_sem], axis=0) for i in range(n)] if learned_sem else arrays["semantic"]
     structure = ([np.mean([arrays["ssim"][i]] + [arrays[k][i] for k in learned_str], axis=0) for i in range(n)]
                  if learned_str else arrays["ssim"])
+    if learned_sem:
+        curves["coarse_agreement"], curves["coarse_agreement_se"] = curves["semantic"], curves["semantic_se"]
+        put("semantic", semantic)
+        curves["semantic_measure"] = "+".join(k.split(":", 1)[1] for k in learned_sem)
+    if learned_str:
+        put("structure", structure)
+        curves["structure_measure"] = "+".join(["ssim"] + [k.split(":", 1)[1] for k in learned_str])
+    if "final_semantic" in values:
+        curves["final_semantic"] = float(np.asarray(values["final_semantic"], dtype=np.float64).mean())
     curves["images"] = {"semantic": [[round(float(v), 6) for v in a] for a in semantic],
                         "structure": [[round(float(v), 6) for v in a] for a in structure]}
     if prompts is not None:
