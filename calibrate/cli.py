@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's error band); they are chosen only if their measured speedup meets the budget (default %(default)s)")
     p.add_argument("--verify-repeats", type=int, default=5,
                    help="timed rounds of the verification latency (full model and candidates interleaved; median; default %(default)s)")
+    p.add_argument("--selection-images", type=int, default=128, metavar="N",     # = calibrate.verify.SELECTION_IMAGES
+                   help="the candidates that the selection set cannot tell from the best one (within 2 standard errors) "
+                        "are measured again on the same prompts with other seeds, a set at a time, until one is clearly "
+                        "ahead or each was compared on N images; the choice is made on all of them (default %(default)s; "
+                        "--num-heldout or less: choose on the selection set alone)")
     p.add_argument("--local-trials", type=int, default=30,
                    help="trials per budget of the local search after the sampler: neighbours (one keep notch, one "
                         "selection, one boundary moved) of the best trial, while they improve (default %(default)s; 0: none)")
@@ -128,7 +133,8 @@ def cmd_calibrate(args) -> int:
     settings = SearchSettings(trials=args.trials, local_trials=args.local_trials, seed=args.seed,
                               search_images=args.search_images,
                               latency_margin=args.latency_margin, verify_candidates=args.verify_candidates,
-                              verify_near=args.verify_near, verify_repeats=args.verify_repeats, study=args.study)
+                              verify_near=args.verify_near, verify_repeats=args.verify_repeats,
+                              selection_images=args.selection_images, study=args.study)
     settings.check()
     if args.num_report < 0:
         raise StageVarError(f"--num-report must be >= 0, got {args.num_report}.")

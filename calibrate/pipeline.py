@@ -41,12 +41,13 @@ class SearchSettings:
     verify_candidates: int = 5             # best feasible trials re-measured end to end
     verify_near: int = 2                   # and best trials predicted up to 10% over the target
     verify_repeats: int = 5                # timed rounds of the verification latency
+    selection_images: int = 128            # most images the race compares a contender on (calibrate.verify.race)
     study: str | None = None               # study name (default: model, budget and record key)
 
     def check(self) -> None:
         """A clear error naming the first setting out of range (by its CLI option)."""
         for name, low in (("trials", 1), ("verify_repeats", 1), ("local_trials", 0), ("verify_candidates", 1),
-                          ("verify_near", 0), ("search_images", 1)):
+                          ("verify_near", 0), ("search_images", 1), ("selection_images", 1)):
             if getattr(self, name) < low:
                 raise StageVarError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}.")
         if not 0.0 <= self.latency_margin < 0.5:
@@ -242,7 +243,8 @@ def verify(model, record, searched: Sequence[Searched], pooled, found_by, scorer
             cand_points = [(t, point_from_params(record, t.params)) for t in best_effort]
         trial, point, measured = verify_candidates(model, held_subject, cand_points, budget, scorer, cache,
                                                    repeats=settings.verify_repeats, progress=progress,
-                                                   report_subject=report_subject)
+                                                   report_subject=report_subject,
+                                                   selection_images=settings.selection_images)
         study_name, study_budget = found_by.get(id(trial), (sd.name, sd.label))
         measured.update({"budget": budget.name, "predicted_latency_s": trial.user_attrs.get("predicted_latency_s"),
                          "calibration_quality": quality_of(trial), "trial": trial.number, "study": study_name})

@@ -179,6 +179,9 @@ def _selection_line(m: dict[str, Any]) -> list[str]:
            f"quality {m['selection_quality']:.3f}{plus_minus(m.get('selection_quality_se'))}")
     if m.get("selection_score") is not None:
         sel += f", evaluator {m['selection_score_full']:.3f} -> {m['selection_score']:.3f}"
+    if m.get("tied_with_best"):
+        sel += (f"; {m['tied_with_best']} other candidate(s) could not be told from the best on these images, and the "
+                "least accelerated was chosen")
     return [f"The numbers above are measured on the report set ({m.get('verification_images', '?')} images the choice "
             f"did not see). {sel}.", ""]
 

@@ -113,6 +113,14 @@ class Subject:
         one._cond_cache = {k: v for k, v in self._cond_cache.items() if k == tuple(prompts)}
         return one
 
+    def reseeded(self, offset: int) -> "Subject":
+        """The same prompts with every seed moved by ``offset``: another set of images of them
+        (the prompt encodings are shared)."""
+        other = Subject(self.adapter, self.prompts, [s + offset for s in self.seeds], self.batch_size, self.guidance,
+                        engine=self.engine)
+        other._cond_cache = self._cond_cache
+        return other
+
     def condition(self, prompts):
         key = tuple(prompts)
         if key not in self._cond_cache:

@@ -126,13 +126,17 @@ def summarize(vals: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def compare(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: SemanticScorer, ref_semantic=None) -> dict:
-    """:func:`summarize` of :func:`per_image`, with the per-image qualities (``per_image_quality``)."""
-    vals = per_image(out, ref, prompts, scorer, ref_semantic)
+def quality_row(vals: Mapping[str, Any]) -> dict:
+    """:func:`summarize` of per-image values, with the per-image qualities (``per_image_quality``)."""
     row = summarize(vals)
     structure, agree = quality_parts(vals)
     row["per_image_quality"] = [float(v) for v in 0.5 * structure + 0.5 * agree]
     return row
+
+
+def compare(out: RunOutput, ref: RunOutput, prompts: list[str], scorer: SemanticScorer, ref_semantic=None) -> dict:
+    """:func:`quality_row` of :func:`per_image`."""
+    return quality_row(per_image(out, ref, prompts, scorer, ref_semantic))
 
 
 def resolved(value: float, se: float | None, z: float = 2.0) -> bool:

@@ -69,7 +69,8 @@ VARIANTS = {
                      # so that `stagevar-calibrate --budget 2x,3x,4x` fits in 30 minutes on 2 CPU cores
                      calibration={"measure": {"keeps": (0.5, 0.25, 0.1), "latency_repeats": 2},
                                   "trials": 16, "local_trials": 6, "search_images": 8, "num_heldout": 24,
-                                  "num_report": 32, "verify_candidates": 3, "verify_near": 1, "verify_repeats": 3}),
+                                  "num_report": 32, "verify_candidates": 3, "verify_near": 1, "verify_repeats": 3,
+                                  "selection_images": 72}),
 }
 
 
