@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from calibrate.search import LATENCY_MARGIN
+from calibrate.verify import SELECTION_IMAGES
 from calibrate.study import open_owned_study
 from stagevar.errors import StageVarError
 
@@ -41,7 +42,7 @@ class SearchSettings:
     verify_candidates: int = 5             # best feasible trials re-measured end to end
     verify_near: int = 2                   # and best trials predicted up to 10% over the target
     verify_repeats: int = 5                # timed rounds of the verification latency
-    selection_images: int = 128            # most images the race compares a contender on (calibrate.verify.race)
+    selection_images: int = SELECTION_IMAGES  # most images the race compares a contender on (calibrate.verify.race)
     study: str | None = None               # study name (default: model, budget and record key)
 
     def check(self) -> None:

@@ -186,7 +186,7 @@ def verify_candidates(model, subject: Subject, candidates, budget, scorer, cache
 
 
 def _verify(subject: Subject, candidates, budget, scorer, cache: dict, repeats: int, report_subject, step,
-            selection_images: int = SELECTION_IMAGES):
+            selection_images: int):
     ref, ref_sem = _reference(subject, scorer, cache, "ref")
     step("full model")
     values, quality = [], []
