@@ -24,7 +24,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=Path, help="calibration prompts, one per line (default: a bundled set for the model)")
     p.add_argument("--num-prompts", type=int, default=8, help="bundled calibration prompts used (default 8)")
     p.add_argument("--prompt-draw", type=int, default=0,
-                   help="which draw of the bundled calibration split (default 0; another draw checks that the stages "
+                   help="which draw of the bundled calibration prompts (default 0; another draw checks that the stages "
                         "and plans do not depend on the prompts)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds per prompt (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="images per generated batch; latency budgets refer to it (default 8)")

@@ -212,6 +212,87 @@ def test_bench_with_quality(tmp_path, capsys):
     assert "SSIM mean" in md and f'"{prompt}"' in md
 
 
+
+def test_bench_pairs_a_policy_with_the_file_it_would_replace(tiny, tmp_path, capsys):
+    """--against FILE: every other policy's operating point is compared, image by image, with FILE's
+    point of the same name; FILE's points are benched even when no --policy names it, and the
+    differences are those of the per-image values in bench.json."""
+    n = len(tiny.scale_schedule)
+    ours = _searched_policy(tiny, tmp_path / "ours.yaml")                       # 2x and 3x
+    same = OperatingPoint(default_stages(n, n - 2), tuple(
+        ScalePlan(k, guidance="cond_only", keep=0.5) if k >= n - 2 else ScalePlan(k) for k in range(n)))
+    other = OperatingPoint(default_stages(n, n - 2), tuple(ScalePlan(k, skip=True) if k == n - 1 else ScalePlan(k)
+                                                           for k in range(n)))
+    theirs = Policy(binding_for(tiny), {"2x": same, "4x": other}, "2x").save(tmp_path / "theirs.yaml")
+    out = tmp_path / "out"
+    rc = bench_main(["--model", "infinity-tiny", "--prompts", "3", "--repeats", "1", "--threads", "1", "--no-memory",
+                     "--no-plot", "--baselines", "none", "--policy", str(ours), "--against", str(theirs), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    res = json.loads((out / "bench.json").read_text())
+    assert _methods_in(out) == ["full", "ours:2x", "ours:3x", "theirs:2x", "theirs:4x"]
+    q = {m["name"]: m["quality"] for m in res["methods"]}
+    assert all(len(v["per_image"]["ssim"]) == v["images"] == 3 for v in q.values())
+    assert q["full"]["ssim_se"] == pytest.approx(0.0)
+    (pair,) = res["against"]["pairs"]                                          # only 2x is in both files
+    assert (pair["point"], pair["method"], pair["against"]) == ("2x", "ours:2x", "theirs:2x")
+    # the same plan on the same images: no difference, and the verdict says it cannot be told
+    assert pair["ssim"] == {"diff": 0.0, "se": 0.0, "resolved": False, "images": 3}
+    md = (out / "bench.md").read_text()
+    section = md.split(f"## Paired with `{theirs}`")[1].split("## Methods")[0]
+    assert "| 2x | `ours:2x` |" in section and "cannot tell" in section and "3x" not in section
+    assert "± " in md.split("## Methods")[0]                                   # means carry their errors
+    # a file with no point of a benched policy's names, --no-quality, a file that is no policy: one paragraph each
+    lone = Policy(binding_for(tiny), {"4x": other}, "4x").save(tmp_path / "lone.yaml")
+    for extra, msg in ((["--against", str(lone)], "no other policy benched has an operating point named like one of "
+                                                   "its points (4x)"),
+                       (["--against", str(theirs), "--no-quality"], "cannot be given with --no-quality"),
+                       (["--against", str(tmp_path / "missing.yaml")], "missing.yaml")):
+        rc = bench_main(TINY_ARGS + ["--no-plot", "--baselines", "none", "--policy", str(ours), *extra,
+                                     "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert rc == 1 and msg in err and "Traceback" not in err, err
+
+
+def test_quality_summary_pairs_the_evaluator_with_the_full_model():
+    """The evaluator's drop is the mean of the per-image differences from the full model's
+    verdicts, with their standard error (not the difference of two means with independent
+    errors); SSIM and learned metrics carry their standard errors."""
+    import math
+    from calibrate.bench.measure import paired, quality_summary
+    where = [("a red circle", "single_object", 0)] * 4
+    full = {"ssim": [1.0] * 4, "hf": [1.0] * 4, "eval": [True, True, False, True], "where": where}
+    mine = {"ssim": [0.9, 0.8, 0.9, 0.8], "hf": [1.0] * 4, "eval": [True, False, True, False], "where": where,
+            "lpips": [0.5, 0.7, 0.5, 0.7]}
+    q = quality_summary(mine, full, use_evaluator=True)
+    ev = q["evaluator"]
+    assert ev["mean"] == 0.5 and ev["overall"] == 0.5 and ev["drop"] == pytest.approx(0.25)
+    diffs = [0, 1, -1, 1]                                                       # full - mine, image by image
+    sd = math.sqrt(sum((d - 0.25) ** 2 for d in diffs) / 3)
+    assert ev["drop_se"] == pytest.approx(sd / 2)
+    assert q["ssim_se"] == pytest.approx(math.sqrt(4 * 0.05 ** 2 / 3) / 2)
+    assert q["lpips_mean"] == pytest.approx(0.6) and q["lpips_se"] == pytest.approx(q["ssim_se"] * 2)
+    assert q["per_image"] == {"ssim": mine["ssim"], "lpips": mine["lpips"], "eval": [1.0, 0.0, 1.0, 0.0]}
+    with pytest.raises(ValueError, match="same images"):
+        paired([1.0], [1.0, 0.0])
+
+
+def test_the_paired_section_gives_a_verdict_on_the_evaluator_when_there_is_one():
+    """With the evaluator, the verdict follows the evaluator's paired difference, not SSIM's: a
+    point that keeps SSIM but loses verdicts is worse; one within two standard errors cannot be told."""
+    from calibrate.bench.measure import paired
+    from calibrate.bench.report import _against_table
+    full, ours, theirs = [1.0] * 100, [1.0] * 80 + [0.0] * 20, [1.0] * 100
+    ssim = [0.9] * 100
+    rows = [{"point": "2x", "method": "new:2x", "speedup_ratio": 1.05, "ssim": paired(ssim, ssim),
+             "evaluator": paired(ours, theirs)},
+            {"point": "3x", "method": "new:3x", "speedup_ratio": 0.98, "ssim": paired([0.8] * 99 + [0.9], ssim),
+             "evaluator": paired(full[:99] + [0.0], theirs)}]
+    text = "\n".join(_against_table({"file": "old.yaml", "pairs": rows}, 100))
+    assert "| 2x | `new:2x` | 1.050 | -0.200 ± 0.040 | +0.0000 ± 0.0000 | worse |" in text
+    assert "| 3x | `new:3x` | 0.980 | -0.010 ± 0.010 | -0.0990 ± 0.0010 | cannot tell |" in text
+    assert "(on Δ eval)" in text and "same 100 images" in text
+
 @pytest.mark.parametrize("no_quality", [False, True])
 def test_the_plot_draws_every_kind_of_method(no_quality, tmp_path):
     """``--fit-budget`` adds a method of kind ``fitted``: the plot has a colour for every kind the

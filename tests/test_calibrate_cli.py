@@ -273,6 +273,27 @@ def test_bundled_draws_calibration_selection_and_report_sets_apart():
         bundled("infinity-mini", "nope", 4)
 
 
+def test_infinity_mini_calibrates_on_the_compositions_it_is_judged_on():
+    """infinity-mini's calibration prompts are held-out compositions (the kind the evaluator, the
+    verification and the bench score), from draws no verification, report or bench draw uses: no
+    batch of 8 of them is one of those sets' batches. infinity-tiny and infinity-mini-256 keep the
+    calibration split."""
+    from calibrate.prompts import CALIBRATION_DRAW_BASE, bundled
+    from stagevar.toy.prompts import is_heldout, make_split
+    for draw in (0, 1, 2):
+        items = make_split("heldout", 64, seed=CALIBRATION_DRAW_BASE + draw)
+        assert bundled("infinity-mini", "calibration", 64, draw=draw) == [it["prompt"] for it in items]
+        assert bundled("infinity-mini", "calibration", 8, draw=draw) == [it["prompt"] for it in items[:8]]
+        assert all(is_heldout(it["spec"]) for it in items if it["spec"]["category"] in ("position", "color_attr", "counting"))
+    cal = bundled("infinity-mini", "calibration", 64)
+    batches = {tuple(cal[i:i + 8]) for i in range(0, 64, 8)}
+    others = [bundled("infinity-mini", s, 64) for s in ("verification", "report")]
+    others += [[it["prompt"] for it in make_split("heldout", 64, seed=d)] for d in range(20)]     # bench draws
+    assert not any(batches & {tuple(o[i:i + 8]) for i in range(0, 64, 8)} for o in others)
+    split = [it["prompt"] for it in make_split("calibration", 8, seed=0)]
+    assert bundled("infinity-tiny", "calibration", 8) == split == bundled("infinity-mini-256", "calibration", 8)
+
+
 def test_the_scorer_is_the_one_the_model_entry_names(monkeypatch):
     """Calibration asks the registry which scorer a model's images are compared with; no caller
     branches on a scorer's name, only on what it does (``judges_prompt``)."""

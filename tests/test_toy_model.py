@@ -76,7 +76,7 @@ def test_the_256_model_is_registered_with_its_architecture_and_its_weights(tmp_p
         mini.load_mini(tmp_path, variant=v)
     with pytest.raises(ConditionError, match="circel"):
         m.encode_prompts(["a red circel"])
-    assert bundled("infinity-mini-256", "calibration", 4) == bundled("infinity-mini", "calibration", 4)
+    assert bundled("infinity-mini-256", "verification", 4) == bundled("infinity-mini", "verification", 4)
 
 
 def test_text_encoder_lens_and_errors(adapter):

@@ -15,7 +15,7 @@ from typing import Any
 from calibrate.bench.measure import compare_vae, fit_budget, measure_memory, measure_quality, time_methods, \
     percentile, scale_breakdown
 from calibrate.bench.methods import (Method, Guided, baseline_names, bench_engines, bench_guidance, bench_prompts,
-                                     build_methods, on_engines, progress)
+                                     build_methods, on_engines, pairs_against, progress)
 from calibrate.bench.report import json_safe, plot, render_markdown, show
 from stagevar.engine import ENGINE_HELP
 from stagevar.errors import StageVarError, run_command
@@ -26,6 +26,8 @@ EPILOG = textwrap.dedent("""\
       stagevar-calibrate bench                           # infinity-mini: full, shipped policies, all baselines
       stagevar-calibrate bench --model infinity-tiny --prompts 6 --repeats 3 --out out/bench-tiny
       stagevar-calibrate bench --policy policies/infinity-mini.128.2x-3x-4x.yaml --seeds 2 --out out/bench
+      stagevar-calibrate bench --policy new.yaml --against policies/infinity-mini.128.2x-3x-4x.yaml \\
+          --baselines none --prompts 512 --prompt-draw 7 --no-memory --out out/new-vs-shipped
       stagevar-calibrate bench --model infinity-2b --random-weights --device cuda --dtype bfloat16 \\
           --batch-size 1 --repeats 3 --no-quality --no-plot --baselines paper,fastvar
       PYTHONPATH=. python3 -m calibrate.bench --model infinity-tiny --no-quality --no-plot
@@ -55,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="searched policy to include, every operating point (repeatable; default: the policies "
                         "in --policies-dir made for --model)")
     p.add_argument("--policies-dir", type=Path, help="where shipped policies are looked up (default policies/)")
+    p.add_argument("--against", type=Path, metavar="FILE",
+                   help="compare every other policy's operating points with this policy file's points of the same "
+                        "name, image by image (evaluator and SSIM differences with standard errors, and whether they "
+                        "are told apart): e.g. a recalibrated file against the one it would replace. Its points are "
+                        "benched too")
     p.add_argument("--baselines", default=",".join(BASELINES),
                    help=f"comma-separated baselines, or 'none' (default {','.join(BASELINES)})")
     p.add_argument("--paper-keep", type=float, default=0.5, help="token keep ratio of the paper baseline (default 0.5)")
@@ -107,6 +114,9 @@ def _check_args(args) -> None:
         raise StageVarError(f"--prompt-draw must be >= 0, got {args.prompt_draw}.")
     if not 0.0 < args.paper_keep <= 1.0:
         raise StageVarError(f"--paper-keep must be in (0, 1], got {args.paper_keep}.")
+    if args.against is not None and args.no_quality:
+        raise StageVarError(f"--against {args.against} compares quality image by image; it cannot be given with "
+                            "--no-quality.")
     if args.threads is not None and args.threads < 1:
         raise StageVarError(f"--threads must be >= 1, got {args.threads}.")
     from stagevar.baselines import BASELINES
@@ -154,6 +164,7 @@ def cmd_bench(args) -> int:
     base_methods = build_methods(adapter, args, guidance)
     fitted = _fitted_method(adapter, args, guidance, engines[-1], base_methods) if args.fit_budget else None
     methods = on_engines(base_methods, engines)
+    pairs = pairs_against(methods, args.against)
     progress("methods: " + ", ".join(m.name for m in methods))
     runtimes = {m.name: Guided(Runtime(adapter, m.point, synchronize=True, engine=m.engine), guidance) for m in methods}
 
@@ -168,6 +179,8 @@ def cmd_bench(args) -> int:
 
     res = {"config": _config(adapter, args, engines, guidance, lat_prompts, mem, use_eval),
            "methods": _rows(adapter, methods, engines, guidance, timing, mem, quality)}
+    if pairs and quality is not None:
+        res["against"] = _against(args.against, pairs, res["methods"])
     if fitted is not None:
         res["fit_budget"] = {k: v for k, v in fitted.items() if k != "point"}
     if vae is not None:
@@ -188,6 +201,25 @@ def _fitted_method(adapter, args, guidance, engine: str, methods: list[Method]) 
                               f"paper-like plan fitted to {args.fit_budget} by measurement on {engine}",
                               describe(fitted["point"], adapter.num_layers)))
     return fitted
+
+
+def _against(path: Path, pairs: list[tuple[Method, Method]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``--against``: each pair's paired differences (the method less the file's point of the same
+    name): evaluator verdicts (the embedded model) and SSIM against the full model, and the ratio
+    of their speedups."""
+    from calibrate.bench.measure import paired
+    row = {r["name"]: r for r in rows}
+    out = []
+    for m, ref in pairs:
+        a, b = row[m.name], row[ref.name]
+        pa, pb = a["quality"]["per_image"], b["quality"]["per_image"]
+        entry = {"point": m.point_name, "method": m.name, "against": ref.name,
+                 "speedup_ratio": a["speedup"] / b["speedup"] if a["speedup"] and b["speedup"] else None,
+                 "ssim": paired(pa["ssim"], pb["ssim"])}
+        if "eval" in pa:
+            entry["evaluator"] = paired(pa["eval"], pb["eval"])
+        out.append(entry)
+    return {"file": str(path), "pairs": out}
 
 
 def _memory(methods: list[Method], runtimes: dict[str, Any], condition, device) -> dict[str, dict[str, Any]]:

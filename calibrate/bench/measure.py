@@ -138,9 +138,11 @@ def _to_numpy(images):
 
 def measure_quality(adapter, methods: list[Method], runtimes: dict[str, Any], items: list[dict[str, Any]],
                     seeds: int, batch_size: int, use_evaluator: bool, metrics: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
-    """Per method: SSIM / HF ratio vs the full model's image of the same prompt and seed, worst
-    prompt, (embedded model) evaluator score per category, and the mean of each learned metric
-    (``metrics``: :mod:`calibrate.perceptual` metrics) as ``<name>_mean``."""
+    """Per method (:func:`quality_summary`): SSIM / HF ratio vs the full model's image of the same
+    prompt and seed, worst prompt, (embedded model) the evaluator's score per category and its drop
+    from the full model's, and the mean of each learned metric (``metrics``:
+    :mod:`calibrate.perceptual` metrics) as ``<name>_mean``; each mean with its standard error, and
+    the per-image values."""
     import numpy as np
     from calibrate.metrics import hf_ratio, ssim
     if use_evaluator:
@@ -175,30 +177,69 @@ def measure_quality(adapter, methods: list[Method], runtimes: dict[str, Any], it
                     d["eval"] += [bool(eval_score(im, parse_prompt(p))) for im, p in zip(u8, prompts)]
             done += 1
             progress(f"quality batch {done}/{total} ({len(chunk)} prompts x {len(methods)} methods)")
-    out: dict[str, dict[str, Any]] = {}
-    for m in methods:
-        d = per[m.name]
-        i_worst = int(np.argmin(d["ssim"]))
-        q: dict[str, Any] = {
-            "images": len(d["ssim"]),
-            "ssim_mean": float(np.mean(d["ssim"])), "ssim_min": float(np.min(d["ssim"])),
-            "hf_ratio_mean": float(np.mean(d["hf"])),
-            "worst": {"prompt": d["where"][i_worst][0], "category": d["where"][i_worst][1],
-                      "seed_index": d["where"][i_worst][2], "ssim": float(d["ssim"][i_worst])},
-        }
-        for name in METRIC_COLUMNS:
-            if d.get(name):
-                q[f"{name}_mean"] = float(np.mean(d[name]))
-        if use_evaluator:
-            cats: dict[str, list[bool]] = {}
-            for ok, (_, cat, _) in zip(d["eval"], d["where"]):
-                cats.setdefault(cat, []).append(ok)
-            from stagevar.toy.prompts import CATEGORIES
-            per_cat = {c: float(np.mean(cats[c])) for c in CATEGORIES if c in cats}
-            q["evaluator"] = {**per_cat, "overall": float(np.mean(list(per_cat.values()))),
-                              "counts": {c: len(cats[c]) for c in per_cat}}
-        out[m.name] = q
-    return out
+    full = per[methods[0].name]
+    return {m.name: quality_summary(per[m.name], full, use_evaluator) for m in methods}
+
+
+def quality_summary(d: dict[str, list], full: dict[str, list], use_evaluator: bool) -> dict[str, Any]:
+    """One method's quality from its per-image values ``d`` (``ssim``, ``hf``, ``eval``, ``where``,
+    learned metrics) and the full model's ``full`` on the same images: means with their standard
+    errors, the worst image, the evaluator's score per category and its paired drop from the full
+    model's. The per-image values are kept (``per_image``), so that any two methods can be compared
+    image by image (:func:`paired`)."""
+    import numpy as np
+    from calibrate.measure.sensitivity import standard_error
+    i_worst = int(np.argmin(d["ssim"]))
+    q: dict[str, Any] = {
+        "images": len(d["ssim"]),
+        "ssim_mean": float(np.mean(d["ssim"])), "ssim_se": standard_error(d["ssim"]), "ssim_min": float(np.min(d["ssim"])),
+        "hf_ratio_mean": float(np.mean(d["hf"])),
+        "worst": {"prompt": d["where"][i_worst][0], "category": d["where"][i_worst][1],
+                  "seed_index": d["where"][i_worst][2], "ssim": float(d["ssim"][i_worst])},
+        "per_image": {"ssim": [float(v) for v in d["ssim"]]},
+    }
+    for name in METRIC_COLUMNS:
+        if d.get(name):
+            q[f"{name}_mean"] = float(np.mean(d[name]))
+            q[f"{name}_se"] = standard_error(d[name])
+            q["per_image"][name] = [float(v) for v in d[name]]
+    if use_evaluator:
+        cats: dict[str, list[bool]] = {}
+        for ok, (_, cat, _) in zip(d["eval"], d["where"]):
+            cats.setdefault(cat, []).append(ok)
+        from stagevar.toy.prompts import CATEGORIES
+        per_cat = {c: float(np.mean(cats[c])) for c in CATEGORIES if c in cats}
+        verdicts = [float(v) for v in d["eval"]]
+        drop = paired([float(v) for v in full["eval"]], verdicts)
+        q["evaluator"] = {**per_cat, "overall": float(np.mean(list(per_cat.values()))),
+                          "counts": {c: len(cats[c]) for c in per_cat},
+                          "mean": float(np.mean(verdicts)), "se": standard_error(verdicts),
+                          "drop": drop["diff"], "drop_se": drop["se"]}
+        q["per_image"]["eval"] = verdicts
+    return q
+
+
+#: a paired difference is resolved (``better`` / ``worse``) beyond this many standard errors
+PAIRED_Z = 2.0
+
+
+def paired(a: Sequence[float], b: Sequence[float], z: float = PAIRED_Z) -> dict[str, Any]:
+    """The mean of the image-by-image differences ``a - b`` (same prompts and seeds), its standard
+    error, and whether it is told from zero (more than ``z`` standard errors).
+
+    >>> paired([1, 1, 0, 1], [0, 1, 0, 1])
+    {'diff': 0.25, 'se': 0.25, 'resolved': False, 'images': 4}
+    >>> paired([0.9, 0.8, 0.7], [0.5, 0.45, 0.35])["resolved"]
+    True
+    """
+    import numpy as np
+    from calibrate.measure.sensitivity import resolved, standard_error
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same images: {len(a)} against {len(b)}")
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    se = standard_error(diff)
+    mean = float(diff.mean()) if diff.size else float("nan")
+    return {"diff": mean, "se": se, "resolved": resolved(mean, se, z), "images": int(diff.size)}
 
 
 #: keep ratios :func:`fit_budget` tries, most tokens first

@@ -28,6 +28,8 @@ class Method:
     plan: str
     engine: str = ""
     base: str = ""                 # the method's name without the engine suffix
+    file: str = ""                 # a policy's file
+    point_name: str = ""           # ... and the operating point's name in it
 
 
 def bench_engines(text: str, device) -> list[str]:
@@ -121,12 +123,15 @@ def build_methods(adapter, args, guidance) -> list[Method]:
     methods = [Method("full", "full", None, "the unaccelerated model", "identity")]
     explicit = bool(args.policy)
     files = list(args.policy) if explicit else discover_policies(model_name, _default_policies_dirs(args.policies_dir))
+    against = getattr(args, "against", None)
+    if against is not None and not any(_same_file(f, against) for f in files):
+        files.append(against)
     for f in files:
         pol = load_policy(f)
         try:
             pol.check_compatible(adapter)
         except PolicyError as exc:
-            if explicit:
+            if explicit or _same_file(f, against):
                 raise
             progress(f"skipping {f}: {exc}")
             continue
@@ -139,7 +144,8 @@ def build_methods(adapter, args, guidance) -> list[Method]:
                       f"calibrated guidance (--guidance {format_guidance(cal)} benches it so)")
             src += f" (calibrated at guidance {format_guidance(cal)})"
         for pname, point in pol.operating_points.items():
-            methods.append(Method(f"{stem}:{pname}", "policy", point, src, describe(point, depth)))
+            methods.append(Method(f"{stem}:{pname}", "policy", point, src, describe(point, depth), file=str(f),
+                                  point_name=pname))
     for b in baseline_names(args):
         try:
             point = build_baseline(b, adapter, paper_keep=args.paper_keep)
@@ -157,6 +163,26 @@ def build_methods(adapter, args, guidance) -> list[Method]:
             raise StageVarError(f"two methods are named {m.name!r}; give policy files distinct names.")
         seen.add(m.name)
     return methods
+
+
+def _same_file(a, b) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def pairs_against(methods: list[Method], against) -> list[tuple[Method, Method]]:
+    """``--against FILE``: (method, FILE's method) for every operating point of the other policy
+    files that FILE has a point of the same name for (methods of the first engine); a clear error
+    when there is none."""
+    if against is None:
+        return []
+    first = methods[0].engine
+    theirs = {m.point_name: m for m in methods if m.kind == "policy" and m.engine == first and _same_file(m.file, against)}
+    pairs = [(m, theirs[m.point_name]) for m in methods if m.kind == "policy" and m.engine == first
+             and not _same_file(m.file, against) and m.point_name in theirs]
+    if not pairs:
+        raise StageVarError(f"--against {against}: no other policy benched has an operating point named like one of "
+                            f"its points ({', '.join(sorted(theirs))}); give the policy to compare with --policy FILE.")
+    return pairs
 
 
 def bench_prompts(adapter, n: int, draw: int = 0) -> list[dict[str, Any]]:

@@ -14,6 +14,23 @@ def show(v, fmt: str, na: str = "n/a") -> str:
     return na if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def pm(v, se, fmt: str = ".3f") -> str:
+    """``v ± se`` (``v`` alone when the error is unknown, e.g. one image).
+
+    >>> pm(0.8701, 0.0043), pm(-0.2, 0.024, "+.3f"), pm(1.0, None)
+    ('0.870 ± 0.004', '-0.200 ± 0.024', '1.000')
+    """
+    text = show(v if v is None else v + 0.0, fmt)          # + 0.0: no "-0.000"
+    return text if se is None or text == "n/a" else f"{text} ± {show(se, fmt.lstrip('+'))}"
+
+
+def verdict(d: dict[str, Any]) -> str:
+    """A paired difference (:func:`calibrate.bench.measure.paired`) in words."""
+    if not d["resolved"]:
+        return "cannot tell"
+    return "better" if d["diff"] > 0 else "worse"
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     cfg = res["config"]
     rows = res["methods"]
@@ -58,11 +75,13 @@ def render_markdown(res: dict[str, Any]) -> str:
         cells.append(show(r.get("peak_mem_mib"), ".1f"))
         if quality:
             q = r["quality"]
-            cells += [show(q["ssim_mean"], ".3f"), show(q["ssim_min"], ".3f"), show(q["hf_ratio_mean"], ".3f")]
-            cells += [show(q.get(f"{k}_mean"), ".3f") for k in learned]
+            cells += [pm(q["ssim_mean"], q.get("ssim_se")), show(q["ssim_min"], ".3f"), show(q["hf_ratio_mean"], ".3f")]
+            cells += [pm(q.get(f"{k}_mean"), q.get(f"{k}_se")) for k in learned]
             if evaluator:
-                ev = q["evaluator"]["overall"]
-                cells += [show(ev, ".3f"), "-" if r["kind"] == "full" else show(ev - full_eval, "+.3f")]
+                ev = q["evaluator"]
+                drop = "-" if r["kind"] == "full" else (
+                    pm(-ev["drop"], ev.get("drop_se"), "+.3f") if "drop" in ev else show(ev["overall"] - full_eval, "+.3f"))
+                cells += [pm(ev["mean"], ev.get("se")) if "mean" in ev else show(ev["overall"], ".3f"), drop]
             w = q["worst"]
             cells += ["-" if r["kind"] == "full" else f"\"{w['prompt']}\" (seed #{w['seed_index']}, {w['ssim']:.3f})"]
         L.append("| " + " | ".join(cells) + " |")
@@ -78,12 +97,16 @@ def render_markdown(res: dict[str, Any]) -> str:
         L.append(f"Quality: {cfg['quality_images']} images per method ({cfg['prompts']} held-out prompts of draw {cfg.get('prompt_draw', 0)} x {cfg['seeds']} "
                  f"seed(s), batch {cfg['quality_batch_size']}), each compared with the full model's image of the same "
                  "prompt and seed: SSIM on luma; HF ratio = high-frequency energy / the full model's (1 = same, < 1 "
-                 "lost detail)." + (" eval = the embedded evaluator's accuracy (mean over categories, GenEval-style)."
-                                    if evaluator else ""))
+                 "lost detail). Means are given ± their standard error over the images." +
+                 (" eval = the embedded evaluator's accuracy over the images (per category, and the GenEval-style "
+                  "mean of the categories, below); Δ eval = the mean over images of the method's verdict less the "
+                  "full model's on the same image (paired), ± its standard error." if evaluator else ""))
         if evaluator and cfg["random_weights"]:
             L.append("Random weights: the evaluator's scores say nothing about the model here; compare SSIM only.")
     if evaluator:
         L += _category_table(rows)
+    if res.get("against"):
+        L += _against_table(res["against"], cfg.get("quality_images"))
     L += _methods_table(rows)
     return "\n".join(L) + "\n"
 
@@ -93,10 +116,32 @@ def _category_table(rows) -> list[str]:
     from stagevar.toy.prompts import CATEGORIES
     cats = [c for c in CATEGORIES if c in rows[0]["quality"]["evaluator"]]
     L = ["", "## Evaluator score per category", "",
-         "| method | " + " | ".join(cats) + " | overall |", "|---|" + "---:|" * (len(cats) + 1)]
+         "| method | " + " | ".join(cats) + " | overall (mean of categories) |", "|---|" + "---:|" * (len(cats) + 1)]
     for r in rows:
         ev = r["quality"]["evaluator"]
         L.append(f"| `{r['name']}` | " + " | ".join(show(ev[c], ".3f") for c in cats) + f" | {ev['overall']:.3f} |")
+    return L
+
+
+def _against_table(against: dict[str, Any], images) -> list[str]:
+    """``--against FILE``: each operating point less FILE's point of the same name, image by image."""
+    evaluator = any("evaluator" in p for p in against["pairs"])
+    L = ["", f"## Paired with `{against['file']}`", "",
+         f"Each operating point less `{against['file']}`'s point of the same name, on the same {images} images "
+         "(same prompts and seeds), ± the standard error of the paired differences. "
+         + ("Δ eval: evaluator verdicts (1 per image the evaluator accepts); " if evaluator else "")
+         + "Δ SSIM: SSIM against the full model's image. The verdict "
+         + ("(on Δ eval) " if evaluator else "(on Δ SSIM) ")
+         + "is 'better' or 'worse' beyond two standard errors, else 'cannot tell'.", "",
+         "| point | method | speedup / theirs | " + ("Δ eval | " if evaluator else "") + "Δ SSIM | verdict |",
+         "|---|---|---:|" + ("---:|" if evaluator else "") + "---:|---|"]
+    for p in against["pairs"]:
+        cells = [p["point"], f"`{p['method']}`", show(p["speedup_ratio"], ".3f")]
+        if evaluator:
+            cells.append(pm(p["evaluator"]["diff"], p["evaluator"]["se"], "+.3f"))
+        cells.append(pm(p["ssim"]["diff"], p["ssim"]["se"], "+.4f"))
+        cells.append(verdict(p["evaluator"] if evaluator else p["ssim"]))
+        L.append("| " + " | ".join(cells) + " |")
     return L
 
 
@@ -150,16 +195,21 @@ def plot(res: dict[str, Any], out_dir: Path) -> Path:
         for ax, (key, label) in zip(axes[0], panels):
             for r in rows:
                 x = r["speedup"]
-                y = r["quality"]["evaluator"]["overall"] if key == "evaluator" else r["quality"][key]
+                q = r["quality"]
+                y = q["evaluator"]["overall"] if key == "evaluator" else q[key]
                 if x is None or y is None:
                     continue
+                se = q["evaluator"].get("se") if key == "evaluator" else q.get("ssim_se")
                 ax.scatter([x], [y], color=colours[r["kind"]], s=40, zorder=3)
+                if se:                                              # ± one standard error
+                    ax.errorbar([x], [y], yerr=[se], color=colours[r["kind"]], capsize=3, lw=1, zorder=2)
                 ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
             ax.set_xlabel("speedup vs full (median latency, same run)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         fig.suptitle(f"{cfg['model']}: quality vs speedup ({cfg['device']} {cfg['dtype']}, batch {cfg['batch_size']})\n"
-                     "black: full, blue: policy files, orange: baselines, green: fitted by measurement", fontsize=10)
+                     "black: full, blue: policy files, orange: baselines, green: fitted by measurement; "
+                     "bars: ± one standard error", fontsize=10)
         path = out_dir / "quality_vs_speedup.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
