@@ -245,9 +245,7 @@ def objective_sets(subject: Subject, scorer, images: int) -> list[ImageSet]:
     rounds = set_count(len(subject.items), images)
     sets = [ImageSet.of(subject, scorer)]
     for r in range(1, rounds):
-        more = Subject(subject.adapter, subject.prompts, [s + EXTRA_SEED_STEP * r for s in subject.seeds],
-                       subject.batch_size, subject.guidance, engine=subject.engine)
-        sets.append(ImageSet.of(more, scorer))
+        sets.append(ImageSet.of(subject.reseeded(EXTRA_SEED_STEP * r), scorer))
     return sets
 
 

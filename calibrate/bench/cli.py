@@ -179,7 +179,7 @@ def cmd_bench(args) -> int:
 
     res = {"config": _config(adapter, args, engines, guidance, lat_prompts, mem, use_eval),
            "methods": _rows(adapter, methods, engines, guidance, timing, mem, quality)}
-    if pairs and quality is not None:
+    if pairs:                                  # --against: quality was measured (checked)
         res["against"] = _against(args.against, pairs, res["methods"])
     if fitted is not None:
         res["fit_budget"] = {k: v for k, v in fitted.items() if k != "point"}

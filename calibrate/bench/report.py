@@ -63,9 +63,6 @@ def render_markdown(res: dict[str, Any]) -> str:
         head += ["worst prompt (SSIM)"]
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "|".join("---" if i in (0, 1) or h.startswith("worst") else "---:" for i, h in enumerate(head)) + "|")
-    full_eval = None
-    if evaluator:
-        full_eval = next(r for r in rows if r["kind"] == "full")["quality"]["evaluator"]["overall"]
     for r in rows:
         lat = r["latency"]
         cells = [f"`{r['name']}`", r["kind"], show(lat["median_s"], ".4f"), show(lat["p90_s"], ".4f"),
@@ -79,9 +76,7 @@ def render_markdown(res: dict[str, Any]) -> str:
             cells += [pm(q.get(f"{k}_mean"), q.get(f"{k}_se")) for k in learned]
             if evaluator:
                 ev = q["evaluator"]
-                drop = "-" if r["kind"] == "full" else (
-                    pm(-ev["drop"], ev.get("drop_se"), "+.3f") if "drop" in ev else show(ev["overall"] - full_eval, "+.3f"))
-                cells += [pm(ev["mean"], ev.get("se")) if "mean" in ev else show(ev["overall"], ".3f"), drop]
+                cells += [pm(ev["mean"], ev["se"]), "-" if r["kind"] == "full" else pm(-ev["drop"], ev["drop_se"], "+.3f")]
             w = q["worst"]
             cells += ["-" if r["kind"] == "full" else f"\"{w['prompt']}\" (seed #{w['seed_index']}, {w['ssim']:.3f})"]
         L.append("| " + " | ".join(cells) + " |")
